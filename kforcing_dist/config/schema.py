@@ -1,0 +1,145 @@
+"""The configuration schema: one dataclass per section, each field with a one-line doc.
+
+The docs (``doc=``) are the single source of the README's config reference
+(``python -m kforcing_dist.config.reference``). Defaults describe the small demo teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def doc_field(default: Any, doc: str, choices: tuple | None = None):
+    """A dataclass field carrying its one-line doc and, optionally, its allowed values."""
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = doc_field(0, "Vocabulary size before padding; 0 takes it from the tokenizer.")
+    make_vocab_size_divisible_by: int = doc_field(
+        64, "Pad the vocabulary to a multiple of this times parallel.tp (padded logits are masked).")
+    hidden_size: int = doc_field(256, "Width of the residual stream (H).")
+    num_layers: int = doc_field(4, "Number of Transformer blocks.")
+    num_heads: int = doc_field(4, "Attention heads; must divide hidden_size and be divisible by parallel.tp.")
+    num_kv_heads: int = doc_field(0, "Key/value heads (grouped-query attention); 0 means num_heads.")
+    ffn_hidden_size: int = doc_field(
+        0, "MLP inner width; 0 means 4*H for gelu_tanh and 8H/3 rounded up to 64 for swiglu.")
+    max_seq_len: int = doc_field(256, "Longest sequence (positions) the model supports.")
+    norm: str = doc_field("layernorm", "Normalisation layer.", ("layernorm", "rmsnorm"))
+    norm_bias: bool = doc_field(False, "Give LayerNorm a bias (ignored for rmsnorm).")
+    norm_eps: float = doc_field(1e-5, "Epsilon of every norm.")
+    activation: str = doc_field("gelu_tanh", "MLP type: GELU (tanh approx.) or SwiGLU.", ("gelu_tanh", "swiglu"))
+    mlp_bias: bool = doc_field(True, "Biases in the MLP linears.")
+    qkv_bias: bool = doc_field(False, "Bias in the fused q/k/v projection.")
+    attn_out_bias: bool = doc_field(False, "Bias in the attention output projection.")
+    position: str = doc_field("rope", "Position encoding: rotary (rotate-half layout) or learned absolute.",
+                              ("rope", "learned"))
+    rope_base: float = doc_field(10000.0, "Rotary base (theta).")
+    tie_embeddings: bool = doc_field(False, "Share the input embedding with the LM head.")
+    lm_head_bias: bool = doc_field(False, "Bias on the LM head (untied heads only).")
+    init_std: float = doc_field(0.02, "Std of the normal weight initialisation.")
+    attention_backend: str = doc_field(
+        "auto", "auto: fused SDPA kernels on GPU, torch SDPA on CPU; math: the plain reference path.",
+        ("auto", "sdpa", "math"))
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = doc_field("sentencepiece", "Tokenizer family.", ("sentencepiece", "hf"))
+    path: str = doc_field(
+        "", "Existing tokenizer: a SentencePiece .model file or a local Hugging Face tokenizer "
+            "folder; empty trains a SentencePiece model on the corpus.")
+    vocab_size: int = doc_field(4096, "Vocabulary size when training a SentencePiece model.")
+    model_type: str = doc_field("unigram", "SentencePiece algorithm when training.", ("unigram", "bpe"))
+    train_max_bytes: int = doc_field(20_000_000, "At most this much corpus text is used to train SentencePiece.")
+
+
+@dataclass
+class DataConfig:
+    source: str = doc_field(
+        "builtin", "builtin: docstring corpus built on this machine; files: data.paths; hf: data.hf_name.",
+        ("builtin", "files", "hf"))
+    paths: list = doc_field([], "Local .txt / .jsonl / .parquet files (source: files).")
+    text_field: str = doc_field("text", "Field holding the text in .jsonl / .parquet / hf records.")
+    hf_name: str = doc_field("", "Hugging Face datasets name, e.g. lm1b or openwebtext (source: hf; needs hub access).")
+    hf_config: str = doc_field("", "Optional Hugging Face dataset configuration name.")
+    hf_split: str = doc_field("train", "Split of the Hugging Face dataset to read.")
+    max_documents: int = doc_field(0, "Read at most this many documents (0: all).")
+    builtin_min_bytes: int = doc_field(6_000_000, "The built-in corpus gathers at least this much text.")
+    shards_dir: str = doc_field("", "Where prepare-data writes token shards and training reads them; "
+                                    "empty: <output_dir>/data.")
+    valid_fraction: float = doc_field(0.01, "Fraction of documents held out for validation.")
+    shard_tokens: int = doc_field(4_000_000, "Tokens per shard file.")
+    num_workers: int = doc_field(2, "Tokeniser processes in prepare-data.")
+    seed: int = doc_field(1234, "Seed of the train/valid split and of the sampler.")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = doc_field(1, "Tensor-parallel size (megatron-core layers).")
+    pp: int = doc_field(1, "Pipeline-parallel size.")
+    zero_stage: int = doc_field(0, "DeepSpeed ZeRO stage (0-3); 2 and 3 need pp = 1.", (0, 1, 2, 3))
+    backend: str = doc_field("auto", "Collective backend: auto picks nccl with CUDA, gloo without.",
+                             ("auto", "nccl", "gloo"))
+    timeout_minutes: int = doc_field(30, "Collective timeout.")
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = doc_field(256, "Tokens per training sequence (<= model.max_seq_len).")
+    micro_batch_size: int = doc_field(8, "Sequences per data-parallel rank per forward pass.")
+    global_batch_size: int = doc_field(
+        0, "Sequences per optimizer step over all ranks; 0 means micro_batch_size * dp "
+           "(= micro * grad_accum * dp).")
+    max_steps: int = doc_field(1000, "Optimizer steps to train.")
+    lr: float = doc_field(1e-3, "Peak learning rate.")
+    min_lr: float = doc_field(1e-4, "Learning rate at the end of the cosine decay.")
+    warmup_steps: int = doc_field(100, "Linear warmup steps.")
+    weight_decay: float = doc_field(0.1, "AdamW weight decay (not applied to norms and biases).")
+    beta1: float = doc_field(0.9, "AdamW beta1.")
+    beta2: float = doc_field(0.95, "AdamW beta2.")
+    adam_eps: float = doc_field(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this (0: off).")
+    precision: str = doc_field("auto", "auto: bf16 where the device supports it (GPU), else fp32.",
+                               ("auto", "fp32", "bf16"))
+    seed: int = doc_field(42, "Seed of the weight initialisation.")
+    eval_interval: int = doc_field(200, "Run validation every this many steps (0: only at the end).")
+    eval_batches: int = doc_field(20, "Micro-batches per validation.")
+    log_interval: int = doc_field(10, "Log scalars every this many steps.")
+    time_budget_minutes: float = doc_field(0.0, "Save and stop cleanly after this much wall time (0: no limit).")
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = doc_field(500, "Save every this many steps (and always at the end).")
+    keep_last: int = doc_field(2, "Keep the newest this many complete checkpoints.")
+    resume: str = doc_field("auto", "auto: resume from the newest complete checkpoint in output_dir; "
+                                    "never: refuse to start when one exists.", ("auto", "never"))
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = doc_field(True, "Write TensorBoard event files to <output_dir>/tensorboard.")
+    progress_bar: bool = doc_field(True, "Show a progress bar with tokens/s and ETA on rank 0.")
+
+
+@dataclass
+class Config:
+    output_dir: str = doc_field("runs/demo", "Run folder: checkpoints, data, logs (the -o flag sets it).")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def is_section(f: dataclasses.Field) -> bool:
+    return dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config"))
