@@ -123,8 +123,11 @@ class DeepSpeedMPU:
         return self.g.dp_group
 
 
-def shutdown() -> None:
-    """End a distributed program cleanly (barrier, then destroy), avoiding gloo crashes at exit."""
+def shutdown(barrier: bool = True) -> None:
+    """End a distributed program: barrier, then destroy (gloo crashes at exit without both).
+
+    Pass ``barrier=False`` on an error path, where another rank may never reach the barrier.
+    """
     if dist.is_available() and dist.is_initialized():
         try:
             from megatron.core import parallel_state as ps
@@ -132,5 +135,6 @@ def shutdown() -> None:
             ps.destroy_model_parallel()
         except ImportError:
             pass
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

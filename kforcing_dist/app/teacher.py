@@ -1,0 +1,102 @@
+"""The ``prepare-data`` and ``train-teacher`` commands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import Config, check, derive_layout
+from ..data import DataError
+from .runtime import distributed, install_stop_signals, setup_logging, validated_launch
+
+log = logging.getLogger("kforcing_dist")
+
+
+def shards_dir_of(cfg: Config) -> Path:
+    return Path(cfg.data.shards_dir) if cfg.data.shards_dir else Path(cfg.output_dir) / "data"
+
+
+def run_prepare_data(cfg: Config, source: str) -> dict:
+    from ..data.prepare import prepare_data
+
+    setup_logging(0)
+    check(cfg, world_size=cfg.parallel.tp * cfg.parallel.pp, source=source)
+    out = shards_dir_of(cfg)
+    meta = prepare_data(cfg, out, progress=True)
+    log.info("token shards in %s: %s train / %s valid tokens, vocab %s", out,
+             f"{meta['tokens']['train']:,}", f"{meta['tokens']['valid']:,}", meta["vocab_size"])
+    return meta
+
+
+def _resolve_vocab(cfg: Config, tokenizer) -> None:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise DataError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size} tokens; set model.vocab_size: 0 to take the tokenizer's size")
+
+
+def run_train_teacher(cfg: Config, original_yaml: str, source: str):
+    """Train (or resume) the AR teacher of ``cfg`` in ``cfg.output_dir``."""
+    from ..data.prepare import prepare_data
+    from ..data.sampler import TrainSampler, valid_batches
+    from ..data.shards import TokenDataset, check_tokenizer_matches
+    from ..data.tokenizer import load_tokenizer
+    from ..model.transformer import TransformerLM, lm_loss, pad_vocab_size
+    from ..training.trainer import LMTrainer, StopFlag
+
+    info = validated_launch(cfg, source)
+    shards = shards_dir_of(cfg)
+    if not (shards / "metadata.json").exists():
+        if info.world_size > 1:
+            raise DataError(f"no token shards in {shards}; run `kforcing-dist prepare-data -c {source}` "
+                            f"(one process) before a multi-process training job")
+        log.info("no token shards in %s yet: preparing them first", shards)
+        prepare_data(cfg, shards, progress=True)
+    tokenizer = load_tokenizer(shards / "tokenizer")
+    check_tokenizer_matches(shards, tokenizer)
+    _resolve_vocab(cfg, tokenizer)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stop = StopFlag()
+    install_stop_signals(stop)
+
+    with distributed(info, cfg) as groups:
+        layout = derive_layout(cfg, info.world_size)
+        padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
+        torch.manual_seed(cfg.train.seed)
+        model = TransformerLM(cfg.model, padded, groups.tp_group)
+        train_ds, valid_ds = TokenDataset(shards, "train"), TokenDataset(shards, "valid")
+        sampler = TrainSampler(train_ds, cfg.train.seq_len, layout.micro_batch_size,
+                               groups.dp_rank, groups.dp_size, seed=cfg.data.seed)
+
+        def valid():
+            return valid_batches(valid_ds, cfg.train.seq_len, layout.micro_batch_size,
+                                 cfg.train.eval_batches, groups.dp_rank, groups.dp_size)
+
+        def loss_fn(logits, labels):
+            return lm_loss(logits, labels, groups.tp_group)
+
+        trainer = LMTrainer(
+            cfg, original_yaml, groups, layout, model, loss_fn, sampler, valid, out,
+            extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
+            save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop, kind="teacher")
+        try:
+            trainer.resume()
+            result = trainer.train()
+        finally:
+            trainer.close()
+        if groups.is_logging_rank:
+            summary = {"step": result.step, "stopped_early": result.stopped_early, "train_loss": result.last_loss,
+                       "val_loss": result.val_loss,
+                       "val_ppl": math.exp(result.val_loss) if result.val_loss is not None else None,
+                       "tokens_per_s": result.tokens_per_s, "checkpoint": str(result.checkpoint),
+                       "world_size": info.world_size, "layout": vars(layout)}
+            (out / "teacher_summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("teacher: step %d, val loss %s, val ppl %s, %.0f tokens/s, checkpoint %s", result.step,
+                     summary["val_loss"], summary["val_ppl"], result.tokens_per_s, result.checkpoint)
+    return result

@@ -1,0 +1,166 @@
+"""Load YAML into the config dataclasses: strict keys, type checks, ``--set`` overrides.
+
+Every problem found is collected and raised once as a :class:`ConfigError`, so a user fixes
+a config in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .schema import Config
+
+
+class ConfigError(ValueError):
+    """One or more problems in a configuration; ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, path: str, problems: list[str], choices=None) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
+    ok = True
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif tp is list:
+        ok = isinstance(value, list)
+        if ok and not all(isinstance(v, str) for v in value):
+            problems.append(f"{path}: expected a list of strings, got {value!r}")
+            return value
+    if not ok:
+        problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return value
+    if choices is not None and value not in choices:
+        problems.append(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _build(cls, data: Any, prefix: str, problems: list[str]):
+    """Make ``cls`` from a mapping, recording unknown keys and wrong types in ``problems``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "top level"
+        problems.append(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+        return cls()
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    valid = ", ".join(fields)
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            problems.append(f"{path}: unknown key; valid keys{' in ' + prefix[:-1] if prefix else ''}: {valid}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{path}.", problems)
+        else:
+            kwargs[key] = _coerce(value, tp, path, problems, fields[key].metadata.get("choices"))
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value); the value is read as YAML (so 3, 1e-3, true, [a])."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected key.path=value, e.g. --set train.lr=3e-4"], "overrides")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError([f"--set {text!r}: empty key"], "overrides")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Merge ``--set`` overrides into a raw (not yet typed) config mapping."""
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError([f"--set {text!r}: {k} is not a section"], "overrides")
+            node = nxt
+        node[keys[-1]] = value
+    return raw
+
+
+def load_yaml_text(path: str | Path) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {p} does not exist (pass an existing YAML file with -c, "
+                           f"e.g. configs/demo.yaml)"], str(p))
+    return p.read_text()
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                output_dir: str | None = None) -> tuple[Config, str]:
+    """Load a YAML config (or the defaults when ``path`` is None) plus overrides.
+
+    Returns the typed config and the original YAML text (stored in checkpoints).
+    """
+    text = load_yaml_text(path) if path else ""
+    source = str(path) if path else "defaults"
+    try:
+        raw = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(raw).__name__}"], source)
+    raw = apply_overrides(raw, overrides or [])
+    if output_dir:
+        raw["output_dir"] = output_dir
+    return config_from_dict(raw, source), text
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_to_yaml(cfg) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

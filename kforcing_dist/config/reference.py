@@ -1,0 +1,61 @@
+"""Generate the README's config reference from the schema's field docs.
+
+``python -m kforcing_dist.config.reference`` prints it; ``--update README.md`` rewrites the
+part of the README between the BEGIN/END markers (a test checks it is current).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+from .schema import Config
+
+BEGIN = "<!-- BEGIN CONFIG REFERENCE (generated: make config-docs) -->"
+END = "<!-- END CONFIG REFERENCE -->"
+
+
+def _rows(cls, prefix: str):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _rows(tp, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        doc = f.metadata.get("doc", "")
+        if choices:
+            doc += " One of: " + ", ".join(f"`{c}`" for c in choices) + "."
+        yield f"| `{prefix}{f.name}` | {tp.__name__} | `{default!r}` | {doc} |"
+
+
+def reference_markdown() -> str:
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines += list(_rows(Config, ""))
+    return "\n".join(lines)
+
+
+def updated_readme(text: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"README lacks the markers {BEGIN!r} ... {END!r}")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{reference_markdown()}\n{END}{tail}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--update", metavar="README", help="rewrite the reference inside this file")
+    args = parser.parse_args()
+    if args.update:
+        path = Path(args.update)
+        path.write_text(updated_readme(path.read_text()))
+    else:
+        print(reference_markdown())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Cross-field validation, run before any process group exists.
+
+:func:`validate` returns every problem (empty list when the config is sound);
+:func:`check` raises them all at once as a :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .loader import ConfigError
+from .schema import Config
+
+DATA_EXTENSIONS = (".txt", ".jsonl", ".parquet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Sizes derived from the config and the world size."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+
+
+def derive_layout(cfg: Config, world_size: int) -> Layout:
+    """Sizes implied by a *valid* config (call :func:`check` first)."""
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    dp = world_size // (tp * pp)
+    micro = cfg.train.micro_batch_size
+    global_batch = cfg.train.global_batch_size or micro * dp
+    return Layout(world_size, tp, pp, dp, micro, global_batch // (micro * dp), global_batch)
+
+
+def _parallel_problems(cfg: Config, world_size: int) -> list[str]:
+    p, m, out = cfg.parallel, cfg.model, []
+    if p.tp < 1 or p.pp < 1:
+        out.append(f"parallel.tp={p.tp}, parallel.pp={p.pp}: both must be >= 1")
+        return out
+    if world_size % (p.tp * p.pp) != 0:
+        out.append(
+            f"parallel: tp x pp x dp must equal the world size {world_size}, but tp={p.tp} x pp={p.pp} "
+            f"= {p.tp * p.pp} does not divide it; launch a multiple of {p.tp * p.pp} processes or change tp/pp")
+    if m.num_heads % p.tp != 0:
+        out.append(f"model.num_heads={m.num_heads} is not divisible by parallel.tp={p.tp}")
+    kv = m.num_kv_heads or m.num_heads
+    if kv % p.tp != 0:
+        out.append(f"model.num_kv_heads={kv} is not divisible by parallel.tp={p.tp}")
+    if m.num_layers % p.pp != 0:
+        out.append(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
+    if p.zero_stage in (2, 3) and p.pp > 1:
+        out.append(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed refuses ZeRO-2/3 "
+                   f"with pipeline parallelism; use zero_stage 0 or 1, or pp 1")
+    if p.pp > 1:
+        out.append("parallel.pp > 1: pipeline-parallel training is not available in this version yet; "
+                   "use parallel.pp: 1 (tensor parallelism and ZeRO work)")
+    return out
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    m, out = cfg.model, []
+    for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len", "make_vocab_size_divisible_by"):
+        if getattr(m, name) < 1:
+            out.append(f"model.{name}={getattr(m, name)} must be >= 1")
+    if m.num_heads >= 1 and m.hidden_size % m.num_heads != 0:
+        out.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    elif m.num_heads >= 1 and m.position == "rope" and (m.hidden_size // m.num_heads) % 2:
+        out.append(f"model: head dim {m.hidden_size // m.num_heads} must be even for rotary positions")
+    kv = m.num_kv_heads or m.num_heads
+    if kv < 1 or (m.num_heads >= 1 and m.num_heads % kv != 0):
+        out.append(f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}")
+    if m.vocab_size < 0 or m.vocab_size == 1:
+        out.append(f"model.vocab_size={m.vocab_size}: use 0 (take it from the tokenizer) or a size >= 2")
+    if m.ffn_hidden_size < 0:
+        out.append(f"model.ffn_hidden_size={m.ffn_hidden_size} must be >= 0")
+    if m.rope_base <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
+        out.append("model.rope_base, model.norm_eps and model.init_std must be > 0")
+    return out
+
+
+def _train_problems(cfg: Config, world_size: int) -> list[str]:
+    t, out = cfg.train, []
+    if t.seq_len < 2 or t.seq_len > cfg.model.max_seq_len:
+        out.append(f"train.seq_len={t.seq_len} must be between 2 and model.max_seq_len={cfg.model.max_seq_len}")
+    if t.micro_batch_size < 1:
+        out.append(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    p = cfg.parallel
+    if t.micro_batch_size >= 1 and p.tp >= 1 and p.pp >= 1 and world_size % (p.tp * p.pp) == 0:
+        dp = world_size // (p.tp * p.pp)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size < 0 or (t.global_batch_size and t.global_batch_size % per_step):
+            out.append(
+                f"train.global_batch_size={t.global_batch_size} must be a positive multiple of "
+                f"micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step} (or 0 for exactly that)")
+    if t.max_steps < 1:
+        out.append(f"train.max_steps={t.max_steps} must be >= 1")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        out.append(f"train.lr={t.lr} / train.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    if t.warmup_steps < 0:
+        out.append(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    if t.grad_clip < 0 or t.weight_decay < 0:
+        out.append("train.grad_clip and train.weight_decay must be >= 0")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        out.append(f"train.beta1={t.beta1}, train.beta2={t.beta2} must lie in [0, 1)")
+    if t.eval_interval < 0 or t.eval_batches < 1 or t.log_interval < 1:
+        out.append("train.eval_interval must be >= 0, train.eval_batches and train.log_interval >= 1")
+    if t.time_budget_minutes < 0:
+        out.append("train.time_budget_minutes must be >= 0")
+    c = cfg.checkpoint
+    if c.save_interval < 1 or c.keep_last < 1:
+        out.append(f"checkpoint.save_interval={c.save_interval} and checkpoint.keep_last={c.keep_last} must be >= 1")
+    return out
+
+
+def _data_problems(cfg: Config, check_files: bool) -> list[str]:
+    d, tok, out = cfg.data, cfg.tokenizer, []
+    if d.source == "files":
+        if not d.paths:
+            out.append("data.source=files needs data.paths (a list of .txt/.jsonl/.parquet files)")
+        for p in d.paths:
+            if not p.endswith(DATA_EXTENSIONS):
+                out.append(f"data.paths: {p} has an unsupported extension; use one of {', '.join(DATA_EXTENSIONS)}")
+            elif check_files and not Path(p).is_file():
+                out.append(f"data.paths: {p} does not exist")
+    if d.source == "hf" and not d.hf_name:
+        out.append("data.source=hf needs data.hf_name (e.g. lm1b or openwebtext)")
+    if not 0 < d.valid_fraction < 0.5:
+        out.append(f"data.valid_fraction={d.valid_fraction} must lie in (0, 0.5)")
+    if d.shard_tokens < 1024 or d.num_workers < 1 or d.max_documents < 0 or d.builtin_min_bytes < 0:
+        out.append("data.shard_tokens must be >= 1024, data.num_workers >= 1, data.max_documents >= 0")
+    if tok.path and check_files and not Path(tok.path).exists():
+        out.append(f"tokenizer.path: {tok.path} does not exist (give a SentencePiece .model file or a "
+                   f"local Hugging Face tokenizer folder, or leave it empty to train one)")
+    if tok.kind == "hf" and not tok.path:
+        out.append("tokenizer.kind=hf needs tokenizer.path (a local folder with tokenizer.json)")
+    if not tok.path and tok.vocab_size < 64:
+        out.append(f"tokenizer.vocab_size={tok.vocab_size} must be >= 64")
+    return out
+
+
+def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> list[str]:
+    """Every problem of ``cfg`` for a job of ``world_size`` processes."""
+    return (_parallel_problems(cfg, world_size) + _model_problems(cfg)
+            + _train_problems(cfg, world_size) + _data_problems(cfg, check_files))
+
+
+def check(cfg: Config, world_size: int = 1, check_files: bool = True, source: str = "config") -> None:
+    problems = validate(cfg, world_size, check_files)
+    if problems:
+        raise ConfigError(problems, source)

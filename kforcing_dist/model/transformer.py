@@ -1,0 +1,201 @@
+"""The causal Transformer LM built from megatron-core tensor-parallel layers.
+
+``TransformerLM`` is split into ``embed`` / ``backbone`` / ``head`` so that the distillation
+student can compose it (insert noise slots between embedding and blocks, pass its own boolean
+mask and position ids). Weights are initialised on the CPU from full master tensors drawn with
+the torch default RNG and then split (megatron's ``use_cpu_initialization``), so a model built
+after ``torch.manual_seed(s)`` has the same full weights at every TP size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
+
+from ..config.schema import ModelConfig
+from .layers import (Norm, RotaryEmbedding, TransformerBlock, normal_init,
+                     resolve_ffn_hidden_size)
+from .loss import lm_loss, resolve_tp_group, vocab_parallel_cross_entropy  # noqa: F401 (re-export)
+
+# Value given to the logits of padded vocabulary entries. Large enough that they never win and
+# get exactly zero probability in float32 softmax, yet finite and far from the float32 limits so
+# that temperature scaling, differences of log-probs (KL) or fp16/bf16 casts stay finite.
+PADDED_LOGIT_VALUE = -1.0e4
+
+
+def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Round ``vocab_size`` up to a multiple of ``divisible_by * tp``."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    if divisible_by <= 0 or tp <= 0:
+        raise ValueError(f"make_vocab_size_divisible_by ({divisible_by}) and tp ({tp}) "
+                         f"must be positive")
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def validate_model_config(cfg: ModelConfig, padded_vocab_size: int, tp: int) -> None:
+    """Raise ValueError for a configuration the model cannot be built with at this TP size."""
+    if cfg.vocab_size <= 0:
+        raise ValueError("model.vocab_size is 0: set it from the tokenizer before building the model")
+    if padded_vocab_size < cfg.vocab_size or padded_vocab_size % tp:
+        raise ValueError(f"padded_vocab_size {padded_vocab_size} must be >= model.vocab_size "
+                         f"{cfg.vocab_size} and divisible by tp={tp} (use pad_vocab_size)")
+    for name in ("hidden_size", "num_layers", "num_heads", "max_seq_len"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"model.{name} must be positive, got {getattr(cfg, name)}")
+    H, nh = cfg.hidden_size, cfg.num_heads
+    nkv = cfg.num_kv_heads or nh
+    if cfg.num_kv_heads < 0:
+        raise ValueError(f"model.num_kv_heads must be >= 0, got {cfg.num_kv_heads}")
+    if H % nh:
+        raise ValueError(f"model.num_heads={nh} must divide model.hidden_size={H}")
+    if nh % nkv:
+        raise ValueError(f"model.num_kv_heads={nkv} must divide model.num_heads={nh}")
+    if nh % tp or nkv % tp:
+        raise ValueError(f"model.num_heads={nh} and key/value heads={nkv} must both be "
+                         f"divisible by parallel.tp={tp}")
+    if cfg.position not in ("rope", "learned"):
+        raise ValueError(f"model.position must be rope or learned, got {cfg.position!r}")
+    if cfg.position == "rope" and (H // nh) % 2:
+        raise ValueError(f"rotary positions need an even head dimension, got {H // nh}")
+    if cfg.attention_backend not in ("auto", "sdpa", "math"):
+        raise ValueError(f"model.attention_backend must be auto, sdpa or math, "
+                         f"got {cfg.attention_backend!r}")
+    if cfg.activation not in ("gelu_tanh", "swiglu"):
+        raise ValueError(f"model.activation must be gelu_tanh or swiglu, got {cfg.activation!r}")
+    if cfg.norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"model.norm must be layernorm or rmsnorm, got {cfg.norm!r}")
+    ffn = resolve_ffn_hidden_size(cfg)
+    if ffn <= 0 or ffn % tp:
+        raise ValueError(f"MLP width {ffn} (model.ffn_hidden_size) must be positive and "
+                         f"divisible by parallel.tp={tp}")
+    if cfg.tie_embeddings and cfg.lm_head_bias:
+        raise ValueError("model.lm_head_bias needs an untied head (model.tie_embeddings: false)")
+    if cfg.init_std <= 0:
+        raise ValueError(f"model.init_std must be positive, got {cfg.init_std}")
+
+
+class TransformerLM(nn.Module):
+    """Pre-norm causal decoder; logits are vocab-parallel over ``tp_group``.
+
+    Parameters live on the CPU after construction; move the model with ``.to(device)``.
+    """
+
+    def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group,
+                 params_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        tp_group = resolve_tp_group(tp_group)
+        tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+        validate_model_config(cfg, padded_vocab_size, tp)
+        self.cfg = cfg
+        self.tp_group = tp_group
+        self.tp_size, self.tp_rank = tp, tp_rank
+        self.vocab_size = cfg.vocab_size
+        self.padded_vocab_size = padded_vocab_size
+        self.local_vocab_size = padded_vocab_size // tp
+        self.vocab_start = tp_rank * self.local_vocab_size
+        self.params_dtype = params_dtype
+
+        mp_config = ModelParallelConfig(
+            tensor_model_parallel_size=tp, use_cpu_initialization=True,
+            perform_initialization=True, params_dtype=params_dtype)
+        H = cfg.hidden_size
+        # Construction order is the RNG order: keep it fixed so weights depend only on the seed.
+        self.embed_tokens = VocabParallelEmbedding(
+            padded_vocab_size, H, init_method=normal_init(cfg.init_std), config=mp_config,
+            tp_group=tp_group)
+        if cfg.position == "learned":
+            self.embed_positions = nn.Embedding(cfg.max_seq_len, H, dtype=params_dtype)
+            nn.init.normal_(self.embed_positions.weight, mean=0.0, std=cfg.init_std)
+            self.rotary = None
+        else:
+            self.embed_positions = None
+            self.rotary = RotaryEmbedding(H // cfg.num_heads, cfg.rope_base)
+        self.layers = nn.ModuleList(
+            TransformerBlock(cfg, mp_config, tp_group, params_dtype) for _ in range(cfg.num_layers))
+        self.final_norm = Norm(H, cfg.norm, cfg.norm_bias, cfg.norm_eps, params_dtype)
+        # Tied: like megatron's GPTModel, the head owns no weight and is called with the
+        # embedding's (both are split on the padded-vocab dim, so the shards line up).
+        self.lm_head = ColumnParallelLinear(
+            H, padded_vocab_size, config=mp_config, init_method=normal_init(cfg.init_std),
+            bias=cfg.lm_head_bias and not cfg.tie_embeddings, gather_output=False,
+            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group)
+
+    # ---------------------------------------------------------------- input checks
+
+    def default_position_ids(self, batch: int, seq: int, device) -> torch.Tensor:
+        return torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
+
+    def _check_position_ids(self, position_ids: Optional[torch.Tensor], batch: int, seq: int,
+                            device) -> torch.Tensor:
+        if position_ids is None:
+            return self.default_position_ids(batch, seq, device)
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise ValueError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.dim() != 2 or position_ids.shape[1] != seq or \
+                position_ids.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must have shape [b, s] = [{batch}, {seq}] "
+                             f"(or [1, {seq}]), got {tuple(position_ids.shape)}")
+        return position_ids.expand(batch, seq)
+
+    # ---------------------------------------------------------------- the three stages
+
+    def embed(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [b, s] -> hidden [b, s, H] (token + learned position embeddings)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [b, s], got {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        hidden = self.embed_tokens(input_ids)
+        if self.embed_positions is not None:
+            b, s = input_ids.shape
+            if position_ids is None and s > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {s} tokens is longer than model.max_seq_len="
+                                 f"{self.cfg.max_seq_len} (learned positions)")
+            pos = self._check_position_ids(position_ids, b, s, input_ids.device)
+            hidden = hidden + self.embed_positions(pos)
+        return hidden
+
+    def backbone(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """All blocks and the final norm. hidden [b, s, H]; position_ids [b, s] drive rotary
+        positions (learned positions are added in ``embed``); attention_mask: boolean,
+        broadcastable to [b, heads, s, s], True = may attend, None = causal. An explicit mask
+        replaces the causal one, so it must contain the causality itself."""
+        if hidden.dim() != 3 or hidden.shape[-1] != self.cfg.hidden_size:
+            raise ValueError(f"hidden must have shape [b, s, {self.cfg.hidden_size}], "
+                             f"got {tuple(hidden.shape)}")
+        rotary = None
+        if self.rotary is not None:
+            b, s, _ = hidden.shape
+            rotary = self.rotary(self._check_position_ids(position_ids, b, s, hidden.device))
+        for layer in self.layers:
+            hidden = layer(hidden, rotary, attention_mask)
+        return self.final_norm(hidden)
+
+    def rotary_tables(self, position_ids: torch.Tensor):
+        """(cos, sin) for ``TransformerBlock``'s ``rotary``/``kv_rotary``; None with learned positions."""
+        return None if self.rotary is None else self.rotary(position_ids)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [b, s, H] -> vocab-parallel float32 logits [b, s, V_padded/tp], padding masked."""
+        weight = self.embed_tokens.weight if self.cfg.tie_embeddings else None
+        logits = self.lm_head(hidden, weight=weight)[0].float()
+        pad_from = self.vocab_size - self.vocab_start  # first padded column in this shard
+        if pad_from < self.local_vocab_size:
+            cols = torch.arange(self.local_vocab_size, device=logits.device)
+            logits = logits.masked_fill(cols >= pad_from, PADDED_LOGIT_VALUE)
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [b, s] -> vocab-parallel float32 logits [b, s, V_padded/tp]."""
+        hidden = self.embed(input_ids, position_ids)  # None position ids mean arange in both
+        return self.head(self.backbone(hidden, position_ids, attention_mask))

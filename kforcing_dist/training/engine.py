@@ -1,0 +1,75 @@
+"""Build a DeepSpeed engine from the config: ZeRO stage, AdamW, warmup + cosine, clipping, bf16.
+
+DeepSpeed owns the optimizer, the LR schedule (its ``WarmupCosineLR``), ZeRO partitioning,
+gradient accumulation and clipping; megatron-core's tensor-parallel groups reach it through
+the ``mpu`` adapter so ZeRO shards over data-parallel ranks only and the grad norm is TP-aware.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import Config, Layout
+from ..parallel.groups import DeepSpeedMPU, ParallelGroups
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on a GPU that supports it, else fp32 (bf16 with ZeRO-0 drifts on CPU)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases and other 1-d parameters."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.adam_eps,
+                       "weight_decay": t.weight_decay, "torch_adam": True, "adam_w_mode": True},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": t.max_steps, "warmup_num_steps": max(1, t.warmup_steps),
+                       "warmup_min_ratio": 0.0, "warmup_type": "linear", "cos_min_ratio": t.min_lr / t.lr},
+        },
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+    }
+    if precision == "bf16" and cfg.parallel.zero_stage == 0:
+        # bf16 without ZeRO accumulates gradients in bf16; keep them in fp32.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, groups: ParallelGroups,
+                 precision: str):
+    """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside)."""
+    import deepspeed
+
+    ds_cfg = deepspeed_config(cfg, layout, precision)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        config=ds_cfg, mpu=DeepSpeedMPU(groups), dist_init_required=False,
+    )
+    return engine

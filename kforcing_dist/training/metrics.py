@@ -1,0 +1,49 @@
+"""Where training metrics go: TensorBoard event files, a JSONL log and the console.
+
+Only the logging rank (first rank of the last pipeline stage) writes; every other rank's
+calls are no-ops, so the trainer can call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("kforcing_dist")
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = output_dir / "train_log.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float], tag: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": tag, "time": round(time.time(), 3), **scalars}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"{tag}/{k}", float(v), step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def read_log(output_dir: Path, kind: str = "train") -> list[dict]:
+    """The records of one kind from a run's ``train_log.jsonl`` (tests and reports read this)."""
+    path = Path(output_dir) / "train_log.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == kind]

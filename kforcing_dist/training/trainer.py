@@ -1,0 +1,263 @@
+"""The teacher trainer: step, validate, save, resume, close.
+
+A class that owns one DeepSpeed engine and one data sampler and saves/restores all of its
+state (engine = model + optimizer + LR schedule; sampler position; step counters), so a
+resumed run continues exactly where the interrupted one stopped. Stop requests (signals, a
+wall-clock budget) are agreed across ranks at a step boundary, then every rank saves and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, Layout, config_to_yaml
+from ..parallel.groups import ParallelGroups
+from . import checkpoint as ckpt
+from .engine import build_engine, resolve_precision
+from .metrics import MetricsWriter
+
+log = logging.getLogger("kforcing_dist")
+
+# Test-only fault injection: exit abruptly (no save, no clean-up) right after this step, to
+# prove that a crashed run resumes exactly. Never set in normal use.
+CRASH_ENV = "KFORCING_DIST_CRASH_AFTER_STEP"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    stopped_early: bool
+    last_loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    checkpoint: Path | None
+
+
+class StopFlag:
+    """Set by a signal handler (app side); read by the trainer at step boundaries."""
+
+    def __init__(self):
+        self.requested = False
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        self.requested, self.reason = True, reason
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for name in ("deepspeed", "megatron-core"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class LMTrainer:
+    """Trains a causal LM (the AR teacher) on a token sampler under a DeepSpeed engine.
+
+    ``model`` is a TransformerLM (vocab-parallel logits); ``loss_fn(logits, labels)`` turns its
+    output into the scalar loss. ``valid_batches`` is a callable returning a fresh iterator of the
+    fixed validation micro-batches for this rank.
+    """
+
+    def __init__(self, cfg: Config, original_yaml: str, groups: ParallelGroups, layout: Layout,
+                 model: torch.nn.Module, loss_fn: Callable, sampler, valid_batches: Callable,
+                 output_dir: Path, extra_metadata: dict, save_extras: Callable[[Path], None] | None = None,
+                 stop_flag: StopFlag | None = None, kind: str = "teacher"):
+        self.cfg, self.original_yaml, self.groups, self.layout = cfg, original_yaml, groups, layout
+        self.loss_fn, self.sampler, self.valid_batches = loss_fn, sampler, valid_batches
+        self.output_dir = Path(output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.extra_metadata, self.save_extras, self.kind = extra_metadata, save_extras, kind
+        self.stop_flag = stop_flag or StopFlag()
+        self.precision = resolve_precision(cfg.train.precision, groups.device)
+        self.engine = build_engine(model.to(groups.device), cfg, layout, groups, self.precision)
+        self.step = 0
+        self.tokens_seen = 0
+        self.is_logger = groups.is_logging_rank
+        self.metrics = MetricsWriter(self.output_dir, self.is_logger, cfg.logging.tensorboard)
+        self._start_time = time.time()
+
+    # ----------------------------------------------------------------- state
+    def _state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                           "zero_stage": self.cfg.parallel.zero_stage}}
+
+    def save(self) -> Path:
+        """Save engine + trainer state into ``checkpoints/step-N`` atomically (all ranks call)."""
+        rank0 = self.groups.world_rank == 0
+        if rank0:
+            ckpt.begin_save(self.ckpt_root, self.step)
+        dist.barrier()
+        tmp = ckpt.temp_dir_for(self.ckpt_root, self.step)
+        self.engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+        dist.barrier()
+        final = self.ckpt_root / ckpt.step_dir_name(self.step)
+        if rank0:
+            (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
+            (tmp / "original_config.yaml").write_text(self.original_yaml)
+            ckpt.write_json_atomic(tmp / "trainer_state.json", self._state())
+            meta = {"kind": self.kind, "format": "kforcing-dist-train/1", "precision": self.precision,
+                    "versions": _versions(), "model": dataclasses.asdict(self.cfg.model),
+                    **self.extra_metadata, **{"layout": self._state()["layout"]}}
+            ckpt.write_json_atomic(tmp / "metadata.json", meta)
+            if self.save_extras is not None:
+                self.save_extras(tmp)
+            ckpt.finish_save(self.ckpt_root, self.step, {"kind": self.kind})
+            ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
+        dist.barrier()
+        return final
+
+    def resume(self) -> Path | None:
+        """Load the newest complete checkpoint under the run folder, if any."""
+        path = ckpt.latest_complete(self.ckpt_root)
+        if path is None:
+            return None
+        if self.cfg.checkpoint.resume == "never":
+            raise ckpt.CheckpointError(
+                f"{self.output_dir} already holds checkpoint {path.name} and checkpoint.resume=never; "
+                f"choose another -o/--output-dir or set checkpoint.resume=auto to continue it")
+        state = json.loads((path / "trainer_state.json").read_text())
+        meta = json.loads((path / "metadata.json").read_text())
+        self._check_compatible(path, state, meta)
+        load_path, _ = self.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed could not load the engine state from {path}/engine; "
+                                       f"the folder is damaged: delete it to resume from an older checkpoint")
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.sampler.load_state_dict(state["sampler"])
+        if self.is_logger:
+            log.info("resumed from %s (step %d)", path, self.step)
+        return path
+
+    def _check_compatible(self, path: Path, state: dict, meta: dict) -> None:
+        problems = []
+        if meta.get("kind") != self.kind:
+            problems.append(f"it holds a {meta.get('kind')!r} model, this run trains a {self.kind!r}")
+        mine = self._state()["layout"]
+        if state["layout"] != mine:
+            problems.append(f"its parallel layout {state['layout']} differs from this run's {mine}")
+        if meta.get("model") != dataclasses.asdict(self.cfg.model):
+            diff = {k: (v, getattr(self.cfg.model, k, None)) for k, v in (meta.get("model") or {}).items()
+                    if getattr(self.cfg.model, k, None) != v}
+            problems.append(f"its model config differs (checkpoint, this run): {diff}")
+        for key, value in self.extra_metadata.items():
+            if key in meta and meta[key] != value:
+                problems.append(f"its {key} is {meta[key]!r}, this run has {value!r}")
+        if problems:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {path}: " + "; ".join(problems)
+                + ". Use another -o/--output-dir, or start from a matching config.")
+
+    # ------------------------------------------------------------- training
+    def _agree_stop(self) -> bool:
+        """All ranks agree (MAX) whether to stop: a signal on any rank, or the wall-clock budget."""
+        budget = self.cfg.train.time_budget_minutes
+        over_budget = budget > 0 and (time.time() - self._start_time) > budget * 60
+        if over_budget and not self.stop_flag.requested:
+            self.stop_flag.request("time budget")
+        flag = torch.tensor([1.0 if self.stop_flag.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _dp_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        if self.groups.dp_size > 1:
+            dist.all_reduce(t, group=self.groups.dp_group)
+            t /= self.groups.dp_size
+        return t.item()
+
+    def _micro_step(self, batch: torch.Tensor) -> float:
+        batch = batch.to(self.groups.device)
+        logits = self.engine(batch[:, :-1])
+        loss = self.loss_fn(logits, batch[:, 1:])
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.engine.eval()
+        total, count = 0.0, 0
+        for batch in self.valid_batches():
+            batch = batch.to(self.groups.device)
+            total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).item()
+            count += 1
+        self.engine.train()
+        return self._dp_mean(total / max(count, 1))
+
+    def train(self) -> TrainResult:
+        t = self.cfg.train
+        tokens_per_step = self.layout.global_batch_size * t.seq_len
+        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+        bar = None
+        if self.is_logger and self.cfg.logging.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=self.step, desc=f"train {self.kind}", unit="step",
+                       dynamic_ncols=True)
+        last_loss, val_loss, tok_s, stopped = float("nan"), None, 0.0, False
+        last_ckpt = None
+        window_t, window_tokens = time.time(), 0
+        self.engine.train()
+        while self.step < t.max_steps:
+            losses = [self._micro_step(self.sampler.next_batch()) for _ in range(self.layout.grad_accum)]
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            last_loss = self._dp_mean(sum(losses) / len(losses))
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss is {last_loss} at step {self.step}; lower train.lr or check data")
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                now = time.time()
+                tok_s = window_tokens / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, 0
+                gn = self.engine.get_global_grad_norm()
+                self.metrics.write(self.step, {
+                    "loss": last_loss, "lr": self.engine.get_lr()[0],
+                    "grad_norm": float(gn) if gn is not None else float("nan"),
+                    "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.max_steps:
+                val_loss = self.validate()
+                self.metrics.write(self.step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))},
+                                   tag="valid")
+                if self.is_logger:
+                    log.info("step %d: val loss %.4f, ppl %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
+            stop = self._agree_stop()
+            if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.max_steps or stop:
+                last_ckpt = self.save()
+            if crash_after and self.step == crash_after:
+                os._exit(17)
+            if stop:
+                stopped = True
+                if self.is_logger:
+                    log.warning("stopping at step %d (%s); checkpoint saved, rerun the same command to resume",
+                                self.step, self.stop_flag.reason or "signal")
+                break
+        if bar is not None:
+            bar.close()
+        if last_ckpt is None:  # resumed at max_steps: nothing to do, point at the last checkpoint
+            last_ckpt = ckpt.latest_complete(self.ckpt_root)
+        return TrainResult(self.step, stopped, last_loss, val_loss, tok_s, last_ckpt)
+
+    def close(self) -> None:
+        self.metrics.close()

@@ -1,0 +1,104 @@
+"""Config loading and validation: every user error is reported clearly, all at once."""
+
+from pathlib import Path
+
+import pytest
+
+from kforcing_dist.config import ConfigError, check, derive_layout, load_config, validate
+from kforcing_dist.config.reference import reference_markdown, updated_readme
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_at_any_level_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "model:\n  hiden_size: 3\nbogus: 1\n"))
+    msg = str(e.value)
+    assert "model.hiden_size: unknown key" in msg and "hidden_size" in msg and "num_layers" in msg
+    assert "bogus: unknown key" in msg and "parallel" in msg
+    assert len(e.value.problems) == 2
+
+
+def test_wrong_types_and_choices(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  lr: fast\n  max_steps: 1.5\nmodel:\n  norm: batchnorm\n"
+                                    "logging:\n  tensorboard: 'yes'\n"))
+    msg = str(e.value)
+    assert "train.lr: expected float, got str 'fast'" in msg
+    assert "train.max_steps: expected int" in msg
+    assert "model.norm: 'batchnorm' is not one of 'layernorm', 'rmsnorm'" in msg
+    assert "logging.tensorboard: expected bool" in msg
+
+
+def test_section_must_be_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        load_config(write(tmp_path, "model: 3\n"))
+
+
+def test_overrides_are_typed_and_strict(tmp_path):
+    cfg, text = load_config(write(tmp_path, "train:\n  lr: 1.0e-3\n"),
+                            ["train.lr=3e-4", "parallel.tp=2", "data.paths=[a.txt, b.jsonl]"], "out/x")
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.parallel.tp == 2
+    assert cfg.data.paths == ["a.txt", "b.jsonl"] and cfg.output_dir == "out/x"
+    assert "1.0e-3" in text  # the original YAML is kept verbatim
+    with pytest.raises(ConfigError, match="train.lrr: unknown key"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_missing_config_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_parallel_layout_problems_reported_together():
+    cfg, _ = load_config(None, ["parallel.tp=3", "parallel.pp=2", "parallel.zero_stage=3",
+                                "model.num_layers=3"])
+    problems = validate(cfg, world_size=4)
+    text = "\n".join(problems)
+    assert "tp x pp x dp must equal the world size 4" in text
+    assert "num_heads=4 is not divisible by parallel.tp=3" in text
+    assert "num_layers=3 is not divisible by parallel.pp=2" in text
+    assert "zero_stage=3 with parallel.pp=2" in text
+    assert len(problems) >= 4
+
+
+def test_valid_tp_dp_layout_and_batch_arithmetic():
+    cfg, _ = load_config(None, ["parallel.tp=2", "train.micro_batch_size=4", "train.global_batch_size=32"])
+    check(cfg, world_size=4)
+    layout = derive_layout(cfg, 4)
+    assert (layout.tp, layout.dp, layout.grad_accum, layout.global_batch_size) == (2, 2, 4, 32)
+    bad, _ = load_config(None, ["parallel.tp=2", "train.micro_batch_size=4", "train.global_batch_size=12"])
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size x dp = 4 x 2 = 8"):
+        check(bad, world_size=4)
+
+
+def test_model_and_file_problems(tmp_path):
+    cfg, _ = load_config(None, ["model.hidden_size=30", "train.seq_len=1000", "data.source=files",
+                                f"data.paths=[{tmp_path / 'missing.txt'}, x.csv]",
+                                f"tokenizer.path={tmp_path / 'no.model'}"])
+    text = "\n".join(validate(cfg))
+    assert "hidden_size=30 is not divisible by model.num_heads=4" in text
+    assert "train.seq_len=1000 must be between 2 and model.max_seq_len=256" in text
+    assert "missing.txt does not exist" in text
+    assert "x.csv has an unsupported extension" in text
+    assert "no.model does not exist" in text
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    cfg, _ = load_config(path)
+    check(cfg, world_size=cfg.parallel.tp * cfg.parallel.pp)
+
+
+def test_readme_config_reference_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert updated_readme(readme) == readme, "README config reference is stale: run `make config-docs`"
+    assert "`train.lr`" in reference_markdown()
