@@ -57,7 +57,8 @@ def run_train_teacher(cfg: Config, original_yaml: str, source: str):
                             f"(one process) before a multi-process training job")
         log.info("no token shards in %s yet: preparing them first", shards)
         prepare_data(cfg, shards, progress=True)
-    tokenizer = load_tokenizer(shards / "tokenizer")
+    # The model's tokenizer is the configured one when given, else the one the shards were made with.
+    tokenizer = load_tokenizer(cfg.tokenizer.path or shards / "tokenizer")
     check_tokenizer_matches(shards, tokenizer)
     _resolve_vocab(cfg, tokenizer)
     out = Path(cfg.output_dir)

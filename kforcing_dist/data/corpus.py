@@ -287,7 +287,7 @@ def build_builtin_corpus(cache_dir: Path, min_bytes: int, progress: bool = False
     fingerprint = environment_fingerprint(min_bytes)
     cached = _load_cached(cache_dir, fingerprint)
     if cached is not None:
-        logger.info("reusing built-in corpus %s (%d documents, %.1f MB)", cached.path, cached.documents,
+        logger.debug("reusing built-in corpus %s (%d documents, %.1f MB)", cached.path, cached.documents,
                     cached.bytes / 1e6)
         return cached
 

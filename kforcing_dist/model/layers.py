@@ -136,7 +136,7 @@ def prepare_attention_mask(mask: torch.Tensor, *, batch: int, num_heads: int, lo
     if mask.dim() > 4:
         raise ValueError(f"attention_mask must have at most 4 dims [b, heads, s_q, s_k], "
                          f"got shape {tuple(mask.shape)}")
-    m = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = mask[(None,) * (4 - mask.dim())]  # leading broadcast dims, always a view
     want = (batch, num_heads, s_q, s_k)
     for got_n, want_n, name in zip(m.shape, want, ("batch", "heads", "s_q", "s_k")):
         if got_n not in (1, want_n):

@@ -67,9 +67,10 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
     # megatron's kernel subtracts the max and exponentiates in place; give it a private copy so
-    # the caller's logits (which autograd may also need) survive.
-    work = logits.float() if logits.dtype != torch.float32 else logits.clone()
-    return _VocabParallelCrossEntropy.apply(work, labels, group)
+    # the caller's logits (which autograd may also need) survive. It also flattens with .view(),
+    # so the copy (and the labels) must be contiguous, e.g. for logits[:, :-1] / ids[:, 1:].
+    work = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return _VocabParallelCrossEntropy.apply(work, labels.contiguous(), group)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group,

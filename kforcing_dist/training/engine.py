@@ -72,4 +72,20 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, groups: Pa
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
         config=ds_cfg, mpu=DeepSpeedMPU(groups), dist_init_required=False,
     )
+    _record_fp32_clip_norm(engine)
     return engine
+
+
+def _record_fp32_clip_norm(engine) -> None:
+    """Make ``get_global_grad_norm()`` work without ZeRO in fp32.
+
+    DeepSpeed's ZeRO-0 fp32 path clips with ``clip_grad_norm_`` but discards the norm it
+    computes, so the engine reports None; keep it (same function, same TP-aware ``mpu``).
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip_and_record

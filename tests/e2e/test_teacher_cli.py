@@ -1,0 +1,103 @@
+"""End-to-end runs of the CLI on the smoke config: learning, exact resume, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from kforcing_dist.training.metrics import read_log
+from tests.conftest import SMOKE, run_cli
+
+
+def unigram_entropy(shards) -> float:
+    """Entropy (nats) of the training tokens' unigram distribution: a model that learns nothing
+    beyond token frequencies cannot get a validation loss below it."""
+    meta = json.loads((shards / "metadata.json").read_text())
+    counts = np.zeros(meta["vocab_size"], dtype=np.int64)
+    for f in sorted((shards / "train").glob("*.bin")):
+        counts += np.bincount(np.fromfile(f, dtype=meta["dtype"]), minlength=meta["vocab_size"])
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_teacher_learns_below_unigram_entropy(smoke_shards, tmp_path):
+    out = tmp_path / "run"
+    run_cli("train-teacher", "-c", SMOKE, "-o", out, "--set", f"data.shards_dir={smoke_shards}")
+    summary = json.loads((out / "teacher_summary.json").read_text())
+    h = unigram_entropy(smoke_shards)
+    assert summary["step"] == 60 and not summary["stopped_early"]
+    assert summary["val_loss"] < h - 0.5, (summary["val_loss"], h)
+    assert math.isclose(summary["val_ppl"], math.exp(summary["val_loss"]), rel_tol=1e-6)
+    # TensorBoard events and a complete checkpoint with its config, tokenizer and marker
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    ck = out / "checkpoints" / "step-00000060"
+    for name in ("COMPLETE", "config.yaml", "original_config.yaml", "metadata.json", "trainer_state.json"):
+        assert (ck / name).is_file(), name
+    assert (ck / "tokenizer").is_dir()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000030", "step-00000060"]
+    assert {r["step"] for r in read_log(out, "valid")} == {30, 60}
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in read_log(out, "train")}
+
+
+def test_crash_then_resume_matches_uninterrupted_run(smoke_shards, tmp_path):
+    common = ["-c", SMOKE, "--set", f"data.shards_dir={smoke_shards}", "--set", "train.max_steps=8",
+              "--set", "checkpoint.save_interval=4", "--set", "train.log_interval=1",
+              "--set", "train.eval_interval=0", "--set", "logging.tensorboard=false"]
+    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
+    run_cli("train-teacher", "-o", ref, *common)
+    proc = run_cli("train-teacher", "-o", crashed, *common, check=False,
+                   env_extra={"KFORCING_DIST_CRASH_AFTER_STEP": "6"})
+    assert proc.returncode == 17, proc.stderr[-3000:]
+    ckroot = crashed / "checkpoints"
+    # a save that died half-way (no COMPLETE marker) must be ignored on resume
+    shutil.copytree(ckroot / "step-00000004", ckroot / "step-00000007")
+    (ckroot / "step-00000007" / "COMPLETE").unlink()
+    run_cli("train-teacher", "-o", crashed, *common)
+    ref_losses, resumed = _losses(ref), _losses(crashed)
+    assert sorted(ref_losses) == list(range(1, 9))
+    for step in range(5, 9):  # steps 5-6 ran twice in the crashed run: the log keeps the last
+        assert resumed[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+    assert not (ckroot / "step-00000007").exists() or not (ckroot / "step-00000007" / "COMPLETE").exists()
+    assert (ckroot / "step-00000008" / "COMPLETE").is_file()
+
+
+def test_resume_with_other_layout_is_refused(smoke_shards, tmp_path):
+    out = tmp_path / "run"
+    base = ["-c", SMOKE, "-o", out, "--set", f"data.shards_dir={smoke_shards}", "--set", "train.max_steps=2",
+            "--set", "logging.tensorboard=false"]
+    run_cli("train-teacher", *base)
+    proc = run_cli("train-teacher", *base, "--set", "model.hidden_size=32", "--set", "train.max_steps=4",
+                   check=False)
+    assert proc.returncode == 2
+    assert "cannot resume" in proc.stderr and "hidden_size" in proc.stderr
+
+
+def test_tokenizer_mismatch_is_refused(smoke_shards, tmp_path):
+    other = tmp_path / "other-shards"
+    run_cli("prepare-data", "-c", SMOKE, "-o", tmp_path, "--set", f"data.shards_dir={other}",
+            "--set", "tokenizer.vocab_size=300")
+    # the model's tokenizer (tokenizer.path) is not the one these shards were made with
+    proc = run_cli("train-teacher", "-c", SMOKE, "-o", tmp_path / "run", "--set", f"data.shards_dir={other}",
+                   "--set", f"tokenizer.path={smoke_shards / 'tokenizer'}", check=False)
+    assert proc.returncode == 2
+    assert "tokenizer" in proc.stderr and "prepare-data" in proc.stderr
+
+
+def test_bad_config_exits_2_before_starting(tmp_path):
+    proc = run_cli("train-teacher", "-c", SMOKE, "-o", tmp_path, "--set", "parallel.zero_stage=3",
+                   "--set", "parallel.pp=2", "--set", "model.bogus=1", check=False)
+    assert proc.returncode == 2
+    assert "model.bogus: unknown key" in proc.stderr
+
+
+def test_help_lists_subcommands():
+    out = run_cli("--help").stdout
+    for sub in ("prepare-data", "train-teacher", "show-config"):
+        assert sub in out

@@ -1,0 +1,487 @@
+"""Tests of the data pipeline: corpus, sources, tokenizers, shards, prepare-data and the sampler.
+
+They run on CPU with a small built-in corpus and a small vocabulary; the expensive artefacts (a
+corpus, a prepared shards folder) are built once per session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kforcing_dist.config.schema import Config
+from kforcing_dist.data import DataError
+from kforcing_dist.data import corpus as corpus_mod
+from kforcing_dist.data.corpus import build_builtin_corpus, clean_docstring, iter_corpus
+from kforcing_dist.data.prepare import prepare_data, split_value
+from kforcing_dist.data.sampler import TokenSampler, valid_batches
+from kforcing_dist.data.shards import TokenDataset, check_tokenizer_matches, read_metadata
+from kforcing_dist.data.sources import iter_documents
+from kforcing_dist.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, build_or_load_tokenizer,
+                                          load_tokenizer, train_sentencepiece)
+
+SMALL_BYTES = 300_000
+VOCAB = 512
+
+
+def small_config(**data_overrides) -> Config:
+    cfg = Config()
+    cfg.tokenizer.vocab_size = VOCAB
+    cfg.data.builtin_min_bytes = SMALL_BYTES
+    cfg.data.shard_tokens = 20_000  # several shards, so windows cross shard files
+    cfg.data.valid_fraction = 0.05
+    cfg.data.num_workers = 2
+    for k, v in data_overrides.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    build_builtin_corpus(d, SMALL_BYTES)
+    return d
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A shards folder prepared from scratch (own cache: corpus and tokenizer built here)."""
+    root = tmp_path_factory.mktemp("prep_a")
+    prepare_data(small_config(), root / "data", progress=False, cache_dir=root / "cache")
+    return root / "data"
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def test_corpus_is_deterministic_and_clean(corpus_dir, tmp_path):
+    a = json.loads((corpus_dir / corpus_mod.CORPUS_META_FILE).read_text())
+    b = build_builtin_corpus(tmp_path, SMALL_BYTES, workers=1)  # other worker count, same result
+    assert not b.reused
+    assert b.sha256 == a["sha256"] and b.documents == a["documents"]
+    assert (tmp_path / corpus_mod.CORPUS_FILE).read_bytes() == (corpus_dir / corpus_mod.CORPUS_FILE).read_bytes()
+    assert b.bytes >= SMALL_BYTES
+    again = build_builtin_corpus(tmp_path, SMALL_BYTES)
+    assert again.reused and again.sha256 == b.sha256
+
+    docs = list(iter_corpus(b.path))
+    assert len(docs) == b.documents == len(set(docs))
+    assert sum(len(d.encode()) for d in docs) == b.bytes
+    for d in docs:
+        assert len(d) >= corpus_mod.MIN_DOC_CHARS
+        assert not any(line.lstrip().startswith(">>>") for line in d.split("\n"))
+        assert "\n\n\n" not in d and "\t" not in d
+    # sorted by text hash, not by package: neighbours should rarely share their first word
+    firsts = [d.split()[0] for d in docs]
+    assert len(set(firsts)) > len(docs) // 10
+
+
+def test_corpus_cache_detects_tampering(corpus_dir, tmp_path):
+    for name in (corpus_mod.CORPUS_FILE, corpus_mod.CORPUS_META_FILE):
+        (tmp_path / name).write_bytes((corpus_dir / name).read_bytes())
+    with open(tmp_path / corpus_mod.CORPUS_FILE, "r+b") as f:
+        f.seek(20)
+        f.write(b"#")
+    info = build_builtin_corpus(tmp_path, SMALL_BYTES)
+    assert not info.reused
+    assert (tmp_path / corpus_mod.CORPUS_FILE).read_bytes() == (corpus_dir / corpus_mod.CORPUS_FILE).read_bytes()
+
+
+def test_corpus_too_small_raises(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mod.py").write_text('"""' + "A module docstring with enough plain words in it. " * 6 + '"""\n')
+    monkeypatch.setattr(corpus_mod, "source_roots", lambda: [("stdlib", src)])
+    with pytest.raises(DataError, match=r"only has \d+ bytes.*lower data.builtin_min_bytes"):
+        build_builtin_corpus(tmp_path / "cache", 10_000_000, workers=1)
+
+
+def test_clean_docstring():
+    body = "This function computes a value from its arguments and returns it to the caller. " * 3
+    raw = f"""
+        Summary line.
+
+        {body}
+        >>> f(1)
+        2
+        >>> g(
+        ...     3)
+        4
+
+        After the example\t\twith   odd   spacing.
+
+
+
+        Last paragraph.
+        """
+    out = clean_docstring(raw)
+    assert out is not None
+    assert ">>>" not in out and "..." not in out and "\n2\n" not in out and "\t" not in out
+    assert "After the example with odd spacing." in out
+    assert "\n\nLast paragraph." in out and "\n\n\n" not in out
+    assert clean_docstring("Too short.") is None
+    assert clean_docstring("= " * 200) is None  # no letters
+    assert clean_docstring("日本語のテキスト " * 40) is None  # not ASCII English
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _files_cfg(paths, **kw):
+    cfg = Config().data
+    cfg.source = "files"
+    cfg.paths = [str(p) for p in paths]
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_read_txt_jsonl_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    txt = tmp_path / "a.txt"
+    txt.write_text("first doc line one\nline two\n\n\nsecond doc\n   \nthird doc\n")
+    whole = tmp_path / "b.txt"
+    whole.write_text("one document\nwith no blank line\n")
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in [{"body": "json one", "id": 1}, {"body": "json two"},
+                                                    {"body": None}, {"body": "  "}]) + "\n")
+    pqf = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"body": ["pq one", None, "pq two"], "n": [1, 2, 3]}), pqf)
+
+    docs = list(iter_documents(_files_cfg([txt, whole, jl, pqf], text_field="body"), tmp_path))
+    assert docs == ["first doc line one\nline two", "second doc", "third doc", "one document\nwith no blank line",
+                    "json one", "json two", "pq one", "pq two"]
+    limited = list(iter_documents(_files_cfg([txt, whole, jl, pqf], text_field="body", max_documents=5), tmp_path))
+    assert limited == docs[:5]
+    # a directory expands to its supported files in sorted order
+    assert list(iter_documents(_files_cfg([tmp_path], text_field="body"), tmp_path)) == docs
+
+
+def test_source_errors_name_the_problem(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match=r"nope\.jsonl does not exist.*data\.paths"):
+        list(iter_documents(_files_cfg([missing]), tmp_path))
+    odd = tmp_path / "x.csv"
+    odd.write_text("a,b\n")
+    with pytest.raises(DataError, match=r"x\.csv.*unsupported extension"):
+        list(iter_documents(_files_cfg([odd]), tmp_path))
+    jl = tmp_path / "y.jsonl"
+    jl.write_text(json.dumps({"content": "hello"}) + "\n")
+    with pytest.raises(DataError, match=r"y\.jsonl:1 has no field 'text' \(it has: content\).*data\.text_field"):
+        list(iter_documents(_files_cfg([jl]), tmp_path))
+    bad = tmp_path / "z.jsonl"
+    bad.write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"z\.jsonl:2 is not valid JSON"):
+        list(iter_documents(_files_cfg([bad]), tmp_path))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pqf = tmp_path / "w.parquet"
+    pq.write_table(pa.table({"content": ["a"]}), pqf)
+    with pytest.raises(DataError, match=r"w\.parquet has no column 'text'.*content"):
+        list(iter_documents(_files_cfg([pqf]), tmp_path))
+    with pytest.raises(DataError, match="data.paths is empty"):
+        list(iter_documents(_files_cfg([]), tmp_path))
+
+
+def test_hf_source(tmp_path, monkeypatch):
+    cfg = Config().data
+    cfg.source = "hf"
+    with pytest.raises(DataError, match="hf_name is empty"):
+        list(iter_documents(cfg, tmp_path))
+    cfg.hf_name = "some/dataset"
+    calls = []
+
+    def fake_load(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        if name == "some/dataset":
+            raise ConnectionError("no route to host")
+        return iter([{"text": "hf one"}, {"text": "hf two"}, {"other": 1}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load))
+    with pytest.raises(DataError, match=r"some/dataset.*no route to host.*Hugging Face hub"):
+        list(iter_documents(cfg, tmp_path))
+    assert calls == [("some/dataset", None, "train", True)]
+    cfg.hf_name, cfg.hf_config, cfg.max_documents = "ok", "cfg1", 2
+    assert list(iter_documents(cfg, tmp_path)) == ["hf one", "hf two"]
+    assert calls[-1] == ("ok", "cfg1", "train", True)
+    cfg.max_documents = 0
+    with pytest.raises(DataError, match=r"record 2 has no field 'text'"):
+        list(iter_documents(cfg, tmp_path))
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+def test_sentencepiece_training_deterministic_and_lossless(corpus_dir, tmp_path):
+    docs = list(iter_corpus(corpus_dir / corpus_mod.CORPUS_FILE))[:150]
+    a = train_sentencepiece(docs, 400)
+    b = train_sentencepiece(docs, 400)
+    assert a.fingerprint == b.fingerprint and a.vocab_size == 400
+    text = docs[0] + "\n\n  tabs\tand ünïcödé 漢字 \u00a0 done\n"
+    ids = a.encode(text)
+    assert a.decode(ids) == text  # byte fallback: any text survives
+    assert max(ids) < a.vocab_size and a.eos_id not in ids and a.bos_id is not None
+    assert a.encode_batch([text, "x"]) == [ids, a.encode("x")]
+    a.save(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert isinstance(loaded, SentencePieceTokenizer) and loaded.fingerprint == a.fingerprint
+    assert load_tokenizer(tmp_path / "tok" / "tokenizer.model").encode(text) == ids
+    import pickle
+
+    assert pickle.loads(pickle.dumps(a)).encode(text) == ids
+
+
+def test_build_or_load_tokenizer(corpus_dir, tmp_path):
+    cfg = Config().tokenizer
+    cfg.vocab_size = 400
+    cfg.train_max_bytes = 60_000
+    factory_calls = []
+
+    def factory():
+        factory_calls.append(1)
+        return iter_corpus(corpus_dir / corpus_mod.CORPUS_FILE)
+
+    tok = build_or_load_tokenizer(cfg, factory, tmp_path / "work")
+    info = tmp_path / "work" / "tokenizer_train.json"
+    stamp = info.stat().st_mtime_ns
+    again = build_or_load_tokenizer(cfg, factory, tmp_path / "work")
+    assert again.fingerprint == tok.fingerprint and info.stat().st_mtime_ns == stamp  # reused, not retrained
+    cfg.vocab_size = 420
+    other = build_or_load_tokenizer(cfg, factory, tmp_path / "work")
+    assert other.vocab_size == 420 and other.fingerprint != tok.fingerprint
+    cfg.path = str(tmp_path / "missing.model")
+    with pytest.raises(DataError, match=r"missing\.model does not exist.*tokenizer\.path"):
+        build_or_load_tokenizer(cfg, factory, tmp_path / "work")
+    cfg.path, cfg.kind = "", "hf"
+    with pytest.raises(DataError, match="needs tokenizer.path"):
+        build_or_load_tokenizer(cfg, factory, tmp_path / "work")
+
+
+def _hf_folder(path: Path, eos_in_config: bool = True) -> Path:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "<|end|>"])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    if eos_in_config:
+        (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|end|>"},
+                                                                "bos_token": "<s>"}))
+    return path
+
+
+def test_hf_tokenizer(tmp_path):
+    folder = _hf_folder(tmp_path / "hf")
+    tok = load_tokenizer(folder)
+    assert isinstance(tok, HFTokenizer)
+    assert tok.eos_id == tok._tok.token_to_id("<|end|>") and tok.bos_id == tok._tok.token_to_id("<s>")
+    ids = tok.encode("the lazy fox")
+    assert ids and tok.eos_id not in ids and "lazy" in tok.decode(ids)
+    tok.save(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert load_tokenizer(tmp_path / "copy").fingerprint == tok.fingerprint
+    no_eos = _hf_folder(tmp_path / "hf2", eos_in_config=False)
+    with pytest.raises(DataError, match="names no EOS token.*eos_token"):
+        load_tokenizer(no_eos)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------- prepare-data and shards
+
+
+def test_prepare_deterministic(prepared, tmp_path):
+    other = tmp_path / "data"
+    prepare_data(small_config(), other, progress=False, cache_dir=tmp_path / "cache")  # from scratch again
+    files_a = sorted(p.relative_to(prepared) for p in prepared.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(other) for p in other.rglob("*") if p.is_file())
+    assert files_a == files_b
+    assert len([f for f in files_a if f.name.endswith(".bin")]) > 2
+    for rel in files_a:
+        if rel.name != "metadata.json":
+            assert (prepared / rel).read_bytes() == (other / rel).read_bytes(), rel
+    ma, mb = read_metadata(prepared), read_metadata(other)
+    assert ma["inputs_key"] == mb["inputs_key"] and ma["tokens"] == mb["tokens"]
+    assert not list(tmp_path.glob("data.tmp-*"))  # the temporary folder was renamed away
+
+
+def test_prepared_shards_content(prepared, corpus_dir):
+    meta = read_metadata(prepared)
+    tok = load_tokenizer(prepared / "tokenizer")
+    assert tok.fingerprint == meta["tokenizer"]["fingerprint"] and tok.vocab_size == meta["vocab_size"] == VOCAB
+    assert meta["dtype"] == "uint16" and meta["documents"]["valid"] >= 1
+    docs = list(iter_corpus(corpus_dir / corpus_mod.CORPUS_FILE))
+    assert meta["documents"]["train"] + meta["documents"]["valid"] == len(docs)
+    expected_valid = [d for i, d in enumerate(docs) if split_value(meta["seed"], i) < meta["valid_fraction"]]
+    expected_train = [d for i, d in enumerate(docs) if split_value(meta["seed"], i) >= meta["valid_fraction"]]
+    for split, expected in (("train", expected_train), ("valid", expected_valid)):
+        ds = TokenDataset(prepared, split)
+        assert len(ds) == meta["tokens"][split] and ds.num_documents == len(expected)
+        ds.verify()
+        for i in (0, len(expected) // 2, len(expected) - 1):
+            toks = ds.document(i)
+            assert toks[-1] == tok.eos_id and tok.eos_id not in toks[:-1]
+            assert tok.decode(toks[:-1]) == expected[i]
+        # windows across shard boundaries equal the concatenated files
+        shards = meta["splits"][split]["shards"]
+        flat = np.concatenate([np.fromfile(prepared / split / s["file"], dtype=np.uint16) for s in shards])
+        assert len(flat) == len(ds)
+        boundary = shards[0]["tokens"]
+        if len(shards) > 1:
+            assert np.array_equal(ds.window(boundary - 7, 30), flat[boundary - 7:boundary + 23])
+        assert np.array_equal(ds.window(0, len(ds)), flat)
+        with pytest.raises(IndexError):
+            ds.window(len(ds) - 3, 4)
+
+
+def test_prepare_reuses_or_refuses(prepared, tmp_path):
+    cache = tmp_path / "cache"
+    root = prepared.parent
+    before = read_metadata(prepared)
+    again = prepare_data(small_config(), prepared, progress=False, cache_dir=root / "cache")
+    assert again["created_at"] == before["created_at"]  # reused, not rewritten
+    with pytest.raises(DataError, match=r"other inputs \(changed: valid_fraction\).*delete it or choose another"):
+        prepare_data(small_config(valid_fraction=0.2), prepared, progress=False, cache_dir=root / "cache")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "file").write_text("x")
+    with pytest.raises(DataError, match="not a complete shards folder.*delete it"):
+        prepare_data(small_config(), junk, progress=False, cache_dir=cache)
+
+
+def test_tokenizer_mismatch_refused(prepared, corpus_dir):
+    tok = load_tokenizer(prepared / "tokenizer")
+    check_tokenizer_matches(prepared, tok)  # same tokenizer: fine
+    docs = list(iter_corpus(corpus_dir / corpus_mod.CORPUS_FILE))[:100]
+    other = train_sentencepiece(docs, 400)
+    with pytest.raises(DataError) as e:
+        check_tokenizer_matches(prepared, other)
+    msg = str(e.value)
+    assert tok.fingerprint in msg and other.fingerprint in msg and f"vocab {VOCAB}" in msg
+    assert "prepare-data" in msg and str(prepared / "tokenizer") in msg
+
+
+def test_corrupt_shards_refused(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    shard = copy / "train" / "tokens-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"tokens-00001\.bin has \d+ bytes but"):
+        TokenDataset(copy, "train")
+    (copy / "metadata.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"metadata\.json is unreadable or corrupt"):
+        TokenDataset(copy, "valid")
+    (copy / "metadata.json").unlink()
+    with pytest.raises(DataError, match=r"metadata\.json does not exist.*prepare-data"):
+        TokenDataset(copy, "valid")
+
+
+def test_tiny_source_still_gets_a_valid_document(prepared, tmp_path):
+    txt = tmp_path / "tiny.txt"
+    txt.write_text("\n\n".join(f"document number {i} says hello to the world." for i in range(6)))
+    cfg = small_config(source="files", paths=[str(txt)], valid_fraction=0.001, num_workers=1)
+    cfg.tokenizer.path = str(prepared / "tokenizer")  # too little text to train one
+    meta = prepare_data(cfg, tmp_path / "data", progress=False, cache_dir=tmp_path / "cache")
+    assert meta["documents"] == {"train": 5, "valid": 1}
+    tok = load_tokenizer(tmp_path / "data" / "tokenizer")
+    valid = TokenDataset(tmp_path / "data", "valid")
+    train = TokenDataset(tmp_path / "data", "train")
+    texts = [tok.decode(train.document(i)[:-1]) for i in range(5)] + [tok.decode(valid.document(0)[:-1])]
+    assert sorted(texts) == sorted(f"document number {i} says hello to the world." for i in range(6))
+
+
+# ---------------------------------------------------------------- sampler
+
+
+@dataclasses.dataclass
+class ArrayDataset:
+    tokens: np.ndarray
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def window(self, start, length):
+        return self.tokens[start:start + length].copy()
+
+
+def test_sampler_resume_matches_uninterrupted():
+    ds = ArrayDataset(np.arange(4 * 11 * 8 + 5, dtype=np.uint16))  # 4*11 windows of 8: 11 steps/epoch
+    ref = TokenSampler(ds, seq_len=8, micro_batch_size=4, seed=3)
+    assert ref.steps_per_epoch == 11
+    expected = [ref.next_batch() for _ in range(30)]  # crosses two epoch boundaries
+    first = TokenSampler(ds, seq_len=8, micro_batch_size=4, seed=3)
+    got = [first.next_batch() for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
+    resumed = TokenSampler(ds, seq_len=8, micro_batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    got += [resumed.next_batch() for _ in range(25)]
+    for a, b in zip(expected, got):
+        assert torch.equal(a, b)
+    b0 = expected[0]
+    assert b0.dtype == torch.long and b0.shape == (4, 9)
+    assert torch.equal(b0[:, 1:] - b0[:, :-1], torch.ones(4, 8, dtype=torch.long))  # contiguous windows
+    assert all(int(row[0]) % 8 == 0 for row in b0)  # at offsets i * seq_len
+    epoch0 = torch.cat(expected[:11])[:, 0] // 8
+    epoch1 = torch.cat(expected[11:22])[:, 0] // 8
+    assert sorted(epoch0.tolist()) == sorted(epoch1.tolist()) == list(range(44))  # each window once per epoch
+    assert not torch.equal(epoch0, epoch1)  # reshuffled
+    other_seed = TokenSampler(ds, seq_len=8, micro_batch_size=4, seed=4)
+    assert not torch.equal(other_seed.next_batch(), expected[0])
+    with pytest.raises(DataError, match="seq_len"):
+        TokenSampler(ds, seq_len=16, micro_batch_size=2, seed=3).load_state_dict(state)
+
+
+def test_sampler_dp_sharding_is_disjoint(prepared):
+    ds = TokenDataset(prepared, "train")
+    dp, micro, seq = 3, 2, 32
+    samplers = [TokenSampler(ds, seq, micro, dp_rank=r, dp_size=dp, seed=7) for r in range(dp)]
+    single = TokenSampler(ds, seq, micro * dp, seed=7)  # one rank with the global batch
+    seen = set()
+    for _ in range(min(20, single.steps_per_epoch)):
+        parts = [s.next_windows() for s in samplers]
+        whole = single.next_windows()
+        assert np.array_equal(np.concatenate(parts), whole)
+        for p in parts:
+            assert not seen & set(p.tolist())
+            seen |= set(p.tolist())
+    batch = TokenSampler(ds, seq, micro, dp_rank=1, dp_size=dp, seed=7).next_batch()
+    w = TokenSampler(ds, seq, micro, dp_rank=1, dp_size=dp, seed=7).next_windows()
+    for row, idx in zip(batch, w):
+        assert np.array_equal(row.numpy(), ds.window(int(idx) * seq, seq + 1).astype(np.int64))
+    with pytest.raises(DataError, match="one global batch needs"):
+        TokenSampler(ArrayDataset(np.zeros(100, np.uint16)), 32, 2, dp_rank=0, dp_size=2)
+
+
+def test_valid_batches_fixed_and_sharded(prepared):
+    ds = TokenDataset(prepared, "valid")
+    first = [list(valid_batches(ds, 16, 2, 3, dp_rank=r, dp_size=2)) for r in range(2)]
+    second = [list(valid_batches(ds, 16, 2, 3, dp_rank=r, dp_size=2)) for r in range(2)]
+    assert len(first[0]) == len(first[1]) == 3
+    for a, b in zip(first, second):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # global batch b holds windows [4b, 4b + 4): rank 0 the first two, rank 1 the next two
+    for b in range(3):
+        for r in range(2):
+            for j in range(2):
+                w = ds.window((4 * b + 2 * r + j) * 16, 17).astype(np.int64)
+                assert torch.equal(first[r][b][j], torch.from_numpy(w))
+    many = list(valid_batches(ds, 16, 2, 10_000))
+    assert 0 < len(many) < 10_000  # capped at what the split holds
+    with pytest.raises(DataError, match="valid_fraction"):
+        list(valid_batches(ArrayDataset(np.zeros(10, np.uint16)), 16, 2, 3))
