@@ -43,7 +43,7 @@ def _resolve_vocab(cfg: Config, tokenizer) -> None:
 def run_train_teacher(cfg: Config, original_yaml: str, source: str):
     """Train (or resume) the AR teacher of ``cfg`` in ``cfg.output_dir``."""
     from ..data.prepare import prepare_data
-    from ..data.sampler import TrainSampler, valid_batches
+    from ..data.sampler import TokenSampler, valid_batches
     from ..data.shards import TokenDataset, check_tokenizer_matches
     from ..data.tokenizer import load_tokenizer
     from ..model.transformer import TransformerLM, lm_loss, pad_vocab_size
@@ -72,7 +72,7 @@ def run_train_teacher(cfg: Config, original_yaml: str, source: str):
         torch.manual_seed(cfg.train.seed)
         model = TransformerLM(cfg.model, padded, groups.tp_group)
         train_ds, valid_ds = TokenDataset(shards, "train"), TokenDataset(shards, "valid")
-        sampler = TrainSampler(train_ds, cfg.train.seq_len, layout.micro_batch_size,
+        sampler = TokenSampler(train_ds, cfg.train.seq_len, layout.micro_batch_size,
                                groups.dp_rank, groups.dp_size, seed=cfg.data.seed)
 
         def valid():

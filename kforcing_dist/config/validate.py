@@ -51,6 +51,8 @@ def _parallel_problems(cfg: Config, world_size: int) -> list[str]:
     kv = m.num_kv_heads or m.num_heads
     if kv % p.tp != 0:
         out.append(f"model.num_kv_heads={kv} is not divisible by parallel.tp={p.tp}")
+    if m.ffn_hidden_size % p.tp != 0:
+        out.append(f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
     if m.num_layers % p.pp != 0:
         out.append(f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}")
     if p.zero_stage in (2, 3) and p.pp > 1:
@@ -78,6 +80,8 @@ def _model_problems(cfg: Config) -> list[str]:
         out.append(f"model.vocab_size={m.vocab_size}: use 0 (take it from the tokenizer) or a size >= 2")
     if m.ffn_hidden_size < 0:
         out.append(f"model.ffn_hidden_size={m.ffn_hidden_size} must be >= 0")
+    if m.tie_embeddings and m.lm_head_bias:
+        out.append("model.lm_head_bias needs an untied head: set model.tie_embeddings: false or lm_head_bias: false")
     if m.rope_base <= 0 or m.norm_eps <= 0 or m.init_std <= 0:
         out.append("model.rope_base, model.norm_eps and model.init_std must be > 0")
     return out

@@ -321,8 +321,11 @@ def train_sentencepiece(docs: list[str], vocab_size: int, model_type: str = "uni
             max_sentence_length=4 * _MAX_LINE_CHARS, num_threads=num_threads, minloglevel=2,
         )
     except RuntimeError as e:
-        raise DataError(f"SentencePiece training failed: {e}. With little text lower tokenizer.vocab_size, or give "
-                        f"it more text (tokenizer.train_max_bytes, more documents).") from None
+        hint = ("raise tokenizer.vocab_size above the number of distinct characters it names"
+                if "smaller than required_chars" in str(e) else
+                "with little text lower tokenizer.vocab_size, or give it more text "
+                "(tokenizer.train_max_bytes, more documents)")
+        raise DataError(f"SentencePiece training failed: {e}. Fix: {hint}.") from None
     return SentencePieceTokenizer(buf.getvalue(), source=f"<trained vocab {vocab_size}>")
 
 
