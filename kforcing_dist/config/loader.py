@@ -30,7 +30,7 @@ def _hints(cls) -> dict[str, Any]:
 
 
 def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp))
+    return str(tp) if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
 
 
 def _coerce(value: Any, tp, path: str, problems: list[str], choices=None) -> Any:
@@ -51,10 +51,11 @@ def _coerce(value: Any, tp, path: str, problems: list[str], choices=None) -> Any
             value = float(value)
     elif tp is str:
         ok = isinstance(value, str)
-    elif tp is list:
+    elif typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
         ok = isinstance(value, list)
-        if ok and not all(isinstance(v, str) for v in value):
-            problems.append(f"{path}: expected a list of strings, got {value!r}")
+        if ok and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            problems.append(f"{path}: expected a list of {item.__name__}, got {value!r}")
             return value
     if not ok:
         problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")

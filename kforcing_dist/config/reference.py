@@ -29,7 +29,8 @@ def _rows(cls, prefix: str):
         doc = f.metadata.get("doc", "")
         if choices:
             doc += " One of: " + ", ".join(f"`{c}`" for c in choices) + "."
-        yield f"| `{prefix}{f.name}` | {tp.__name__} | `{default!r}` | {doc} |"
+        type_name = str(tp) if typing.get_origin(tp) else tp.__name__
+        yield f"| `{prefix}{f.name}` | {type_name} | `{default!r}` | {doc} |"
 
 
 def reference_markdown() -> str:

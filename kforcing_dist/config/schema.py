@@ -65,7 +65,7 @@ class DataConfig:
     source: str = doc_field(
         "builtin", "builtin: docstring corpus built on this machine; files: data.paths; hf: data.hf_name.",
         ("builtin", "files", "hf"))
-    paths: list = doc_field([], "Local .txt / .jsonl / .parquet files (source: files).")
+    paths: list[str] = doc_field([], "Local .txt / .jsonl / .parquet files (source: files).")
     text_field: str = doc_field("text", "Field holding the text in .jsonl / .parquet / hf records.")
     hf_name: str = doc_field("", "Hugging Face datasets name, e.g. lm1b or openwebtext (source: hf; needs hub access).")
     hf_config: str = doc_field("", "Optional Hugging Face dataset configuration name.")
@@ -130,6 +130,54 @@ class LoggingConfig:
 
 
 @dataclass
+class DistillConfig:
+    stages: list[int] = doc_field([1, 2, 4], "Progressive stages (k per stage): 1 from the AR teacher, each next "
+                                        "doubling k by self-forcing from the previous stage.")
+    cdf_order: str = doc_field("vocab", "Vocabulary order of the inverse-CDF map G(x, u).", ("vocab", "sorted"))
+    tau_min: float = doc_field(1.0, "Lowest temperature sampled per training sequence.")
+    tau_max: float = doc_field(1.0, "Highest temperature sampled per training sequence.")
+    windows_per_sequence: int = doc_field(
+        0, "Train on this many random window starts per sequence (bounds the N(1+k) length); 0: all N.")
+    noise_inversion_weight: float = doc_field(
+        0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
+             "the data token); 0 turns it off.")
+    noise_max_freq: float = doc_field(256.0, "Highest frequency of the sinusoidal noise features (lowest is 1).")
+    max_steps: int = doc_field(300, "Optimizer steps per stage.")
+    lr: float = doc_field(5e-4, "Peak learning rate of a stage.")
+    min_lr: float = doc_field(5e-5, "Final learning rate of a stage.")
+    warmup_steps: int = doc_field(30, "Warmup steps of a stage.")
+    micro_batch_size: int = doc_field(0, "Sequences per rank per pass in a stage; 0: train.micro_batch_size.")
+    seq_len: int = doc_field(0, "Context tokens per distillation sequence; 0: train.seq_len.")
+    eval_interval: int = doc_field(0, "Validate every this many steps (0: only at the end).")
+    teacher: str = doc_field("", "Teacher of stage 1: a training checkpoint folder or run folder; empty: "
+                                 "<output_dir>/teacher (the pipeline's layout).")
+    seed: int = doc_field(7, "Seed of the noise u and tau drawn during distillation.")
+
+
+@dataclass
+class DecodeConfig:
+    k: int = doc_field(4, "Tokens per PFLM step (<= the trained k).")
+    tau: float = doc_field(1.0, "Sampling temperature.")
+    max_new_tokens: int = doc_field(64, "Tokens to generate per prompt.")
+    frequency_penalty: float = doc_field(0.0, "Subtract this times the count of each emitted token from the "
+                                              "PFLM logits before argmax (against repetition).")
+    batch_size: int = doc_field(8, "Prompts decoded together.")
+    seed: int = doc_field(0, "Seed of the noise.")
+
+
+@dataclass
+class EvalConfig:
+    num_contexts: int = doc_field(128, "Held-out contexts for the agreement measurement.")
+    context_len: int = doc_field(64, "Tokens of each held-out context / sample prompt.")
+    num_samples: int = doc_field(32, "Samples per model for NLL, entropy and distinct-n.")
+    sample_len: int = doc_field(64, "New tokens per sample.")
+    speed_batches: list[int] = doc_field([1, 8, 32], "Batch sizes of the decode speed measurement.")
+    speed_new_tokens: int = doc_field(64, "New tokens per sequence in a speed run.")
+    speed_context: int = doc_field(32, "Prompt length of a speed run.")
+    speed_repeats: int = doc_field(3, "Timed repeats per speed cell (median reported).")
+
+
+@dataclass
 class Config:
     output_dir: str = doc_field("runs/demo", "Run folder: checkpoints, data, logs (the -o flag sets it).")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,6 +187,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def is_section(f: dataclasses.Field) -> bool:

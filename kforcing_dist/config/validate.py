@@ -147,10 +147,39 @@ def _data_problems(cfg: Config, check_files: bool) -> list[str]:
     return out
 
 
+def _distill_problems(cfg: Config) -> list[str]:
+    d, out = cfg.distill, []
+    st = d.stages
+    if not st or st[0] != 1 or any(b != 2 * a for a, b in zip(st, st[1:])):
+        out.append(f"distill.stages={st}: must start at 1 and double each stage, e.g. [1, 2, 4] or [1, 2, 4, 8]")
+    if not 0 < d.tau_min <= d.tau_max:
+        out.append(f"distill.tau_min={d.tau_min}, distill.tau_max={d.tau_max}: need 0 < tau_min <= tau_max")
+    if d.windows_per_sequence < 0 or d.noise_inversion_weight < 0 or d.noise_max_freq < 1:
+        out.append("distill.windows_per_sequence and distill.noise_inversion_weight must be >= 0, "
+                   "distill.noise_max_freq >= 1")
+    if d.max_steps < 1 or d.lr <= 0 or not 0 <= d.min_lr <= d.lr or d.warmup_steps < 0:
+        out.append(f"distill: need max_steps >= 1, lr > 0, 0 <= min_lr <= lr, warmup_steps >= 0 "
+                   f"(got {d.max_steps}, {d.lr}, {d.min_lr}, {d.warmup_steps})")
+    if d.micro_batch_size < 0 or d.seq_len < 0 or d.eval_interval < 0:
+        out.append("distill.micro_batch_size, distill.seq_len and distill.eval_interval must be >= 0")
+    seq = d.seq_len or cfg.train.seq_len
+    if cfg.model.position == "learned" and seq + max(st or [1]) > cfg.model.max_seq_len:
+        # slot i of the last window sits at position seq_len - 1 + i: a learned table must hold it
+        out.append(f"distill: context {seq} + k {max(st or [1])} exceeds model.max_seq_len={cfg.model.max_seq_len} "
+                   f"(learned positions); lower distill.seq_len")
+    dec, ev = cfg.decode, cfg.eval
+    if dec.k < 1 or dec.tau <= 0 or dec.max_new_tokens < 1 or dec.batch_size < 1 or dec.frequency_penalty < 0:
+        out.append("decode: need k >= 1, tau > 0, max_new_tokens >= 1, batch_size >= 1, frequency_penalty >= 0")
+    if min(ev.num_contexts, ev.context_len, ev.num_samples, ev.sample_len, ev.speed_new_tokens,
+           ev.speed_context, ev.speed_repeats) < 1 or not ev.speed_batches or min(ev.speed_batches) < 1:
+        out.append("eval: every count and length must be >= 1 and speed_batches non-empty")
+    return out
+
+
 def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> list[str]:
     """Every problem of ``cfg`` for a job of ``world_size`` processes."""
     return (_parallel_problems(cfg, world_size) + _model_problems(cfg)
-            + _train_problems(cfg, world_size) + _data_problems(cfg, check_files))
+            + _train_problems(cfg, world_size) + _data_problems(cfg, check_files) + _distill_problems(cfg))
 
 
 def check(cfg: Config, world_size: int = 1, check_files: bool = True, source: str = "config") -> None:
