@@ -1,0 +1,82 @@
+"""Inverse-CDF sampling G(x, u): a token as a deterministic function of uniform noise.
+
+Order the vocabulary by a fixed rule (``vocab``: token id; ``sorted``: descending probability,
+ties by id), and take the first token whose cumulative probability reaches u. With
+u ~ U(0, 1) the result is an exact sample of softmax(logits / tau). Everything runs in float64:
+a 50k-entry cumulative sum in low precision picks wrong tokens. Plain torch (the decoder and
+the evaluation use it too); callers with vocab-parallel logits gather them first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ORDERS = ("vocab", "sorted")
+
+
+def _check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"cdf order must be one of {ORDERS}, got {order!r}")
+
+
+def probabilities(logits: torch.Tensor, tau) -> torch.Tensor:
+    """softmax(logits / tau) in float64; tau is a float or broadcastable to logits[..., 0]."""
+    tau = torch.as_tensor(tau, dtype=torch.float64, device=logits.device)
+    if tau.ndim:
+        tau = tau.unsqueeze(-1)
+    return torch.softmax(logits.to(torch.float64) / tau, dim=-1)
+
+
+def _ordered(probs: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities in CDF order, and the permutation (None for vocab order)."""
+    if order == "vocab":
+        return probs, None
+    # stable sort on -p: descending probability, ties broken by ascending token id
+    perm = torch.sort(-probs, dim=-1, stable=True).indices
+    return probs.gather(-1, perm), perm
+
+
+def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: str = "vocab") -> torch.Tensor:
+    """G(x, u): logits [..., V], u [...] in [0, 1) -> token ids [...] (int64)."""
+    _check_order(order)
+    probs = probabilities(logits, tau)
+    ordered, perm = _ordered(probs, order)
+    cdf = ordered.cumsum(-1)
+    u = u.to(torch.float64).unsqueeze(-1)
+    # first index whose cumulative probability exceeds u, so u in [low, high) maps to the token
+    # and zero-probability tokens (flat CDF steps) are never chosen; the clamp guards u close
+    # to 1 against round-off in the last cumsum entry
+    idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp_(max=cdf.shape[-1] - 1)
+    # never return a zero-probability token (e.g. a padded entry) because of round-off at the top
+    last_nonzero = (ordered > 0).to(torch.int64).cumsum(-1).argmax(-1, keepdim=True)
+    idx = torch.minimum(idx, last_nonzero)
+    tokens = idx if perm is None else perm.gather(-1, idx)
+    return tokens.squeeze(-1)
+
+
+def cdf_interval(logits: torch.Tensor, tokens: torch.Tensor, tau=1.0, order: str = "vocab"):
+    """The interval [low, high) of u that G maps to ``tokens`` (float64 tensors shaped like tokens)."""
+    _check_order(order)
+    probs = probabilities(logits, tau)
+    ordered, perm = _ordered(probs, order)
+    cdf = ordered.cumsum(-1)
+    if perm is None:
+        pos = tokens.unsqueeze(-1)
+    else:
+        pos = torch.argsort(perm, dim=-1).gather(-1, tokens.unsqueeze(-1))  # rank of each token
+    high = cdf.gather(-1, pos).squeeze(-1)
+    low = high - ordered.gather(-1, pos).squeeze(-1)
+    return low.clamp_(min=0.0), high
+
+
+def invert_noise(logits: torch.Tensor, tokens: torch.Tensor, r: torch.Tensor, tau=1.0,
+                 order: str = "vocab") -> torch.Tensor:
+    """u uniform inside the CDF interval of ``tokens``: low + r * (high - low), r ~ U(0, 1)."""
+    low, high = cdf_interval(logits, tokens, tau, order)
+    return low + r.to(torch.float64) * (high - low)
+
+
+def chance_level(logits: torch.Tensor, tau=1.0) -> torch.Tensor:
+    """sum_v p_v^2: the probability that two independent samples agree (float64, shape [...])."""
+    p = probabilities(logits, tau)
+    return (p * p).sum(-1)
