@@ -18,11 +18,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(CLI) prepare-data -c $(CONFIG) -o $(RUN)
-	$(CLI) train-teacher -c $(CONFIG) -o $(RUN)
+	$(CLI) pipeline -c $(CONFIG) -o $(RUN)
 
 smoke: setup
-	$(CLI) train-teacher -c configs/smoke.yaml -o runs/smoke
+	$(CLI) pipeline -c configs/smoke.yaml -o runs/smoke
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 # Saved and stopped before the end (signal or time budget): rerun the same command to resume.
@@ -15,8 +16,8 @@ EXIT_USER_ERROR = 2
 EXIT_STOPPED_EARLY = 3
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, help="YAML config file, e.g. configs/demo.yaml")
+def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("-c", "--config", required=config_required, help="YAML config file, e.g. configs/demo.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config value (repeatable), e.g. --set train.lr=3e-4")
     p.add_argument("-o", "--output-dir", default=None, help="run folder (overrides output_dir in the config)")
@@ -35,6 +36,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-teacher", help="pretrain the AR teacher under DeepSpeed (resumes automatically)")
     _common(p)
     p.set_defaults(func=cmd_train_teacher)
+
+    p = sub.add_parser("distill", help="train one K-Forcing stage (k1 from the teacher, k2/k4/k8 by self-forcing)")
+    _common(p)
+    p.add_argument("--stage", required=True, help="k1, k2, k4 or k8 (must be in distill.stages)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("pipeline", help="the whole chain: teacher -> k1 -> k2 -> k4 -> report")
+    _common(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("generate", help="decode prompts with an exported model (JSONL out)")
+    _common(p, config_required=False)
+    p.add_argument("--model", required=True, help="decoder folder (a stage's export/), e.g. runs/demo/k4/export")
+    p.add_argument("--prompts", default="-", help="text file, one prompt per line, or - for stdin")
+    p.add_argument("--mode", choices=("auto", "ar", "pflm"), default="auto",
+                   help="auto: pflm for a PFLM checkpoint, ar for a teacher")
+    p.add_argument("--k", type=int, default=None, help="tokens per PFLM step (default decode.k, capped at max_k)")
+    p.add_argument("--out", default="-", help="JSONL output file, or - for stdout")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="quality and speed report of a pipeline run folder")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("show-config", help="print the resolved config and check it for a world size")
     _common(p)
@@ -65,6 +89,38 @@ def cmd_train_teacher(args) -> int:
     return EXIT_STOPPED_EARLY if result.stopped_early else 0
 
 
+def cmd_distill(args) -> int:
+    from .app.distill import run_distill
+
+    cfg, text = _load(args)
+    result = run_distill(cfg, text, args.config, args.stage)
+    return EXIT_STOPPED_EARLY if result.stopped_early else 0
+
+
+def cmd_pipeline(args) -> int:
+    from .app.distill import run_pipeline
+
+    cfg, text = _load(args)
+    return run_pipeline(cfg, text, args.config)
+
+
+def cmd_generate(args) -> int:
+    from .app.generate import run_generate
+
+    cfg, _ = _load(args)
+    return run_generate(cfg, args)
+
+
+def cmd_evaluate(args) -> int:
+    from .app.runtime import setup_logging
+    from .eval.report import evaluate_run
+
+    cfg, _ = _load(args)
+    setup_logging(0)
+    evaluate_run(cfg, Path(cfg.output_dir))
+    return 0
+
+
 def cmd_show_config(args) -> int:
     from .config import check, config_to_yaml
 
@@ -78,12 +134,13 @@ def cmd_show_config(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
+    from .decode.errors import DecodeError
     from .training.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, DecodeError) as exc:
         print(f"kforcing-dist {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -1,10 +1,9 @@
-"""The ``prepare-data`` and ``train-teacher`` commands."""
+"""The ``prepare-data`` and ``train-teacher`` commands (and the pieces ``pipeline`` reuses)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -32,7 +31,26 @@ def run_prepare_data(cfg: Config, source: str) -> dict:
     return meta
 
 
-def _resolve_vocab(cfg: Config, tokenizer) -> None:
+def ensure_shards(cfg: Config, world_size: int, source: str):
+    """Token shards and the model's tokenizer, checked to match (prepared here on one process)."""
+    from ..data.prepare import prepare_data
+    from ..data.shards import check_tokenizer_matches
+    from ..data.tokenizer import load_tokenizer
+
+    shards = shards_dir_of(cfg)
+    if not (shards / "metadata.json").exists():
+        if world_size > 1:
+            raise DataError(f"no token shards in {shards}; run `kforcing-dist prepare-data -c {source}` "
+                            f"(one process) before a multi-process job")
+        log.info("no token shards in %s yet: preparing them first", shards)
+        prepare_data(cfg, shards, progress=True)
+    # The model's tokenizer is the configured one when given, else the one the shards were made with.
+    tokenizer = load_tokenizer(cfg.tokenizer.path or shards / "tokenizer")
+    check_tokenizer_matches(shards, tokenizer)
+    return shards, tokenizer
+
+
+def resolve_vocab(cfg: Config, tokenizer) -> None:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
@@ -40,64 +58,71 @@ def _resolve_vocab(cfg: Config, tokenizer) -> None:
                         f"{tokenizer.vocab_size} tokens; set model.vocab_size: 0 to take the tokenizer's size")
 
 
-def run_train_teacher(cfg: Config, original_yaml: str, source: str):
-    """Train (or resume) the AR teacher of ``cfg`` in ``cfg.output_dir``."""
-    from ..data.prepare import prepare_data
+def samplers(cfg: Config, shards: Path, layout, groups):
+    """The training sampler and the validation-batch factory of this rank."""
     from ..data.sampler import TokenSampler, valid_batches
-    from ..data.shards import TokenDataset, check_tokenizer_matches
-    from ..data.tokenizer import load_tokenizer
-    from ..model.transformer import TransformerLM, lm_loss, pad_vocab_size
-    from ..training.trainer import LMTrainer, StopFlag
+    from ..data.shards import TokenDataset
+
+    train_ds, valid_ds = TokenDataset(shards, "train"), TokenDataset(shards, "valid")
+    sampler = TokenSampler(train_ds, cfg.train.seq_len, layout.micro_batch_size, groups.dp_rank, groups.dp_size,
+                           seed=cfg.data.seed)
+
+    def valid():
+        return valid_batches(valid_ds, cfg.train.seq_len, layout.micro_batch_size, cfg.train.eval_batches,
+                             groups.dp_rank, groups.dp_size)
+
+    return sampler, valid
+
+
+def write_summary(path: Path, result, info, layout, extra: dict | None = None) -> dict:
+    val = result.val or {}
+    summary = {"step": result.step, "stopped_early": result.stopped_early, "train_loss": result.last_loss,
+               **val, "tokens_per_s": result.tokens_per_s, "checkpoint": str(result.checkpoint),
+               "world_size": info.world_size, "layout": vars(layout), **(extra or {})}
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
+    """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
+    from ..model.transformer import TransformerLM, pad_vocab_size
+    from ..training.export import export_decoder
+    from ..training.trainer import LMTask, LMTrainer
+
+    out = Path(cfg.output_dir)
+    layout = derive_layout(cfg, info.world_size)
+    padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
+    torch.manual_seed(cfg.train.seed)
+    model = TransformerLM(cfg.model, padded, groups.tp_group)
+    sampler, valid = samplers(cfg, shards, layout, groups)
+    trainer = LMTrainer(
+        cfg, original_yaml, groups, layout, model, LMTask(groups.tp_group), sampler, valid, out,
+        extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
+        save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
+    try:
+        trainer.resume()
+        result = trainer.train()
+        if not result.stopped_early:
+            export_decoder(trainer.engine.module, groups, out / "export", kind="ar", model_cfg=cfg.model,
+                           padded_vocab_size=padded, zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer,
+                           source={"checkpoint": str(result.checkpoint), "step": result.step})
+    finally:
+        trainer.close()
+    if groups.is_logging_rank:
+        s = write_summary(out / "teacher_summary.json", result, info, layout)
+        log.info("teacher: step %d, val loss %s, val ppl %s, %.0f tokens/s, checkpoint %s", result.step,
+                 s.get("val_loss"), s.get("val_ppl"), result.tokens_per_s, result.checkpoint)
+    return result
+
+
+def run_train_teacher(cfg: Config, original_yaml: str, source: str):
+    from ..training.trainer import StopFlag
 
     info = validated_launch(cfg, source)
-    shards = shards_dir_of(cfg)
-    if not (shards / "metadata.json").exists():
-        if info.world_size > 1:
-            raise DataError(f"no token shards in {shards}; run `kforcing-dist prepare-data -c {source}` "
-                            f"(one process) before a multi-process training job")
-        log.info("no token shards in %s yet: preparing them first", shards)
-        prepare_data(cfg, shards, progress=True)
-    # The model's tokenizer is the configured one when given, else the one the shards were made with.
-    tokenizer = load_tokenizer(cfg.tokenizer.path or shards / "tokenizer")
-    check_tokenizer_matches(shards, tokenizer)
-    _resolve_vocab(cfg, tokenizer)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    shards, tokenizer = ensure_shards(cfg, info.world_size, source)
+    resolve_vocab(cfg, tokenizer)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     stop = StopFlag()
     install_stop_signals(stop)
-
     with distributed(info, cfg) as groups:
-        layout = derive_layout(cfg, info.world_size)
-        padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
-        torch.manual_seed(cfg.train.seed)
-        model = TransformerLM(cfg.model, padded, groups.tp_group)
-        train_ds, valid_ds = TokenDataset(shards, "train"), TokenDataset(shards, "valid")
-        sampler = TokenSampler(train_ds, cfg.train.seq_len, layout.micro_batch_size,
-                               groups.dp_rank, groups.dp_size, seed=cfg.data.seed)
-
-        def valid():
-            return valid_batches(valid_ds, cfg.train.seq_len, layout.micro_batch_size,
-                                 cfg.train.eval_batches, groups.dp_rank, groups.dp_size)
-
-        def loss_fn(logits, labels):
-            return lm_loss(logits, labels, groups.tp_group)
-
-        trainer = LMTrainer(
-            cfg, original_yaml, groups, layout, model, loss_fn, sampler, valid, out,
-            extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
-            save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop, kind="teacher")
-        try:
-            trainer.resume()
-            result = trainer.train()
-        finally:
-            trainer.close()
-        if groups.is_logging_rank:
-            summary = {"step": result.step, "stopped_early": result.stopped_early, "train_loss": result.last_loss,
-                       "val_loss": result.val_loss,
-                       "val_ppl": math.exp(result.val_loss) if result.val_loss is not None else None,
-                       "tokens_per_s": result.tokens_per_s, "checkpoint": str(result.checkpoint),
-                       "world_size": info.world_size, "layout": vars(layout)}
-            (out / "teacher_summary.json").write_text(json.dumps(summary, indent=2))
-            log.info("teacher: step %d, val loss %s, val ppl %s, %.0f tokens/s, checkpoint %s", result.step,
-                     summary["val_loss"], summary["val_ppl"], result.tokens_per_s, result.checkpoint)
-    return result
+        return train_teacher(cfg, original_yaml, info, groups, shards, tokenizer, stop)

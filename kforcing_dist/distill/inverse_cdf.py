@@ -80,3 +80,30 @@ def chance_level(logits: torch.Tensor, tau=1.0) -> torch.Tensor:
     """sum_v p_v^2: the probability that two independent samples agree (float64, shape [...])."""
     p = probabilities(logits, tau)
     return (p * p).sum(-1)
+
+
+def invert_noise_exact(logits: torch.Tensor, tokens: torch.Tensor, r: torch.Tensor, tau=1.0,
+                       order: str = "vocab") -> torch.Tensor:
+    """Like :func:`invert_noise`, but the returned u always satisfies G(logits, u) == tokens.
+
+    ``invert_noise`` takes low = high - p, which can differ from the previous cumulative sum
+    (the boundary G actually uses) by round-off, and low + r * (high - low) can round up to
+    high; either puts u one ulp outside G's interval. Here the interval is G's own
+    [cdf[pos - 1], cdf[pos]) and u is clamped inside it. The distribution is the same. A token of
+    zero probability has an empty interval and no such u: u is then its (empty) interval's
+    start, and G returns another token.
+    """
+    _check_order(order)
+    probs = probabilities(logits, tau)
+    ordered, perm = _ordered(probs, order)
+    cdf = ordered.cumsum(-1)
+    if perm is None:
+        pos = tokens.unsqueeze(-1)
+    else:
+        pos = torch.argsort(perm, dim=-1).gather(-1, tokens.unsqueeze(-1))
+    high = cdf.gather(-1, pos).squeeze(-1)
+    low = cdf.gather(-1, (pos - 1).clamp(min=0)).squeeze(-1)
+    low = torch.where(pos.squeeze(-1) == 0, torch.zeros_like(low), low)
+    u = low + r.to(torch.float64) * (high - low)
+    top = torch.nextafter(high, torch.zeros_like(high))  # largest float64 below high
+    return torch.maximum(torch.minimum(u, top), low)

@@ -38,7 +38,7 @@ class TrainResult:
     step: int
     stopped_early: bool
     last_loss: float
-    val_loss: float | None
+    val: dict[str, float] | None  # validation scalars at the last evaluation (val_loss, val_ppl, ...)
     tokens_per_s: float
     checkpoint: Path | None
 
@@ -66,20 +66,43 @@ def _versions() -> dict:
     return out
 
 
-class LMTrainer:
-    """Trains a causal LM (the AR teacher) on a token sampler under a DeepSpeed engine.
+class LMTask:
+    """Next-token prediction: the AR teacher's objective.
 
-    ``model`` is a TransformerLM (vocab-parallel logits); ``loss_fn(logits, labels)`` turns its
-    output into the scalar loss. ``valid_batches`` is a callable returning a fresh iterator of the
-    fixed validation micro-batches for this rank.
+    A task turns one micro-batch of tokens into (loss, metrics); the trainer is the same for
+    the teacher and every distillation stage. ``step``/``micro`` let a task derive its noise
+    from the position in training (so a resumed run draws exactly the same noise).
+    """
+
+    kind = "teacher"
+
+    def __init__(self, tp_group):
+        self.tp_group = tp_group
+
+    def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
+        from ..model.loss import lm_loss
+
+        return lm_loss(engine(batch[:, :-1]), batch[:, 1:], self.tp_group), {}
+
+    def eval_loss(self, engine, batch: torch.Tensor, index: int):
+        return self.train_loss(engine, batch, -1, index)
+
+
+class LMTrainer:
+    """Trains a model on a token sampler under a DeepSpeed engine, driven by a task.
+
+    ``task`` (e.g. :class:`LMTask`) computes each micro-batch's loss and metrics.
+    ``valid_batches`` is a callable returning a fresh iterator of the fixed validation
+    micro-batches for this rank.
     """
 
     def __init__(self, cfg: Config, original_yaml: str, groups: ParallelGroups, layout: Layout,
-                 model: torch.nn.Module, loss_fn: Callable, sampler, valid_batches: Callable,
+                 model: torch.nn.Module, task, sampler, valid_batches: Callable,
                  output_dir: Path, extra_metadata: dict, save_extras: Callable[[Path], None] | None = None,
-                 stop_flag: StopFlag | None = None, kind: str = "teacher"):
+                 stop_flag: StopFlag | None = None):
         self.cfg, self.original_yaml, self.groups, self.layout = cfg, original_yaml, groups, layout
-        self.loss_fn, self.sampler, self.valid_batches = loss_fn, sampler, valid_batches
+        self.task, self.sampler, self.valid_batches = task, sampler, valid_batches
+        kind = task.kind
         self.output_dir = Path(output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         self.extra_metadata, self.save_extras, self.kind = extra_metadata, save_extras, kind
@@ -176,31 +199,38 @@ class LMTrainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _dp_mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64)
+    def _dp_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalars over the data-parallel ranks (every rank gets the same numbers)."""
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         if self.groups.dp_size > 1:
             dist.all_reduce(t, group=self.groups.dp_group)
             t /= self.groups.dp_size
-        return t.item()
+        return dict(zip(keys, t.tolist()))
 
-    def _micro_step(self, batch: torch.Tensor) -> float:
-        batch = batch.to(self.groups.device)
-        logits = self.engine(batch[:, :-1])
-        loss = self.loss_fn(logits, batch[:, 1:])
+    @staticmethod
+    def _mean(records: list[dict[str, float]]) -> dict[str, float]:
+        return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+
+    def _micro_step(self, batch: torch.Tensor, micro: int) -> dict[str, float]:
+        loss, metrics = self.task.train_loss(self.engine, batch.to(self.groups.device), self.step, micro)
         self.engine.backward(loss)
         self.engine.step()
-        return loss.item()
+        return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
 
     @torch.no_grad()
-    def validate(self) -> float:
+    def validate(self) -> dict[str, float]:
+        """Mean loss and task metrics over the fixed validation batches (``val_`` prefixed)."""
         self.engine.eval()
-        total, count = 0.0, 0
-        for batch in self.valid_batches():
-            batch = batch.to(self.groups.device)
-            total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:]).item()
-            count += 1
+        records = []
+        for i, batch in enumerate(self.valid_batches()):
+            loss, metrics = self.task.eval_loss(self.engine, batch.to(self.groups.device), i)
+            records.append({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}})
         self.engine.train()
-        return self._dp_mean(total / max(count, 1))
+        out = self._dp_mean(self._mean(records))
+        out = {f"val_{k}": v for k, v in out.items()}
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
+        return out
 
     def train(self) -> TrainResult:
         t = self.cfg.train
@@ -212,16 +242,17 @@ class LMTrainer:
 
             bar = tqdm(total=t.max_steps, initial=self.step, desc=f"train {self.kind}", unit="step",
                        dynamic_ncols=True)
-        last_loss, val_loss, tok_s, stopped = float("nan"), None, 0.0, False
+        last_loss, val, tok_s, stopped = float("nan"), None, 0.0, False
         last_ckpt = None
         window_t, window_tokens = time.time(), 0
         self.engine.train()
         while self.step < t.max_steps:
-            losses = [self._micro_step(self.sampler.next_batch()) for _ in range(self.layout.grad_accum)]
+            records = [self._micro_step(self.sampler.next_batch(), m) for m in range(self.layout.grad_accum)]
             self.step += 1
             self.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            last_loss = self._dp_mean(sum(losses) / len(losses))
+            scalars = self._dp_mean(self._mean(records))
+            last_loss = scalars["loss"]
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"loss is {last_loss} at step {self.step}; lower train.lr or check data")
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
@@ -230,18 +261,17 @@ class LMTrainer:
                 window_t, window_tokens = now, 0
                 gn = self.engine.get_global_grad_norm()
                 self.metrics.write(self.step, {
-                    "loss": last_loss, "lr": self.engine.get_lr()[0],
+                    **scalars, "lr": self.engine.get_lr()[0],
                     "grad_norm": float(gn) if gn is not None else float("nan"),
                     "tokens_per_s": tok_s, "tokens_seen": self.tokens_seen})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}")
             if (t.eval_interval and self.step % t.eval_interval == 0) or self.step == t.max_steps:
-                val_loss = self.validate()
-                self.metrics.write(self.step, {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))},
-                                   tag="valid")
+                val = self.validate()
+                self.metrics.write(self.step, val, tag="valid")
                 if self.is_logger:
-                    log.info("step %d: val loss %.4f, ppl %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
+                    log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
             stop = self._agree_stop()
             if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.max_steps or stop:
                 last_ckpt = self.save()
@@ -257,7 +287,7 @@ class LMTrainer:
             bar.close()
         if last_ckpt is None:  # resumed at max_steps: nothing to do, point at the last checkpoint
             last_ckpt = ckpt.latest_complete(self.ckpt_root)
-        return TrainResult(self.step, stopped, last_loss, val_loss, tok_s, last_ckpt)
+        return TrainResult(self.step, stopped, last_loss, val, tok_s, last_ckpt)
 
     def close(self) -> None:
         self.metrics.close()

@@ -1,0 +1,200 @@
+"""The ``distill`` (one stage) and ``pipeline`` (teacher -> k1 -> k2 -> k4 -> report) commands.
+
+Run layout under ``output_dir``: ``data/`` (shards), ``teacher/``, ``k1/``, ``k2/``, ... (each a
+training run folder with ``checkpoints/`` and, once finished, ``export/`` in the decoder
+format), ``report.json`` and ``report.md``. Stages hand over through the exported folders, so
+each stage can run as its own (Slurm) job, at any parallel layout, and resumes on its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError, check, derive_layout
+from ..config.schema import ModelConfig
+from ..training.checkpoint import CheckpointError
+from .runtime import distributed, install_stop_signals, validated_launch
+from .teacher import ensure_shards, resolve_vocab, samplers, shards_dir_of, train_teacher, write_summary
+
+log = logging.getLogger("kforcing_dist")
+
+
+def stage_name(k: int) -> str:
+    return f"k{k}"
+
+
+def parse_stage(text: str) -> int:
+    t = text.lower().lstrip("k")
+    if not t.isdigit() or int(t) < 1:
+        raise ConfigError([f"--stage {text!r}: expected k1, k2, k4 or k8"], "command line")
+    return int(t)
+
+
+def run_root(cfg: Config) -> Path:
+    return Path(cfg.output_dir)
+
+
+def teacher_export(cfg: Config) -> Path:
+    """The AR teacher's decoder folder: distill.teacher (a run folder or export) or <run>/teacher/export."""
+    if cfg.distill.teacher:
+        p = Path(cfg.distill.teacher)
+        return p / "export" if (p / "export" / "config.json").exists() else p
+    return run_root(cfg) / "teacher" / "export"
+
+
+def _require_export(path: Path, what: str, fix: str, kind: str) -> dict:
+    from ..decode.format import read_decoder_config
+
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{what} not found at {path} (no config.json); {fix}")
+    conf = read_decoder_config(path)
+    if conf.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {conf.get('kind')!r} model but {what} must be {kind!r}; {fix}")
+    return conf
+
+
+def stage_config(cfg: Config, k: int, model_cfg: dict) -> Config:
+    """The config a stage trains with: the teacher's architecture and the distill.* schedule."""
+    d = cfg.distill
+    out = copy.deepcopy(cfg)
+    out.output_dir = str(run_root(cfg) / stage_name(k))
+    out.model = ModelConfig(**model_cfg)
+    out.train = dataclasses.replace(
+        cfg.train, max_steps=d.max_steps, lr=d.lr, min_lr=d.min_lr, warmup_steps=d.warmup_steps,
+        micro_batch_size=d.micro_batch_size or cfg.train.micro_batch_size,
+        seq_len=d.seq_len or cfg.train.seq_len, eval_interval=d.eval_interval,
+        global_batch_size=0 if d.micro_batch_size else cfg.train.global_batch_size)
+    if not out.data.shards_dir:
+        out.data.shards_dir = str(shards_dir_of(cfg))
+    return out
+
+
+def _load_frozen(folder: Path, builder, groups) -> torch.nn.Module:
+    """Build a model with ``builder(padded_vocab)`` and load the full weights exported in ``folder``."""
+    from safetensors.torch import load_file
+
+    from ..model.state import load_full_state_dict
+    from ..training.export import fit_vocab_rows
+
+    model = builder()
+    weights = fit_vocab_rows(load_file(str(folder / "model.safetensors")), model.padded_vocab_size)
+    load_full_state_dict(model, weights, groups.tp_group)
+    model.to(groups.device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
+    """Train (or resume) stage k inside a distributed context and export it."""
+    from ..distill.task import DistillTask
+    from ..model.state import load_full_state_dict
+    from ..model.student import PFLM
+    from ..model.transformer import TransformerLM, pad_vocab_size
+    from ..training.export import export_decoder, fit_vocab_rows
+    from ..training.trainer import LMTrainer
+
+    d = cfg.distill
+    if k not in d.stages:
+        raise ConfigError([f"stage k{k} is not in distill.stages={d.stages}"], "command line")
+    ar_path = teacher_export(cfg)
+    need_ar = k == 1 or d.noise_inversion_weight > 0
+    ar_conf = _require_export(ar_path, "the AR teacher export", "train it first (`kforcing-dist train-teacher "
+                              f"-o {run_root(cfg) / 'teacher'}`) or set distill.teacher", "ar") if need_ar else None
+    prev_path = run_root(cfg) / stage_name(k // 2) / "export"
+    prev_conf = _require_export(prev_path, f"the stage-k{k // 2} export",
+                                f"run `kforcing-dist distill --stage k{k // 2}` first", "pflm") if k > 1 else None
+    arch = (ar_conf or prev_conf)["model"]
+    scfg = stage_config(cfg, k, arch)
+    check(scfg, info.world_size, source=f"stage k{k}")
+    shards, tokenizer = ensure_shards(scfg, info.world_size, "the config")
+    resolve_vocab(scfg, tokenizer)
+    out = Path(scfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    layout = derive_layout(scfg, info.world_size)
+    padded = pad_vocab_size(scfg.model.vocab_size, scfg.model.make_vocab_size_divisible_by, layout.tp)
+
+    def student(max_k):
+        return PFLM(scfg.model, padded, groups.tp_group, max_k=max_k, noise_max_freq=d.noise_max_freq)
+
+    ar = _load_frozen(ar_path, lambda: TransformerLM(scfg.model, padded, groups.tp_group), groups) if need_ar else None
+    prev = _load_frozen(prev_path, lambda: student(k // 2), groups) if k > 1 else None
+    torch.manual_seed(d.seed)
+    model = student(k)
+    # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
+    from safetensors.torch import load_file
+
+    init_from = ar_path if k == 1 else prev_path
+    init_weights = fit_vocab_rows(load_file(str(init_from / "model.safetensors")), padded)
+    if k == 1:
+        init_weights.update({n: p.detach().cpu() for n, p in model.noise_encoder.named_parameters(prefix="noise_encoder")})
+    load_full_state_dict(model, init_weights, groups.tp_group)
+
+    sampler, valid = samplers(scfg, shards, layout, groups)
+    task = DistillTask(k, d, groups, ar_teacher=ar, prev_student=prev)
+    trainer = LMTrainer(
+        scfg, original_yaml, groups, layout, model, task, sampler, valid, out,
+        extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
+                        "cdf_order": d.cdf_order, "teacher": str(ar_path if k == 1 else prev_path)},
+        save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
+    try:
+        trainer.resume()
+        result = trainer.train()
+        if not result.stopped_early:
+            export_decoder(trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model,
+                           padded_vocab_size=padded, zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer,
+                           max_k=k, noise={"max_freq": d.noise_max_freq}, cdf_order=d.cdf_order,
+                           source={"checkpoint": str(result.checkpoint), "step": result.step,
+                                   "teacher": str(ar_path if k == 1 else prev_path)})
+    finally:
+        trainer.close()
+    if groups.is_logging_rank:
+        write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
+        log.info("stage k%d: step %d, %s", k, result.step,
+                 ", ".join(f"{n} {v:.4g}" for n, v in (result.val or {}).items()))
+    return result
+
+
+def run_distill(cfg: Config, original_yaml: str, source: str, stage: str):
+    from ..training.trainer import StopFlag
+
+    k = parse_stage(stage)
+    info = validated_launch(cfg, source)
+    stop = StopFlag()
+    install_stop_signals(stop)
+    with distributed(info, cfg) as groups:
+        return distill_stage(cfg, original_yaml, k, info, groups, stop)
+
+
+def run_pipeline(cfg: Config, original_yaml: str, source: str) -> int:
+    """Teacher -> every distill stage -> report, in one process group; returns an exit code."""
+    from ..training.trainer import StopFlag
+
+    info = validated_launch(cfg, source)
+    root = run_root(cfg)
+    tcfg = copy.deepcopy(cfg)
+    tcfg.output_dir = str(root / "teacher")
+    tcfg.data.shards_dir = str(shards_dir_of(cfg))
+    shards, tokenizer = ensure_shards(tcfg, info.world_size, source)
+    resolve_vocab(tcfg, tokenizer)
+    Path(tcfg.output_dir).mkdir(parents=True, exist_ok=True)
+    stop = StopFlag()
+    install_stop_signals(stop)
+    with distributed(info, cfg) as groups:
+        if train_teacher(tcfg, original_yaml, info, groups, shards, tokenizer, stop).stopped_early:
+            return 3
+        for k in cfg.distill.stages:
+            if distill_stage(cfg, original_yaml, k, info, groups, stop).stopped_early:
+                return 3
+        if groups.world_rank == 0:
+            from ..eval.report import evaluate_run
+
+            evaluate_run(cfg, root)
+        torch.distributed.barrier()
+    return 0

@@ -1,0 +1,50 @@
+"""The ``generate`` command: prompts from a file or stdin -> JSONL continuations."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..config import Config
+from ..decode import Decoder, DecodeError
+from .runtime import setup_logging
+
+
+def read_prompts(source: str) -> list[str]:
+    text = sys.stdin.read() if source == "-" else _read_file(source)
+    prompts = [line.rstrip("\n") for line in text.splitlines()]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise DecodeError(f"no prompts in {'stdin' if source == '-' else source}: give one prompt per line")
+    return prompts
+
+
+def _read_file(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise DecodeError(f"prompt file {p} does not exist (one prompt per line, or - for stdin)")
+    return p.read_text()
+
+
+def run_generate(cfg: Config, args) -> int:
+    setup_logging(0)
+    dec = cfg.decode
+    decoder = Decoder(args.model)
+    mode = decoder.kind if args.mode == "auto" else args.mode
+    k = args.k if args.k is not None else (min(dec.k, decoder.model.max_k) if mode == "pflm" else 1)
+    prompts = read_prompts(args.prompts)
+    out = sys.stdout if args.out == "-" else open(args.out, "w")
+    try:
+        for start in range(0, len(prompts), dec.batch_size):
+            batch = prompts[start:start + dec.batch_size]
+            res = decoder.generate_text(batch, mode=mode, k=k, max_new_tokens=dec.max_new_tokens, tau=dec.tau,
+                                        frequency_penalty=dec.frequency_penalty, seed=dec.seed + start)
+            for prompt, text, toks, fin in zip(batch, res.texts, res.tokens, res.finished):
+                out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": toks, "finished": fin,
+                                      "mode": mode, "k": k}) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0

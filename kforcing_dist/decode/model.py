@@ -1,0 +1,529 @@
+"""DecoderLM: TransformerLM's maths in plain torch, with a static KV cache for batched decoding.
+
+The parameters carry TransformerLM's (TP=1) names, so a decoder folder's weights load as is.
+The maths follows ``kforcing_dist.model.layers`` exactly: norms computed in float32, rotary
+positions (rotate-half layout) from explicit position ids computed in float32, learned absolute
+positions, grouped-query attention, gelu_tanh / swiglu MLPs, a tied or untied head whose padded
+vocabulary columns get PADDED_LOGIT_VALUE; the decoder also sets ``masked_token_ids`` to
+MASKED_LOGIT_VALUE. A PFLM adds the distillation NoiseEncoder (reused, not copied).
+
+KV cache (:class:`KVCache`): one preallocated tensor per K and V, ``[layers, batch, kv_heads,
+capacity, head_dim]``, plus a per-sequence length vector. :meth:`DecoderLM.forward_step` runs, per
+sequence, a chunk of ``c`` real tokens (right-padded; ``num_new[b]`` of them are real) followed by
+``m`` noise slots, in one forward pass. The whole chunk's keys/values are scattered into the
+cache at indices ``length[b] .. length[b]+c+m-1``; afterwards only ``length[b] += num_new[b]``, so
+the padding and the noise slots sit past the sequence's end (scratch space) and are overwritten
+by the next step: they are used in this step only. Attention reads a view of the cache up to the
+longest sequence's end, with a per-sequence boolean mask (True = may attend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distill.noise import NoiseEncoder
+from .errors import DecodeError
+from .format import DTYPES, expected_weight_shapes, resolve_ffn_hidden_size, validate_decoder_config
+
+# Same value as kforcing_dist.model.transformer.PADDED_LOGIT_VALUE (not imported: megatron).
+PADDED_LOGIT_VALUE = -1.0e4
+# The released checkpoints set their mask token's logit to this before softmax/argmax.
+MASKED_LOGIT_VALUE = -1000.0
+OUTPUTS = ("auto", "all", "last", "noise", "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Layers (parameter names = TransformerLM's)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with uninitialised storage (weights always come from a checkpoint)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Norm(nn.Module):
+    """LayerNorm (optional bias) or RMSNorm, computed in float32, cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, kind: str, bias: bool, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.kind, self.eps, self.hidden_size = kind, eps, hidden_size
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        if kind == "layernorm" and bias:
+            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        w = self.weight.float()
+        if self.kind == "layernorm":
+            b = self.bias.float() if self.bias is not None else None
+            y = F.layer_norm(xf, (self.hidden_size,), w, b, self.eps)
+        else:
+            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * w
+        return y.to(x.dtype)
+
+
+def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float):
+    """position_ids [b, s] -> (cos, sin) float32 [b, 1, s, head_dim], as RotaryEmbedding."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32,
+                            device=position_ids.device) / head_dim
+    inv_freq = 1.0 / (base ** exponent)
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary in float32; x [b, heads, s, d]."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+@dataclasses.dataclass
+class _StepPlan:
+    """What every layer of one forward needs (computed once per forward)."""
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor  # [b, 1, rep * s, s_k] bool, rows in (group member, query) order
+    write_index: Optional[torch.Tensor] = None  # [b, kv_heads, s, head_dim] scatter index
+    key_len: int = 0  # cache positions attended to (a prefix view of the cache)
+
+
+class Attention(nn.Module):
+    def __init__(self, m: Mapping[str, Any], dtype: torch.dtype):
+        super().__init__()
+        H = m["hidden_size"]
+        self.num_heads = m["num_heads"]
+        self.num_kv_heads = m["num_kv_heads"] or m["num_heads"]
+        self.head_dim = H // self.num_heads
+        self.rep = self.num_heads // self.num_kv_heads
+        self.q_proj = Linear(H, self.num_heads * self.head_dim, m["qkv_bias"], dtype)
+        self.k_proj = Linear(H, self.num_kv_heads * self.head_dim, m["qkv_bias"], dtype)
+        self.v_proj = Linear(H, self.num_kv_heads * self.head_dim, m["qkv_bias"], dtype)
+        self.out_proj = Linear(self.num_heads * self.head_dim, H, m["attn_out_bias"], dtype)
+
+    def forward(self, x: torch.Tensor, plan: _StepPlan, cache_k: Optional[torch.Tensor] = None,
+                cache_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        d, nkv = self.head_dim, self.num_kv_heads
+        q = self.q_proj(x).view(b, s, self.num_heads, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, nkv, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, nkv, d).transpose(1, 2)
+        if plan.rotary is not None:
+            q = apply_rotary(q, *plan.rotary)
+            k = apply_rotary(k, *plan.rotary)
+        if cache_k is not None:
+            # In-place scatter into this layer's preallocated slice: no per-step cache growth.
+            cache_k.scatter_(2, plan.write_index, k.to(cache_k.dtype))
+            cache_v.scatter_(2, plan.write_index, v.to(cache_v.dtype))
+            k = cache_k[:, :, :plan.key_len]
+            v = cache_v[:, :, :plan.key_len]
+            if k.dtype != q.dtype:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.rep > 1:
+            # GQA without expanding K/V: the rep query heads sharing a KV head (heads
+            # g*rep .. g*rep+rep-1, as repeat_interleave pairs them) become rep*s query rows of
+            # that KV head, so the cache is read once per KV head.
+            q = q.reshape(b, nkv, self.rep * s, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        out = out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)
+        return self.out_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, m: Mapping[str, Any], dtype: torch.dtype):
+        super().__init__()
+        H, Fh, bias = m["hidden_size"], resolve_ffn_hidden_size(m), m["mlp_bias"]
+        self.activation = m["activation"]
+        if self.activation == "swiglu":
+            self.gate_proj = Linear(H, Fh, bias, dtype)
+            self.up_proj = Linear(H, Fh, bias, dtype)
+            self.down_proj = Linear(Fh, H, bias, dtype)
+        else:
+            self.fc1 = Linear(H, Fh, bias, dtype)
+            self.fc2 = Linear(Fh, H, bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, m: Mapping[str, Any], dtype: torch.dtype):
+        super().__init__()
+        H = m["hidden_size"]
+        self.input_norm = Norm(H, m["norm"], m["norm_bias"], m["norm_eps"], dtype)
+        self.attention = Attention(m, dtype)
+        self.mlp_norm = Norm(H, m["norm"], m["norm_bias"], m["norm_eps"], dtype)
+        self.mlp = MLP(m, dtype)
+
+    def forward(self, x, plan, cache_k=None, cache_v=None):
+        x = x + self.attention(self.input_norm(x), plan, cache_k, cache_v)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Cache
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated keys/values of context tokens, with per-sequence lengths.
+
+    ``k``/``v``: [layers, batch, kv_heads, capacity, head_dim]; ``lengths``: [batch] int64 on the
+    cache's device (tokens kept per sequence); ``host_lengths``: the same on the CPU, so that
+    bounds and the attended prefix are known without a device sync.
+    """
+    k: torch.Tensor
+    v: torch.Tensor
+    lengths: torch.Tensor
+    host_lengths: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def reset(self) -> None:
+        """Forget every sequence (the storage is kept and reused)."""
+        self.lengths.zero_()
+        self.host_lengths.zero_()
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+class DecoderLM(nn.Module):
+    """TransformerLM (kind 'ar') or PFLM (kind 'pflm': + noise encoder) for inference.
+
+    ``config`` is a decoder config (the content of a decoder folder's config.json); the weights
+    are uninitialised until loaded (:func:`kforcing_dist.decode.load_decoder` does both).
+    Logits are float32 over the padded vocabulary ``[.., padded_vocab_size]``.
+    """
+
+    def __init__(self, config: Mapping[str, Any], dtype: Union[torch.dtype, str, None] = None):
+        super().__init__()
+        cfg = validate_decoder_config(config, where="DecoderLM config")
+        if dtype is None:
+            dtype = DTYPES[cfg["dtype"]]
+        elif isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise DecodeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        self.config = cfg
+        m = self.model_config = cfg["model"]
+        self.kind = cfg["kind"]
+        self.max_k = cfg["max_k"]
+        self.eos_id = cfg["eos_id"]
+        self.vocab_size = m["vocab_size"]
+        self.padded_vocab_size = cfg["padded_vocab_size"]
+        self.max_seq_len = m["max_seq_len"]
+        self.hidden_size = H = m["hidden_size"]
+        self.num_layers = m["num_layers"]
+        self.num_kv_heads = m["num_kv_heads"] or m["num_heads"]
+        self.head_dim = H // m["num_heads"]
+        self.rope = m["position"] == "rope"
+        self.rope_base = float(m["rope_base"])
+
+        self.embed_tokens = nn.Embedding(self.padded_vocab_size, H, dtype=dtype,
+                                         _weight=torch.empty(self.padded_vocab_size, H, dtype=dtype))
+        self.embed_positions = None
+        if not self.rope:
+            self.embed_positions = nn.Embedding(
+                self.max_seq_len, H, dtype=dtype, _weight=torch.empty(self.max_seq_len, H, dtype=dtype))
+        self.layers = nn.ModuleList(Block(m, dtype) for _ in range(self.num_layers))
+        self.final_norm = Norm(H, m["norm"], m["norm_bias"], m["norm_eps"], dtype)
+        self.lm_head = None
+        if not m["tie_embeddings"]:
+            self.lm_head = Linear(H, self.padded_vocab_size, m["lm_head_bias"], dtype)
+        self.noise_encoder = None
+        if self.kind == "pflm":
+            self.noise_encoder = NoiseEncoder(H, cfg["noise"]["max_freq"], dtype=dtype)
+        self.register_buffer("masked_ids", torch.tensor(cfg["masked_token_ids"], dtype=torch.long),
+                             persistent=False)
+        self.requires_grad_(False)
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return expected_weight_shapes(self.config)
+
+    def init_random_(self, seed: int = 0, std: float = 0.02) -> "DecoderLM":
+        """Fill every weight with N(0, std) (norm weights 1, biases 0): benchmarks and tests."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith(".bias"):
+                    p.zero_()
+                elif "norm" in name.rsplit(".", 2)[-2]:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return self
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise DecodeError(f"{name} must be an integer tensor [batch, seq], got "
+                              f"{ids.dtype} {tuple(ids.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise DecodeError(f"{name} holds token ids outside [0, {self.vocab_size}) (min "
+                              f"{int(ids.min())}, max {int(ids.max())}); encode with the "
+                              f"checkpoint's tokenizer")
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(ids, self.embed_tokens.weight)
+        if self.embed_positions is not None:
+            h = h + F.embedding(positions, self.embed_positions.weight)
+        return h
+
+    def _embed_noise(self, u: torch.Tensor, tau, positions: torch.Tensor) -> torch.Tensor:
+        """Noise slot inputs: NoiseEncoder(u, tau) (+ the learned position embedding of the slot,
+        like any input at that position)."""
+        if not isinstance(tau, torch.Tensor):
+            tau = torch.tensor(float(tau), dtype=torch.float64, device=u.device)
+        elif tau.dim() == 1:
+            tau = tau.to(u.device)[:, None]
+        h = self.noise_encoder(u, tau).to(self.dtype)
+        if self.embed_positions is not None:
+            h = h + F.embedding(positions, self.embed_positions.weight)
+        return h
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """final-normed hidden [.., H] -> float32 logits [.., padded_vocab_size]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        bias = None if self.lm_head is None else self.lm_head.bias
+        logits = F.linear(hidden, weight, bias).float()
+        if self.padded_vocab_size > self.vocab_size:
+            logits[..., self.vocab_size:] = PADDED_LOGIT_VALUE
+        if self.masked_ids.numel():
+            logits.index_fill_(-1, self.masked_ids, MASKED_LOGIT_VALUE)
+        return logits
+
+    def _plan(self, positions: torch.Tensor, mask: torch.Tensor) -> _StepPlan:
+        rotary = rotary_tables(positions, self.head_dim, self.rope_base) if self.rope else None
+        rep = self.model_config["num_heads"] // self.num_kv_heads
+        if rep > 1:
+            mask = mask.repeat(1, 1, rep, 1)
+        return _StepPlan(rotary=rotary, mask=mask)
+
+    def _run(self, hidden: torch.Tensor, plan: _StepPlan, cache: Optional[KVCache] = None):
+        for i, layer in enumerate(self.layers):
+            if cache is None:
+                hidden = layer(hidden, plan)
+            else:
+                hidden = layer(hidden, plan, cache.k[i], cache.v[i])
+        return hidden
+
+    # ------------------------------------------------------------------ reference (no cache)
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full causal forward: input_ids [b, s] -> float32 logits [b, s, padded_vocab_size]."""
+        self._check_ids(input_ids, "input_ids")
+        b, s = input_ids.shape
+        if not self.rope and s > self.max_seq_len:
+            raise DecodeError(f"{s} tokens exceed model.max_seq_len={self.max_seq_len} (learned "
+                              f"positions); shorten the input")
+        dev = input_ids.device
+        pos = torch.arange(s, device=dev).expand(b, s)
+        mask = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]
+        hidden = self._run(self._embed(input_ids, pos), self._plan(pos, mask))
+        return self._head(self.final_norm(hidden))
+
+    @torch.no_grad()
+    def pflm_logits(self, context_ids: torch.Tensor, u: torch.Tensor, tau=1.0) -> torch.Tensor:
+        """Reference PFLM pass: context [b, s] + k noise slots -> float32 logits [b, k, V_padded].
+
+        Slot i (0-based) sits at position s + i (i.e. t + i + 1 with t = s - 1 the last context
+        position); it sees the whole context and slots 0..i. ``tau``: float or [b].
+        """
+        self._require_pflm()
+        self._check_ids(context_ids, "context_ids")
+        b, s = context_ids.shape
+        if u.dim() != 2 or u.shape[0] != b:
+            raise DecodeError(f"u must have shape [batch, k] = [{b}, k], got {tuple(u.shape)}")
+        k = u.shape[1]
+        if not self.rope and s + k > self.max_seq_len:
+            raise DecodeError(f"context {s} + {k} slots exceed model.max_seq_len="
+                              f"{self.max_seq_len} (learned positions)")
+        dev = context_ids.device
+        pos = torch.arange(s + k, device=dev).expand(b, s + k)
+        n = s + k
+        qi = torch.arange(n, device=dev)[:, None]
+        ki = torch.arange(n, device=dev)[None, :]
+        ctx_hi = torch.where(qi < s, qi, torch.full_like(qi, s - 1))
+        mask = (ki <= ctx_hi) | ((qi >= s) & (ki >= s) & (ki <= qi))
+        hidden = torch.cat([self._embed(context_ids, pos[:, :s]),
+                            self._embed_noise(u.to(dev), tau, pos[:, s:])], dim=1)
+        hidden = self._run(hidden, self._plan(pos, mask[None, None]))
+        return self._head(self.final_norm(hidden[:, s:]))
+
+    def _require_pflm(self) -> None:
+        if self.noise_encoder is None:
+            raise DecodeError("this is an 'ar' checkpoint: it has no noise encoder, so it cannot "
+                              "run PFLM noise slots; load a 'pflm' checkpoint or decode with "
+                              "mode='ar'")
+
+    # ------------------------------------------------------------------ cached decoding
+
+    def allocate_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
+                       device=None) -> KVCache:
+        """A static cache for ``batch`` sequences; ``max_len`` is the number of slots, which must
+        cover every step's ``length + chunk + noise slots`` (scratch included)."""
+        if batch < 1 or max_len < 1:
+            raise DecodeError(f"allocate_cache needs batch >= 1 and max_len >= 1, got "
+                              f"{batch}, {max_len}")
+        dtype = self.dtype if dtype is None else dtype
+        device = self.device if device is None else torch.device(device)
+        shape = (self.num_layers, batch, self.num_kv_heads, max_len, self.head_dim)
+        # Zero-filled, not empty: never-written slots are masked out, but uninitialised memory
+        # could hold NaN/inf, and 0 * NaN in the attention product would still be NaN.
+        return KVCache(k=torch.zeros(shape, dtype=dtype, device=device),
+                       v=torch.zeros(shape, dtype=dtype, device=device),
+                       lengths=torch.zeros(batch, dtype=torch.long, device=device),
+                       host_lengths=torch.zeros(batch, dtype=torch.long))
+
+    @torch.no_grad()
+    def forward_step(self, cache: KVCache, input_ids: Optional[torch.Tensor] = None,
+                     num_new: Union[None, int, Sequence[int], torch.Tensor] = None,
+                     noise_u: Optional[torch.Tensor] = None, tau=1.0,
+                     output: str = "auto", check_ids: bool = True) -> Optional[torch.Tensor]:
+        """One forward pass over, per sequence, a chunk of real tokens then noise slots.
+
+        ``input_ids`` [b, c] (or None: c = 0): right-padded real tokens; the first ``num_new[b]``
+        (default all c) of row b are appended to sequence b at positions length[b] ... ``noise_u``
+        [b, m] (PFLM only, or None): noise slot i of sequence b sits at position
+        ``length[b] + num_new[b] + i`` and sees the sequence (new tokens included) and slots
+        0..i; its keys/values are not kept. ``tau``: float or [b] tensor for the noise encoder.
+        After the call ``cache.lengths += num_new``.
+
+        ``output``: "last" -> [b, V_padded] logits of each sequence's last new real token;
+        "noise" -> [b, m, V_padded] logits of the noise slots; "all" -> [b, c+m, V_padded]
+        (padding rows are meaningless); "none" -> None; "auto" = "noise" if m else "last".
+        ``check_ids=False`` skips the token-range check (a device sync) for ids the model made.
+        """
+        b = cache.batch
+        c = 0 if input_ids is None else input_ids.shape[1]
+        m = 0 if noise_u is None else noise_u.shape[1]
+        s = c + m
+        if output not in OUTPUTS:
+            raise DecodeError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if output == "auto":
+            output = "noise" if m else "last"
+        if s == 0:
+            raise DecodeError("forward_step needs input_ids and/or noise_u (got neither)")
+        if input_ids is not None:
+            if input_ids.dim() != 2 or input_ids.shape[0] != b:
+                raise DecodeError(f"input_ids must be [batch, c] = [{b}, c], got "
+                                  f"{tuple(input_ids.shape)}")
+            if check_ids:
+                self._check_ids(input_ids, "input_ids")
+        if noise_u is not None:
+            self._require_pflm()
+            if noise_u.dim() != 2 or noise_u.shape[0] != b:
+                raise DecodeError(f"noise_u must be [batch, m] = [{b}, m], got "
+                                  f"{tuple(noise_u.shape)}")
+        if num_new is None:
+            n_host = torch.full((b,), c, dtype=torch.long)
+        elif isinstance(num_new, int):
+            n_host = torch.full((b,), num_new, dtype=torch.long)
+        else:
+            n_host = torch.as_tensor(num_new, dtype=torch.long).cpu()
+        if n_host.shape != (b,) or (c and (int(n_host.min()) < 0 or int(n_host.max()) > c)) \
+                or (not c and int(n_host.abs().max()) != 0):
+            raise DecodeError(f"num_new must give, per sequence, 0..{c} real tokens of the "
+                              f"chunk, got {n_host.tolist()}")
+        if output == "last" and (c == 0 or int(n_host.min()) < 1):
+            raise DecodeError("output='last' needs at least one new real token per sequence")
+        if output == "noise" and m == 0:
+            raise DecodeError("output='noise' needs noise_u")
+        len_host = cache.host_lengths
+        need = int((len_host + s).max())
+        if need > cache.capacity:
+            raise DecodeError(f"the step needs {need} cache slots (length + {c} tokens + {m} "
+                              f"noise slots) but the cache holds {cache.capacity}; allocate a "
+                              f"larger cache")
+        if not self.rope and int((len_host + n_host + m).max()) > self.max_seq_len:
+            raise DecodeError(f"positions past model.max_seq_len={self.max_seq_len} (learned "
+                              f"positions); generate fewer tokens or use shorter prompts")
+
+        dev = cache.device
+        lengths = cache.lengths
+        n = n_host.to(dev, non_blocking=True)
+        ar = torch.arange(s, device=dev)
+        write = lengths[:, None] + ar  # [b, s] cache index of every chunk entry
+        new_len = lengths + n
+        parts, pos_parts = [], []
+        pos_real = write[:, :c]
+        pos_noise = new_len[:, None] + ar[:m]
+        if self.embed_positions is not None:
+            # padding rows may run past the table; their outputs are never used
+            pos_real = pos_real.clamp(max=self.max_seq_len - 1)
+        if c:
+            parts.append(self._embed(input_ids.to(dev), pos_real))
+        if m:
+            parts.append(self._embed_noise(noise_u.to(dev), tau, pos_noise))
+        hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        positions = torch.cat([pos_real, pos_noise], dim=1) if m and c else \
+            (pos_real if c else pos_noise)
+
+        key_len = need
+        kidx = torch.arange(key_len, device=dev)
+        # Per query: visible context is [0, ctx_hi]; noise slots also see [noise_lo, write].
+        # Real query j: ctx_hi = length + j (old cache + new tokens 0..j); noise slot i:
+        # ctx_hi = new_len - 1, plus the slots 0..i at cache indices length + c .. length + c + i.
+        ctx_hi = torch.cat([write[:, :c], (new_len - 1)[:, None].expand(b, m)], dim=1)
+        noise_lo = torch.cat([torch.full((b, c), key_len, device=dev, dtype=torch.long),
+                              (lengths + c)[:, None].expand(b, m)], dim=1)
+        kk = kidx[None, None, :]
+        mask = (kk <= ctx_hi[..., None]) | ((kk >= noise_lo[..., None]) & (kk <= write[..., None]))
+        plan = self._plan(positions, mask[:, None])
+        plan.write_index = write[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
+        plan.key_len = key_len
+        hidden = self._run(hidden, plan, cache)
+
+        lengths += n
+        len_host += n_host
+
+        if output == "none":
+            return None
+        if output == "last":
+            rows = (n - 1)[:, None, None].expand(b, 1, hidden.shape[-1])
+            return self._head(self.final_norm(hidden.gather(1, rows)))[:, 0]
+        if output == "noise":
+            return self._head(self.final_norm(hidden[:, c:]))
+        return self._head(self.final_norm(hidden))

@@ -1,0 +1,163 @@
+"""Training targets of the K-Forcing student, all computed with the student's own noise u.
+
+- ``stage1_targets``: the AR teacher, one pass: target(t, 1) = G(p(. | x_<=t), u).
+- ``self_forcing_targets``: the frozen stage-k student, two passes per window, gives the
+  2k tokens the stage-2k student must produce in one pass.
+- ``noise_inversion_batch``: real data continuations as targets, with u drawn inside the
+  teacher's CDF interval of each data token.
+
+Logits are vocab-parallel over ``tp_group``; for the float64 inverse CDF they are gathered
+to the full vocabulary (``gather_full_vocab``) and cut to the real (unpadded) vocabulary, so a
+padded entry can never be a target. Every frozen model runs under ``torch.no_grad``. Noise
+drawn here (``generator``) must be drawn identically on the ranks of a TP group.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..model.loss import resolve_tp_group
+from ..model.student import PFLM, per_sequence_tau
+from ..model.transformer import TransformerLM
+from .inverse_cdf import _check_order, inverse_cdf_sample, invert_noise_exact
+from .layout import check_window_starts
+
+
+def gather_full_vocab(logits_local: torch.Tensor, tp_group) -> torch.Tensor:
+    """Vocab-parallel logits [..., V/tp] -> full logits [..., V] on every rank (identity at TP=1).
+
+    Not differentiable (targets only).
+    """
+    group = resolve_tp_group(tp_group)
+    tp = dist.get_world_size(group)
+    if tp == 1:
+        return logits_local
+    shard = logits_local.detach().contiguous()
+    parts = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(parts, shard, group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def vocab_parallel_argmax(logits_local: torch.Tensor, tp_group) -> torch.Tensor:
+    """Global argmax over vocab-parallel logits [..., V/tp] -> LongTensor [...].
+
+    Equals ``torch.argmax`` of the gathered logits, ties included (the lowest id wins), but
+    exchanges only each shard's (max, index) pair.
+    """
+    group = resolve_tp_group(tp_group)
+    tp = dist.get_world_size(group)
+    local = logits_local.detach()
+    values, index = local.max(dim=-1)
+    if tp == 1:
+        return index
+    index = index + dist.get_rank(group) * local.shape[-1]
+    vals = [torch.empty_like(values) for _ in range(tp)]
+    idxs = [torch.empty_like(index) for _ in range(tp)]
+    dist.all_gather(vals, values.contiguous(), group=group)
+    dist.all_gather(idxs, index.contiguous(), group=group)
+    # argmax over ranks returns the first maximal rank, i.e. the lowest global id on ties
+    best = torch.stack(vals, dim=-1).argmax(dim=-1, keepdim=True)
+    return torch.stack(idxs, dim=-1).gather(-1, best).squeeze(-1)
+
+
+def _check_u(u: torch.Tensor, batch: int, windows: int, name: str = "u") -> None:
+    if not isinstance(u, torch.Tensor) or not u.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating-point tensor [b, W, m]")
+    if u.dim() != 3 or u.shape[:2] != (batch, windows):
+        raise ValueError(f"{name} must have shape [b, W, m] = [{batch}, {windows}, m], "
+                         f"got {tuple(u.shape)}")
+
+
+def _real_vocab(full_logits: torch.Tensor, model: TransformerLM) -> torch.Tensor:
+    return full_logits[..., :model.vocab_size]
+
+
+@torch.no_grad()
+def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_starts: torch.Tensor,
+                   u: torch.Tensor, tau, order: str, tp_group) -> torch.Tensor:
+    """Stage-1 targets from the AR teacher: LongTensor [b, W, 1].
+
+    input_ids [b, N]; window_starts [b, W] in [0, N-1]; u [b, W, 1]; tau number or [b].
+    target(t, 1) = G(teacher logits at position t, u) with temperature tau inside G.
+    """
+    _check_order(order)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
+    b, N = input_ids.shape
+    check_window_starts(window_starts, b, N)
+    W = window_starts.shape[1]
+    _check_u(u, b, W)
+    if u.shape[2] != 1:
+        raise ValueError(f"stage 1 has one slot per window: u must be [b, W, 1], got {tuple(u.shape)}")
+    tau = per_sequence_tau(tau, b, input_ids.device)
+    logits = teacher(input_ids)                                          # [b, N, V/tp]
+    idx = window_starts.to(logits.device).long()[:, :, None].expand(b, W, logits.shape[-1])
+    at_starts = logits.gather(1, idx)                                    # [b, W, V/tp]
+    full = _real_vocab(gather_full_vocab(at_starts, tp_group), teacher)
+    return inverse_cdf_sample(full, u[..., 0], tau[:, None], order).unsqueeze(-1)
+
+
+@torch.no_grad()
+def self_forcing_targets(prev: PFLM, input_ids: torch.Tensor, window_starts: torch.Tensor,
+                         u: torch.Tensor, tau, tp_group) -> torch.Tensor:
+    """Stage-2k targets from the frozen stage-k student: LongTensor [b, W, 2k].
+
+    Pass 1: noise u[..., :k] gives y_1..y_k (argmax). Pass 2: y_1..y_k as real tokens at
+    t+1..t+k, then noise u[..., k:] at t+k+1..t+2k, gives y_{k+1}..y_{2k}.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
+    b, N = input_ids.shape
+    check_window_starts(window_starts, b, N)
+    _check_u(u, b, window_starts.shape[1])
+    two_k = u.shape[2]
+    if two_k == 0 or two_k % 2:
+        raise ValueError(f"self-forcing needs an even number (2k) of noise values per window, "
+                         f"got {two_k}")
+    k = two_k // 2
+    if k > prev.max_k:
+        raise ValueError(f"the previous stage has max_k={prev.max_k}, cannot make targets "
+                         f"for k={two_k} (needs {k} slots per pass)")
+    first = vocab_parallel_argmax(prev.forward_windows(input_ids, window_starts, u[..., :k], tau),
+                                  tp_group)
+    second = vocab_parallel_argmax(
+        prev.forward_windows(input_ids, window_starts, u[..., k:], tau, window_tokens=first),
+        tp_group)
+    return torch.cat([first, second], dim=-1)
+
+
+@torch.no_grad()
+def noise_inversion_batch(teacher: TransformerLM, tokens: torch.Tensor, window_starts: torch.Tensor,
+                          k: int, tau, order: str, generator: Optional[torch.Generator],
+                          tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise that makes the teacher's G reproduce real data: (u float64 [b, W, k], targets [b, W, k]).
+
+    tokens [b, N+k]: the N context tokens and a real continuation; window_starts [b, W] in
+    [0, N-1]. targets[:, w, i-1] = x_{t+i}; u_i is uniform inside the CDF interval of x_{t+i}
+    under the teacher's p(. | x_<=t+i-1) (temperature tau), so G(that p, u_i) == x_{t+i}.
+    One teacher pass over the data. ``generator`` draws the position inside each interval.
+    """
+    _check_order(order)
+    if not isinstance(k, int) or k <= 0:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if tokens.dim() != 2 or tokens.shape[1] <= k:
+        raise ValueError(f"tokens must have shape [b, N + k] with N >= 1 (k={k}), "
+                         f"got {tuple(tokens.shape)}")
+    b, N = tokens.shape[0], tokens.shape[1] - k
+    check_window_starts(window_starts, b, N)
+    W = window_starts.shape[1]
+    tau = per_sequence_tau(tau, b, tokens.device)
+    # The last token is only ever a target, never a condition.
+    logits = teacher(tokens[:, :-1])                                     # [b, N+k-1, V/tp]
+    cond = window_starts.to(tokens.device).long()[:, :, None] + torch.arange(k, device=tokens.device)
+    flat = cond.reshape(b, W * k)
+    local = logits.gather(1, flat[:, :, None].expand(b, W * k, logits.shape[-1]))
+    full = _real_vocab(gather_full_vocab(local, tp_group), teacher).view(b, W, k, -1)
+    targets = tokens.gather(1, flat + 1).view(b, W, k)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    r = torch.rand(b, W, k, generator=generator, dtype=torch.float64, device=gen_device)
+    u = invert_noise_exact(full, targets, r.to(tokens.device), tau[:, None, None], order)
+    return u, targets

@@ -1,0 +1,96 @@
+"""A distillation stage as a trainer task: noise, targets from the frozen teacher, slot losses.
+
+Stage k=1 takes its targets from the AR teacher by inverse-CDF; stage 2k from the frozen
+stage-k student run twice (self-forcing). The optional noise-inversion loss on real data is
+added with ``distill.noise_inversion_weight``. All noise is derived from (seed, step,
+micro-batch, data-parallel rank), so a resumed run draws exactly the noise it would have drawn,
+and tensor-parallel ranks of one replica draw the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..config.schema import DistillConfig
+
+
+def noise_generator(seed: int, stream: str, step: int, micro: int, dp_rank: int) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{stream}/{step}/{micro}/{dp_rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class DistillTask:
+    """Train loss and validation metrics of one K-Forcing stage (k slots per window)."""
+
+    def __init__(self, k: int, dcfg: DistillConfig, groups, *, ar_teacher=None, prev_student=None):
+        if k == 1 and ar_teacher is None:
+            raise ValueError("stage k=1 needs the AR teacher")
+        if k > 1 and (prev_student is None or prev_student.max_k != k // 2):
+            raise ValueError(f"stage k={k} needs the frozen stage-{k // 2} student")
+        if dcfg.noise_inversion_weight > 0 and ar_teacher is None:
+            raise ValueError("the noise-inversion loss needs the AR teacher")
+        self.k, self.dcfg, self.groups = k, dcfg, groups
+        self.ar_teacher, self.prev_student = ar_teacher, prev_student
+        self.kind = f"pflm-k{k}"
+
+    def _draw(self, batch: torch.Tensor, gen: torch.Generator, context_len: int, max_start: int | None = None):
+        from .layout import sample_window_starts
+
+        b = batch.shape[0]
+        d = self.dcfg
+        starts = sample_window_starts(b, context_len, d.windows_per_sequence, gen, max_start=max_start)
+        tau = d.tau_min + (d.tau_max - d.tau_min) * torch.rand(b, generator=gen, dtype=torch.float64)
+        return starts.to(batch.device), tau.to(batch.device)
+
+    def _targets(self, context: torch.Tensor, starts, u, tau):
+        from .targets import self_forcing_targets, stage1_targets
+
+        tp = self.groups.tp_group
+        if self.k == 1:
+            return stage1_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp)
+        return self_forcing_targets(self.prev_student, context, starts, u, tau, tp)
+
+    def _loss(self, engine, batch: torch.Tensor, gen: torch.Generator):
+        from .losses import slot_metrics
+        from .targets import noise_inversion_batch
+
+        k, d = self.k, self.dcfg
+        starts, tau = self._draw(batch, gen, batch.shape[1])
+        u = torch.rand((*starts.shape, k), generator=gen, dtype=torch.float64).to(batch.device)
+        targets = self._targets(batch, starts, u, tau)
+        loss, metrics = slot_metrics(engine(batch, starts, u, tau), targets, self.groups.tp_group)
+        out = self._flatten(metrics, "")
+        if d.noise_inversion_weight > 0:
+            # real continuation x_{t+1..t+k} must exist: the last k tokens serve only as targets
+            context_len = batch.shape[1] - k
+            inv_starts, inv_tau = self._draw(batch, gen, context_len, max_start=context_len - 1)
+            inv_u, inv_targets = noise_inversion_batch(self.ar_teacher, batch, inv_starts, k, inv_tau,
+                                                       d.cdf_order, gen, self.groups.tp_group)
+            inv_logits = engine(batch[:, :context_len], inv_starts, inv_u, inv_tau)
+            inv_loss, inv_metrics = slot_metrics(inv_logits, inv_targets, self.groups.tp_group)
+            out.update(self._flatten(inv_metrics, "inv_"))
+            out["distill_loss"] = float(loss.detach())
+            loss = loss + d.noise_inversion_weight * inv_loss
+        return loss, out
+
+    @staticmethod
+    def _flatten(metrics: dict, prefix: str) -> dict[str, float]:
+        """slot_metrics' dict -> flat scalars: acc, block_match, acc_slot1.., loss_slot1.."""
+        out = {}
+        for name, value in metrics.items():
+            if name.endswith("_per_slot"):
+                for i, v in enumerate(value):
+                    out[f"{prefix}{name[:-len('_per_slot')]}_slot{i + 1}"] = float(v)
+            elif name != "loss" or prefix:  # the unprefixed loss is the trainer's own "loss"
+                out[f"{prefix}{name}"] = float(value)
+        return out
+
+    def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
+        gen = noise_generator(self.dcfg.seed, "train", step, micro, self.groups.dp_rank)
+        return self._loss(engine, batch, gen)
+
+    def eval_loss(self, engine, batch: torch.Tensor, index: int):
+        gen = noise_generator(self.dcfg.seed, "valid", 0, index, self.groups.dp_rank)
+        return self._loss(engine, batch, gen)

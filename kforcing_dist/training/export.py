@@ -1,0 +1,69 @@
+"""Export a trained model (any TP size, any ZeRO stage) to the decoder's single-folder format.
+
+All ranks of a tensor-parallel group take part in gathering full weights (under ZeRO-3 the
+partitioned parameters are gathered first); rank 0 writes the folder atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config.schema import ModelConfig
+from ..parallel.groups import ParallelGroups
+
+
+def _gathered(module: torch.nn.Module, zero_stage: int):
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+
+
+def full_weights(module: torch.nn.Module, groups: ParallelGroups, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full (TP=1) float32 CPU weights of ``module`` on every rank."""
+    from ..model.state import full_state_dict
+
+    with _gathered(module, zero_stage):
+        sd = full_state_dict(module, groups.tp_group)
+    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+
+
+def export_decoder(module: torch.nn.Module, groups: ParallelGroups, folder: Path, *, kind: str,
+                   model_cfg: ModelConfig, padded_vocab_size: int, zero_stage: int, tokenizer=None,
+                   max_k: int | None = None, noise: dict | None = None, cdf_order: str = "vocab",
+                   source: dict | None = None) -> Path:
+    """Write ``folder`` (model.safetensors + config.json + tokenizer/); collective over all ranks."""
+    from ..decode.format import save_decoder
+
+    weights = full_weights(module, groups, zero_stage)
+    if groups.world_rank == 0:
+        save_decoder(Path(folder), kind=kind, model_config=dataclasses.asdict(model_cfg),
+                     padded_vocab_size=padded_vocab_size, state_dict=weights, tokenizer=tokenizer,
+                     max_k=max_k, noise=noise, cdf_order=cdf_order,
+                     eos_id=getattr(tokenizer, "eos_id", None), source=source or {})
+    dist.barrier()
+    return Path(folder)
+
+
+def fit_vocab_rows(state_dict: dict[str, torch.Tensor], padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """Pad (zeros) or trim the padded vocabulary rows so full weights fit another TP size's padding.
+
+    Rows past the real vocabulary are padding whose logits are masked anyway, so this is exact.
+    """
+    out = dict(state_dict)
+    for key in ("embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
+        if key not in out:
+            continue
+        t = out[key]
+        if t.shape[0] > padded_vocab_size:
+            out[key] = t[:padded_vocab_size].contiguous()
+        elif t.shape[0] < padded_vocab_size:
+            pad = torch.zeros((padded_vocab_size - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+            out[key] = torch.cat([t, pad])
+    return out

@@ -1,0 +1,168 @@
+"""K-Forcing core at TP=2 equals TP=1: student windows, targets, losses and gradients.
+
+One 2-process launch; each rank also builds the TP=1 reference on a one-rank group of its own
+(as tests/distributed/test_model_tp.py does).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.launcher import run_distributed
+
+VOCAB = 100  # padded to 112 (8 * tp): the last shard holds padded entries
+BATCH, N = 2, 8
+CASES = {
+    "rope-swiglu-gqa": dict(position="rope", activation="swiglu", norm="rmsnorm", num_kv_heads=2,
+                            lm_head_bias=True),
+    "learned-tied": dict(position="learned", tie_embeddings=True, norm_bias=True),
+}
+
+
+def _sharpen(model):
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.q_proj.weight.mul_(8.0)
+            layer.attention.k_proj.weight.mul_(8.0)
+    return model
+
+
+def _tp_worker(rank, world):
+    import torch.distributed as dist
+
+    from kforcing_dist.config.schema import ModelConfig
+    from kforcing_dist.distill.layout import sample_window_starts
+    from kforcing_dist.distill.losses import slot_metrics
+    from kforcing_dist.distill.targets import (gather_full_vocab, noise_inversion_batch,
+                                               self_forcing_targets, stage1_targets,
+                                               vocab_parallel_argmax)
+    from kforcing_dist.model import TransformerLM, full_grad_dict, pad_vocab_size
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
+    from kforcing_dist.parallel.launch import resolve_launch
+
+    device = init_distributed(resolve_launch(), "gloo")
+    groups = init_model_parallel(world, 1, device)
+    single = [dist.new_group([r]) for r in range(world)][rank]
+    out = {}
+
+    # Global argmax with ties across shards: the lowest id wins, as torch.argmax on the full row.
+    full = torch.zeros(4, 112)
+    full[0, [3, 60]] = 5.0   # tie across the two shards
+    full[1, [70, 90]] = 5.0  # tie inside shard 1
+    full[2, 111] = 1.0
+    full[3] = torch.randn(112, generator=torch.Generator().manual_seed(0))
+    shard = full.chunk(world, dim=-1)[rank]
+    out["argmax_equal"] = torch.equal(vocab_parallel_argmax(shard, groups), full.argmax(-1))
+    out["gather_equal"] = torch.equal(gather_full_vocab(shard, groups), full)
+
+    for name, kw in CASES.items():
+        cfg = ModelConfig(vocab_size=VOCAB, make_vocab_size_divisible_by=8, hidden_size=32,
+                          num_layers=2, num_heads=4, max_seq_len=32, **kw)
+        padded = pad_vocab_size(VOCAB, cfg.make_vocab_size_divisible_by, world)
+        models = {}
+        for tag, group in (("ref", single), ("tp", groups)):
+            torch.manual_seed(7)
+            teacher = _sharpen(TransformerLM(cfg, padded, group)).eval()
+            torch.manual_seed(8)
+            student = PFLM(cfg, padded, group, max_k=2, noise_init_std=0.2)
+            student.init_from_teacher(teacher, group)
+            models[tag] = (teacher, student.eval(), group)
+
+        gen = torch.Generator().manual_seed(11)
+        ids = torch.randint(0, VOCAB, (BATCH, N + 2), generator=gen)
+        ctx = ids[:, :N]
+        ws = sample_window_starts(BATCH, N, 5, torch.Generator().manual_seed(3))
+        u = torch.rand(BATCH, 5, 4, generator=gen, dtype=torch.float64)
+        real = torch.randint(0, VOCAB, (BATCH, 5, 1), generator=gen)
+        tau = torch.tensor([1.0, 0.7])
+        targets = torch.randint(0, VOCAB, (BATCH, 5, 2), generator=gen)
+        res, got = {}, {}
+        for tag, (teacher, student, group) in models.items():
+            r = {}
+            with torch.no_grad():
+                r["logits"] = gather_full_vocab(student.forward_windows(ctx, ws, u[..., :2], tau), group)
+                r["logits_real"] = gather_full_vocab(
+                    student.forward_windows(ctx, ws, u[..., :1], tau, window_tokens=real), group)
+                r["plain"] = gather_full_vocab(student(ctx), group)
+                r["teacher"] = gather_full_vocab(teacher(ctx), group)
+            for order in ("vocab", "sorted"):
+                r[f"stage1_{order}"] = stage1_targets(teacher, ctx, ws, u[..., :1], tau, order, group)
+                r[f"inv_{order}"] = noise_inversion_batch(
+                    teacher, ids, ws, 2, tau, order, torch.Generator().manual_seed(5), group)
+            r["self_forcing"] = self_forcing_targets(student, ctx, ws, u, tau, group)
+            student.zero_grad()
+            loss, metrics = slot_metrics(student.forward_windows(ctx, ws, u[..., :2], tau), targets,
+                                         group)
+            loss.backward()
+            r["loss"], r["metrics"] = loss.item(), metrics
+            r["grads"] = full_grad_dict(student, group)
+            got[tag] = r
+        ref, tp = got["ref"], got["tp"]
+        for key in ("logits", "logits_real", "plain"):
+            res[f"{key}_err"] = (tp[key] - ref[key]).abs().max().item()
+        res["student_is_teacher"] = (ref["plain"] - ref["teacher"]).abs().max().item()
+        res["padded_masked"] = bool(torch.all(tp["logits"][..., VOCAB:] < -1e3))
+        for order in ("vocab", "sorted"):
+            res[f"stage1_{order}_equal"] = torch.equal(tp[f"stage1_{order}"], ref[f"stage1_{order}"])
+            res[f"inv_{order}_targets_equal"] = torch.equal(tp[f"inv_{order}"][1], ref[f"inv_{order}"][1])
+            res[f"inv_{order}_u_err"] = (tp[f"inv_{order}"][0] - ref[f"inv_{order}"][0]).abs().max().item()
+        res["self_forcing_equal"] = torch.equal(tp["self_forcing"], ref["self_forcing"])
+        res["self_forcing_distinct"] = len(set(ref["self_forcing"].flatten().tolist()))
+        res["loss_err"] = abs(tp["loss"] - ref["loss"])
+        res["metrics_ref"], res["metrics_tp"] = ref["metrics"], tp["metrics"]
+        res["grad_keys_equal"] = set(tp["grads"]) == set(ref["grads"]) == {
+            n for n, _ in models["ref"][1].named_parameters()}
+        res["grad_rel_err"] = {
+            k: (tp["grads"][k] - ref["grads"][k]).abs().max().item()
+            / max(ref["grads"][k].abs().max().item(), 1e-12) for k in ref["grads"]}
+        out[name] = res
+    shutdown()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_tp_worker, 2, timeout=240)
+
+
+def test_vocab_parallel_argmax_and_gather(results):
+    for rank, res in enumerate(results):
+        assert res["argmax_equal"], f"rank {rank}: global argmax differs from torch.argmax"
+        assert res["gather_equal"], f"rank {rank}: gathered logits differ"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_student_windows_match_tp1(results, case):
+    for rank, res in enumerate(results):
+        r = res[case]
+        for key in ("logits", "logits_real", "plain"):
+            assert r[f"{key}_err"] < 1e-5, f"rank {rank}: {key} differ by {r[f'{key}_err']:.3g}"
+        assert r["student_is_teacher"] == 0  # init_from_teacher copied every weight
+        assert r["padded_masked"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_targets_match_tp1(results, case):
+    for rank, res in enumerate(results):
+        r = res[case]
+        for order in ("vocab", "sorted"):
+            assert r[f"stage1_{order}_equal"], f"rank {rank}: stage-1 targets ({order}) differ"
+            assert r[f"inv_{order}_targets_equal"]
+            assert r[f"inv_{order}_u_err"] < 1e-6, f"rank {rank}: inverted noise ({order})"
+        assert r["self_forcing_equal"], f"rank {rank}: self-forcing targets differ"
+        assert r["self_forcing_distinct"] > 2
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_loss_metrics_and_gradients_match_tp1(results, case):
+    for rank, res in enumerate(results):
+        r = res[case]
+        assert r["loss_err"] < 1e-5
+        ref, tp = r["metrics_ref"], r["metrics_tp"]
+        assert tp["acc_per_slot"] == ref["acc_per_slot"] and tp["block_match"] == ref["block_match"]
+        assert tp["loss_per_slot"] == pytest.approx(ref["loss_per_slot"], abs=1e-5)
+        assert r["grad_keys_equal"], f"rank {rank}: some parameter got no gradient"
+        bad = {k: v for k, v in r["grad_rel_err"].items() if v > 1e-5}
+        assert not bad, f"rank {rank}: gradients differ from TP=1 (relative max error): {bad}"
