@@ -136,13 +136,18 @@ class DistillConfig:
     cdf_order: str = doc_field("vocab", "Vocabulary order of the inverse-CDF map G(x, u).", ("vocab", "sorted"))
     tau_min: float = doc_field(1.0, "Lowest temperature sampled per training sequence.")
     tau_max: float = doc_field(1.0, "Highest temperature sampled per training sequence.")
-    windows_per_sequence: int = doc_field(
-        0, "Train on this many random window starts per sequence (bounds the N(1+k) length); 0: all N.")
+    max_window_slots: int = doc_field(
+        0, "At most this many noise slots per sequence (W windows x k slots, W = min(N, this // k) random "
+           "window starts): bounds the N(1+k) length; 0: all N windows.")
     noise_inversion_weight: float = doc_field(
         0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
              "the data token); 0 turns it off.")
     noise_max_freq: float = doc_field(256.0, "Highest frequency of the sinusoidal noise features (lowest is 1).")
-    max_steps: int = doc_field(300, "Optimizer steps per stage.")
+    noise_encoder_lr_scale: float = doc_field(
+        1.0, "Learning-rate multiplier of the noise encoder (new weights) relative to the copied backbone.")
+    max_steps: int = doc_field(300, "Optimizer steps per stage (unless distill.stage_steps says otherwise).")
+    stage_steps: list[int] = doc_field([], "Optimizer steps of each stage, in distill.stages order; "
+                                           "empty: distill.max_steps for every stage.")
     lr: float = doc_field(5e-4, "Peak learning rate of a stage.")
     min_lr: float = doc_field(5e-5, "Final learning rate of a stage.")
     warmup_steps: int = doc_field(30, "Warmup steps of a stage.")

@@ -154,9 +154,13 @@ def _distill_problems(cfg: Config) -> list[str]:
         out.append(f"distill.stages={st}: must start at 1 and double each stage, e.g. [1, 2, 4] or [1, 2, 4, 8]")
     if not 0 < d.tau_min <= d.tau_max:
         out.append(f"distill.tau_min={d.tau_min}, distill.tau_max={d.tau_max}: need 0 < tau_min <= tau_max")
-    if d.windows_per_sequence < 0 or d.noise_inversion_weight < 0 or d.noise_max_freq < 1:
-        out.append("distill.windows_per_sequence and distill.noise_inversion_weight must be >= 0, "
-                   "distill.noise_max_freq >= 1")
+    if d.stage_steps and (len(d.stage_steps) != len(st) or min(d.stage_steps) < 1):
+        out.append(f"distill.stage_steps={d.stage_steps} must give one positive step count per stage "
+                   f"of distill.stages={st}, or be empty")
+    if d.max_window_slots < 0 or d.noise_inversion_weight < 0 or d.noise_max_freq < 1 \
+            or d.noise_encoder_lr_scale <= 0:
+        out.append("distill.max_window_slots and distill.noise_inversion_weight must be >= 0, "
+                   "distill.noise_max_freq >= 1, distill.noise_encoder_lr_scale > 0")
     if d.max_steps < 1 or d.lr <= 0 or not 0 <= d.min_lr <= d.lr or d.warmup_steps < 0:
         out.append(f"distill: need max_steps >= 1, lr > 0, 0 <= min_lr <= lr, warmup_steps >= 0 "
                    f"(got {d.max_steps}, {d.lr}, {d.min_lr}, {d.warmup_steps})")

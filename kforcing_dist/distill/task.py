@@ -34,13 +34,19 @@ class DistillTask:
         self.k, self.dcfg, self.groups = k, dcfg, groups
         self.ar_teacher, self.prev_student = ar_teacher, prev_student
         self.kind = f"pflm-k{k}"
+        # the noise encoder starts from scratch while the backbone starts trained
+        self.lr_scales = {"noise_encoder.": dcfg.noise_encoder_lr_scale}
 
     def _draw(self, batch: torch.Tensor, gen: torch.Generator, context_len: int, max_start: int | None = None):
         from .layout import sample_window_starts
 
         b = batch.shape[0]
         d = self.dcfg
-        starts = sample_window_starts(b, context_len, d.windows_per_sequence, gen, max_start=max_start)
+        windows = 0  # every start
+        if d.max_window_slots:
+            available = context_len if max_start is None else max_start + 1
+            windows = max(1, min(available, d.max_window_slots // self.k))
+        starts = sample_window_starts(b, context_len, windows, gen, max_start=max_start)
         tau = d.tau_min + (d.tau_max - d.tau_min) * torch.rand(b, generator=gen, dtype=torch.float64)
         return starts.to(batch.device), tau.to(batch.device)
 

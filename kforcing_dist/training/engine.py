@@ -22,17 +22,19 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp32"
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases and other 1-d parameters."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases and other 1-d parameters; parameters whose
+    name starts with a key of ``lr_scales`` get ``lr * scale`` (DeepSpeed's schedule keeps the
+    per-group ratio)."""
+    buckets: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+        wd = 0.0 if p.ndim < 2 else weight_decay
+        buckets.setdefault((scale, wd), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": lr * scale} for (scale, wd), ps in buckets.items()]
 
 
 def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
@@ -63,13 +65,13 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, groups: ParallelGroups,
-                 precision: str):
+                 precision: str, lr_scales: dict[str, float] | None = None):
     """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside)."""
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, layout, precision)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.train.weight_decay),
+        model=model, model_parameters=param_groups(model, cfg.train.weight_decay, cfg.train.lr, lr_scales),
         config=ds_cfg, mpu=DeepSpeedMPU(groups), dist_init_required=False,
     )
     _record_fp32_clip_norm(engine)

@@ -38,17 +38,24 @@ def export_decoder(module: torch.nn.Module, groups: ParallelGroups, folder: Path
                    model_cfg: ModelConfig, padded_vocab_size: int, zero_stage: int, tokenizer=None,
                    max_k: int | None = None, noise: dict | None = None, cdf_order: str = "vocab",
                    source: dict | None = None) -> Path:
-    """Write ``folder`` (model.safetensors + config.json + tokenizer/); collective over all ranks."""
-    from ..decode.format import save_decoder
+    """Write ``folder`` (model.safetensors + config.json + tokenizer/); collective over all ranks.
 
+    An existing export of the same checkpoint (``source``) is kept; any other is replaced
+    atomically (a rerun after resuming a finished stage re-exports nothing).
+    """
+    from ..decode.format import read_decoder_config, save_decoder
+
+    folder = Path(folder)
+    if (folder / "config.json").exists() and read_decoder_config(folder).get("source") == (source or {}):
+        return folder
     weights = full_weights(module, groups, zero_stage)
     if groups.world_rank == 0:
-        save_decoder(Path(folder), kind=kind, model_config=dataclasses.asdict(model_cfg),
+        save_decoder(folder, kind=kind, model_config=dataclasses.asdict(model_cfg),
                      padded_vocab_size=padded_vocab_size, state_dict=weights, tokenizer=tokenizer,
                      max_k=max_k, noise=noise, cdf_order=cdf_order,
-                     eos_id=getattr(tokenizer, "eos_id", None), source=source or {})
+                     eos_id=getattr(tokenizer, "eos_id", None), source=source or {}, overwrite=True)
     dist.barrier()
-    return Path(folder)
+    return folder
 
 
 def fit_vocab_rows(state_dict: dict[str, torch.Tensor], padded_vocab_size: int) -> dict[str, torch.Tensor]:

@@ -108,7 +108,8 @@ class LMTrainer:
         self.extra_metadata, self.save_extras, self.kind = extra_metadata, save_extras, kind
         self.stop_flag = stop_flag or StopFlag()
         self.precision = resolve_precision(cfg.train.precision, groups.device)
-        self.engine = build_engine(model.to(groups.device), cfg, layout, groups, self.precision)
+        self.engine = build_engine(model.to(groups.device), cfg, layout, groups, self.precision,
+                                   getattr(task, "lr_scales", None))
         self.step = 0
         self.tokens_seen = 0
         self.is_logger = groups.is_logging_rank
