@@ -35,11 +35,14 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+warnings.filterwarnings("ignore", category=UserWarning)  # megatron's "Apex is not installed" noise
 
 import torch  # noqa: E402
 
@@ -101,7 +104,8 @@ def print_run(res: dict) -> None:
         print(f"   {stat:<18}{s[f'{stat}_tv_student_k2']:>9.4f}{s[f'{stat}_tv_chained_k1']:>10.4f}"
               f"{s[f'{stat}_tv_independent']:>10.4f}{s[f'{stat}_block_agreement_k2']:>8.3f}"
               f"{s[f'{stat}_tv_sampling_scale']:>8.4f}")
-    print(f"   {'PASS' if res['passed'] else 'FAIL'}: every context TV(student k=2) < {TV_BOUND} < TV(independent)")
+    verdict = "PASS" if res["passed"] else "FAIL"
+    print(f"   {verdict}: every context TV(student k=2) < {TV_BOUND} < TV(independent)")
 
 
 def main(argv=None) -> int:
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
         shutdown()
 
     print("\n== summary (mean / max over contexts)")
-    print(f"   {'order':<8}{'seed':>5}{'TV k=2':>16}{'TV k=1x2':>16}{'TV indep':>16}{'train s':>9}  result")
+    print(f"   {'order':<8}{'seed':>5}{'TV k=2':>16}{'TV k=1x2':>16}{'TV indep':>16}"
+          f"{'train s':>9}  result")
     for r in results:
         s = r["summary"]
         print(f"   {r['config']['cdf_order']:<8}{r['config']['seed']:>5}"

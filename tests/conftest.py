@@ -41,3 +41,28 @@ def smoke_shards(tmp_path_factory) -> Path:
     shards = out / "shards"
     run_cli("prepare-data", "-c", SMOKE, "-o", out, "--set", f"data.shards_dir={shards}")
     return shards
+
+
+@pytest.fixture(scope="module")
+def groups():
+    """torch.distributed (gloo, world size 1) and megatron-core groups for one-process model tests."""
+    from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
+    from kforcing_dist.parallel.launch import resolve_launch
+
+    saved_env = dict(os.environ)  # init_distributed exports RANK/MASTER_PORT/...; undo afterwards
+    device = init_distributed(resolve_launch({}), backend="gloo")  # a plain single process
+    g = init_model_parallel(1, 1, device)
+    yield g
+    shutdown()
+    os.environ.clear()
+    os.environ.update(saved_env)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run as fast on one intra-op thread, and it avoids the large slowdowns of
+    spinning OpenMP threads on a shared, oversubscribed CPU. Restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -487,7 +487,7 @@ class DecoderLM(nn.Module):
         ar = torch.arange(s, device=dev)
         write = lengths[:, None] + ar  # [b, s] cache index of every chunk entry
         new_len = lengths + n
-        parts, pos_parts = [], []
+        parts = []
         pos_real = write[:, :c]
         pos_noise = new_len[:, None] + ar[:m]
         if self.embed_positions is not None:

@@ -49,7 +49,7 @@ class ToyConfig:
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 4
-    pad_multiple: int = 12          # vocabulary padded to a multiple of this (16 -> 24: masked logits present)
+    pad_multiple: int = 12          # vocab padded to a multiple of this (16 -> 24: masked logits)
     seq_len: int = 8                # context tokens per training sequence (and per held-out context)
     batch_size: int = 64            # sequences per step (teacher and student)
     teacher_steps: int = 200

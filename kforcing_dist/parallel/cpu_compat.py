@@ -37,7 +37,7 @@ def apply_cpu_patches() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     try:
-        import deepspeed.comm.torch  # noqa: F401  (imports the module object we patch)
+        import deepspeed.comm.torch  # noqa: F401 (imports the module object patched below)
 
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     except ImportError:  # the decoder runs without DeepSpeed installed

@@ -23,6 +23,10 @@ def _free_port() -> int:
 def _entry(rank, world, port, fn, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+
+    # several ranks share 2 cores: more intra-op threads than cores makes gloo tests crawl
+    torch.set_num_threads(1)
     try:
         queue.put((rank, "ok", fn(rank, world, *args)))
     except BaseException:  # report the failure instead of hanging the parent

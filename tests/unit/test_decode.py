@@ -16,22 +16,13 @@ import torch
 from kforcing_dist.config.schema import ModelConfig
 from kforcing_dist.decode import DecodeError, load_decoder, read_decoder_config, save_decoder
 from kforcing_dist.distill.noise import NoiseEncoder
-from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
-from kforcing_dist.parallel.launch import resolve_launch
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 100  # padded to 128: padding is always exercised
 ATOL = 1e-5
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and it avoids the large slowdowns
-    of spinning OpenMP threads on a shared, oversubscribed CPU. Restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 VARIANTS = {
     "rope-layernorm-gelu-untied": dict(),
@@ -44,16 +35,6 @@ VARIANTS = {
                                         attention_backend="math"),
 }
 
-
-@pytest.fixture(scope="module")
-def groups():
-    saved_env = dict(os.environ)  # init_distributed exports RANK/MASTER_PORT/...; undo afterwards
-    device = init_distributed(resolve_launch({}), backend="gloo")
-    g = init_model_parallel(1, 1, device)
-    yield g
-    shutdown()
-    os.environ.clear()
-    os.environ.update(saved_env)
 
 
 def small_cfg(**kw) -> ModelConfig:

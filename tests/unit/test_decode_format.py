@@ -15,15 +15,8 @@ from kforcing_dist.decode import (FORMAT_VERSION, DecodeError, DecoderLM, load_d
                                   read_decoder_config, save_decoder)
 from kforcing_dist.decode.format import CONFIG_FILE, WEIGHTS_FILE, expected_weight_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and it avoids the large slowdowns
-    of spinning OpenMP threads on a shared, oversubscribed CPU. Restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def model_dict(**kw) -> dict:

@@ -13,17 +13,10 @@ from kforcing_dist.config.schema import DecodeConfig, ModelConfig
 from kforcing_dist.decode import (FORMAT_VERSION, DecodeError, Decoder, DecoderLM, decode_kwargs,
                                   generate, generate_text, load_decoder, save_decoder)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
 V = 100
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and it avoids the large slowdowns
-    of spinning OpenMP threads on a shared, oversubscribed CPU. Restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def make_model(kind="ar", seed=0, std=0.3, masked=(), eos_id=None, max_k=4, **model_kw) -> DecoderLM:

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kforcing_dist.config.schema import ModelConfig
-from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
-from kforcing_dist.parallel.launch import resolve_launch
 
 VOCAB = 100  # padded to 128, so padded logits are always present
 PADDED = 128
 N = 8  # context tokens
 
 
-@pytest.fixture(scope="module")
-def groups():
-    saved_env = dict(os.environ)  # init_distributed exports RANK/MASTER_PORT/...; undo afterwards
-    device = init_distributed(resolve_launch({}), backend="gloo")
-    g = init_model_parallel(1, 1, device)
-    yield g
-    shutdown()
-    os.environ.clear()
-    os.environ.update(saved_env)
 
 
 CONFIGS = {

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kforcing_dist.config.schema import ModelConfig
-from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
-from kforcing_dist.parallel.launch import resolve_launch
 
 VOCAB = 100  # padded to 128 below, so padding is always exercised
 SEQ = 12
 
 
-@pytest.fixture(scope="module")
-def groups():
-    saved_env = dict(os.environ)  # init_distributed exports RANK/MASTER_PORT/...; undo afterwards
-    info = resolve_launch({})  # a plain single process, whatever the test environment holds
-    device = init_distributed(info, backend="gloo")
-    g = init_model_parallel(1, 1, device)
-    yield g
-    shutdown()
-    os.environ.clear()
-    os.environ.update(saved_env)
 
 
 def small_cfg(**kw) -> ModelConfig:
