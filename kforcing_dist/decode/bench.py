@@ -26,13 +26,9 @@ def speed_run(model: DecoderLM, *, mode: str, k: int = 1, batch: int = 1, prompt
               prompts: Optional[list[list[int]]] = None) -> dict:
     """Median decode tokens/s (prefill excluded) over ``repeats`` timed runs, with the details."""
     prompts = prompts or random_prompts(batch, prompt_len, model.vocab_size, seed)
-    kw = dict(mode=mode, k=k, max_new_tokens=new_tokens, seed=seed, eos_id=None)
-    saved_eos, model.eos_id = model.eos_id, None  # no early stop: time exactly new_tokens
-    try:
-        generate(model, prompts, **kw)
-        runs = [generate(model, prompts, **kw) for _ in range(repeats)]
-    finally:
-        model.eos_id = saved_eos
+    kw = dict(mode=mode, k=k, max_new_tokens=new_tokens, seed=seed, ignore_eos=True)  # time exactly new_tokens
+    generate(model, prompts, **kw)
+    runs = [generate(model, prompts, **kw) for _ in range(repeats)]
     tps = [r.tokens_per_second for r in runs]
     return {"mode": mode, "k": k, "batch": len(prompts), "prompt_len": len(prompts[0]),
             "new_tokens": new_tokens, "steps": runs[0].steps,

@@ -1,8 +1,8 @@
 """Decode speed of the AR teacher (multinomial sampling) and a PFLM at several k, same engine.
 
 Every cell decodes the same prompts for the same number of new tokens with EOS ignored, after a
-warm-up run; the median (and min/max) over repeats is reported, with the ratio to AR measured
-in the same run.
+warm-up run (``decode.bench.speed_run``); the median (and min/max) over repeats is reported, with
+the ratio to AR measured in the same run.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import statistics
 
 import torch
 
-from ..decode.generate import generate
+from ..decode.bench import speed_run
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
@@ -24,9 +24,8 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
 
 def _tokens_per_s(model, prompts, mode, k, new_tokens, repeats, seed) -> list[float]:
-    kw = dict(mode=mode, k=k, max_new_tokens=new_tokens, seed=seed, ignore_eos=True)
-    generate(model, prompts, **kw)  # warm-up
-    return [generate(model, prompts, **kw).tokens_per_second for _ in range(repeats)]
+    run = speed_run(model, mode=mode, k=k, new_tokens=new_tokens, repeats=repeats, seed=seed, prompts=prompts)
+    return run["all_tokens_per_second"]
 
 
 def decode_speed(ar_model, pflm_model, prompt_pool: list[list[int]], batches: list[int], ks: list[int],

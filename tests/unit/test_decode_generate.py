@@ -249,7 +249,7 @@ def test_decode_kwargs_from_config():
     assert decode_kwargs(cfg, "ar")["k"] == 1
 
 
-def test_speed_run_reports_median_and_restores_eos():
+def test_speed_run_reports_median_and_leaves_eos_alone():
     from kforcing_dist.decode.bench import speed_run
 
     model = make_model("pflm", eos_id=3)
