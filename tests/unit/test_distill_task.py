@@ -1,0 +1,64 @@
+"""The distillation stage task: targets per stage, the noise-inversion mix, resumable noise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from kforcing_dist.config.schema import DistillConfig
+from kforcing_dist.distill.task import DistillTask
+from tests.unit.test_distill_core import PADDED, VOCAB, build_student, build_teacher, small_cfg
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def batch(seed=0, b=2, n=12):
+    return torch.randint(0, VOCAB, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def models(groups):
+    cfg = small_cfg()
+    teacher = build_teacher(groups, cfg)
+    k1 = build_student(groups, cfg, 1, teacher=teacher)
+    k2 = build_student(groups, cfg, 2, seed=1, teacher=teacher)
+    return teacher, k1, k2
+
+
+def test_same_step_same_noise_other_step_other_noise(groups, models):
+    teacher, k1, _ = models
+    task = DistillTask(1, DistillConfig(max_window_slots=4), groups, ar_teacher=teacher)
+    x = batch()
+    a, ma = task.train_loss(k1, x, step=3, micro=0)
+    b, mb = task.train_loss(k1, x, step=3, micro=0)
+    c, _ = task.train_loss(k1, x, step=4, micro=0)
+    assert a.item() == b.item() and ma == mb  # a resumed run redraws exactly this noise
+    assert a.item() != c.item()
+    assert set(ma) >= {"acc", "block_match", "acc_slot1", "loss_slot1"} and "loss" not in ma
+
+
+def test_stage2_uses_the_previous_student_and_reports_every_slot(groups, models):
+    teacher, k1, k2 = models
+    task = DistillTask(2, DistillConfig(), groups, prev_student=k1)
+    loss, metrics = task.train_loss(k2, batch(), step=0, micro=0)
+    assert torch.isfinite(loss) and {"acc_slot1", "acc_slot2", "loss_slot2"} <= set(metrics)
+    with pytest.raises(ValueError, match="stage-1 student"):
+        DistillTask(2, DistillConfig(), groups, prev_student=k2)
+    with pytest.raises(ValueError, match="AR teacher"):
+        DistillTask(1, DistillConfig(), groups)
+
+
+def test_noise_inversion_mix_adds_weighted_loss(groups, models):
+    teacher, k1, _ = models
+    base = DistillConfig(max_window_slots=4)
+    plain = DistillTask(1, base, groups, ar_teacher=teacher)
+    mixed = DistillTask(1, dataclasses.replace(base, noise_inversion_weight=0.5), groups, ar_teacher=teacher)
+    x = batch(n=14)
+    l0, _ = plain.train_loss(k1, x, step=0, micro=0)
+    l1, m1 = mixed.train_loss(k1, x, step=0, micro=0)
+    # same noise for the distillation part, plus half the inversion loss on top
+    assert m1["distill_loss"] == pytest.approx(l0.item(), rel=1e-6)
+    assert l1.item() == pytest.approx(l0.item() + 0.5 * m1["inv_loss"], rel=1e-6)
+    assert {"inv_acc_slot1", "inv_block_match"} <= set(m1)
