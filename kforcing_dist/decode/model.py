@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distill.noise import NoiseEncoder
+from ..torch_layers import Norm
 from .errors import DecodeError
 from .format import DTYPES, expected_weight_shapes, resolve_ffn_hidden_size, validate_decoder_config
 
@@ -55,29 +56,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-class Norm(nn.Module):
-    """LayerNorm (optional bias) or RMSNorm, computed in float32, cast back to the input dtype."""
-
-    def __init__(self, hidden_size: int, kind: str, bias: bool, eps: float, dtype: torch.dtype):
-        super().__init__()
-        self.kind, self.eps, self.hidden_size = kind, eps, hidden_size
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
-        if kind == "layernorm" and bias:
-            self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=dtype), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        w = self.weight.float()
-        if self.kind == "layernorm":
-            b = self.bias.float() if self.bias is not None else None
-            y = F.layer_norm(xf, (self.hidden_size,), w, b, self.eps)
-        else:
-            y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * w
-        return y.to(x.dtype)
 
 
 def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float):

@@ -54,16 +54,20 @@ def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: st
     return tokens.squeeze(-1)
 
 
-def cdf_interval(logits: torch.Tensor, tokens: torch.Tensor, tau=1.0, order: str = "vocab"):
-    """The interval [low, high) of u that G maps to ``tokens`` (float64 tensors shaped like tokens)."""
+def _cdf_positions(logits: torch.Tensor, tokens: torch.Tensor, tau, order: str):
+    """(ordered probabilities, their cumulative sum, each token's index in CDF order [..., 1])."""
     _check_order(order)
-    probs = probabilities(logits, tau)
-    ordered, perm = _ordered(probs, order)
-    cdf = ordered.cumsum(-1)
+    ordered, perm = _ordered(probabilities(logits, tau), order)
     if perm is None:
         pos = tokens.unsqueeze(-1)
     else:
         pos = torch.argsort(perm, dim=-1).gather(-1, tokens.unsqueeze(-1))  # rank of each token
+    return ordered, ordered.cumsum(-1), pos
+
+
+def cdf_interval(logits: torch.Tensor, tokens: torch.Tensor, tau=1.0, order: str = "vocab"):
+    """The interval [low, high) of u that G maps to ``tokens`` (float64 tensors shaped like tokens)."""
+    ordered, cdf, pos = _cdf_positions(logits, tokens, tau, order)
     high = cdf.gather(-1, pos).squeeze(-1)
     low = high - ordered.gather(-1, pos).squeeze(-1)
     return low.clamp_(min=0.0), high
@@ -93,14 +97,7 @@ def invert_noise_exact(logits: torch.Tensor, tokens: torch.Tensor, r: torch.Tens
     zero probability has an empty interval and no such u: u is then its (empty) interval's
     start, and G returns another token.
     """
-    _check_order(order)
-    probs = probabilities(logits, tau)
-    ordered, perm = _ordered(probs, order)
-    cdf = ordered.cumsum(-1)
-    if perm is None:
-        pos = tokens.unsqueeze(-1)
-    else:
-        pos = torch.argsort(perm, dim=-1).gather(-1, tokens.unsqueeze(-1))
+    ordered, cdf, pos = _cdf_positions(logits, tokens, tau, order)
     high = cdf.gather(-1, pos).squeeze(-1)
     low = cdf.gather(-1, (pos - 1).clamp(min=0)).squeeze(-1)
     low = torch.where(pos.squeeze(-1) == 0, torch.zeros_like(low), low)
