@@ -92,6 +92,8 @@ def _load_frozen(folder: Path, builder, groups) -> torch.nn.Module:
 
 def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     """Train (or resume) stage k inside a distributed context and export it."""
+    from safetensors.torch import load_file
+
     from ..distill.task import DistillTask
     from ..model.state import load_full_state_dict
     from ..model.student import PFLM
@@ -128,8 +130,6 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     torch.manual_seed(d.seed)
     model = student(k)
     # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
-    from safetensors.torch import load_file
-
     init_from = ar_path if k == 1 else prev_path
     init_weights = fit_vocab_rows(load_file(str(init_from / "model.safetensors")), padded)
     if k == 1:

@@ -9,7 +9,7 @@ import torch
 
 from kforcing_dist.config.schema import DistillConfig
 from kforcing_dist.distill.task import DistillTask
-from tests.unit.test_distill_core import PADDED, VOCAB, build_student, build_teacher, small_cfg
+from tests.unit.test_distill_core import VOCAB, build_student, build_teacher, small_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
