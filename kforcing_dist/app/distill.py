@@ -19,7 +19,8 @@ from ..config import Config, ConfigError, check, derive_layout
 from ..config.schema import ModelConfig
 from ..training.checkpoint import CheckpointError
 from .runtime import distributed, install_stop_signals, validated_launch
-from .teacher import ensure_shards, resolve_vocab, samplers, shards_dir_of, train_teacher, write_summary
+from .teacher import (ensure_shards, resolve_vocab, samplers, shards_dir_of, train_teacher, train_then_export,
+                      write_summary)
 
 log = logging.getLogger("kforcing_dist")
 
@@ -143,17 +144,11 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
         extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
                         "cdf_order": d.cdf_order, "teacher": str(ar_path if k == 1 else prev_path)},
         save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
-    try:
-        trainer.resume()
-        result = trainer.train()
-        if not result.stopped_early:
-            export_decoder(trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model,
-                           padded_vocab_size=padded, zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer,
-                           max_k=k, noise={"max_freq": d.noise_max_freq}, cdf_order=d.cdf_order,
-                           source={"checkpoint": str(result.checkpoint), "step": result.step,
-                                   "teacher": str(ar_path if k == 1 else prev_path)})
-    finally:
-        trainer.close()
+    result = train_then_export(trainer, lambda res: export_decoder(
+        trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model, padded_vocab_size=padded,
+        zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise={"max_freq": d.noise_max_freq},
+        cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
+                                       "teacher": str(ar_path if k == 1 else prev_path)}))
     if groups.is_logging_rank:
         write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
         log.info("stage k%d: step %d, %s", k, result.step,

@@ -83,6 +83,18 @@ def write_summary(path: Path, result, info, layout, extra: dict | None = None) -
     return summary
 
 
+def train_then_export(trainer, export):
+    """Resume, train, and ``export(result)`` unless stopped early; the trainer is closed either way."""
+    try:
+        trainer.resume()
+        result = trainer.train()
+        if not result.stopped_early:
+            export(result)
+    finally:
+        trainer.close()
+    return result
+
+
 def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
     """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
     from ..model.transformer import TransformerLM, pad_vocab_size
@@ -99,15 +111,10 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
         cfg, original_yaml, groups, layout, model, LMTask(groups.tp_group), sampler, valid, out,
         extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
         save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
-    try:
-        trainer.resume()
-        result = trainer.train()
-        if not result.stopped_early:
-            export_decoder(trainer.engine.module, groups, out / "export", kind="ar", model_cfg=cfg.model,
-                           padded_vocab_size=padded, zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer,
-                           source={"checkpoint": str(result.checkpoint), "step": result.step})
-    finally:
-        trainer.close()
+    result = train_then_export(trainer, lambda res: export_decoder(
+        trainer.engine.module, groups, out / "export", kind="ar", model_cfg=cfg.model, padded_vocab_size=padded,
+        zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer,
+        source={"checkpoint": str(res.checkpoint), "step": res.step}))
     if groups.is_logging_rank:
         s = write_summary(out / "teacher_summary.json", result, info, layout)
         log.info("teacher: step %d, val loss %s, val ppl %s, %.0f tokens/s, checkpoint %s", result.step,
