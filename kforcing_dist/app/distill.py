@@ -19,8 +19,8 @@ from ..config import Config, ConfigError, check, derive_layout
 from ..config.schema import ModelConfig
 from ..training.checkpoint import CheckpointError
 from .runtime import distributed, install_stop_signals, validated_launch
-from .teacher import (ensure_shards, resolve_vocab, samplers, shards_dir_of, train_teacher, train_then_export,
-                      write_summary)
+from .teacher import (ensure_shards, resolve_vocab, samplers, shards_dir_of, teacher_setup, train_teacher,
+                      train_then_export, write_summary)
 
 log = logging.getLogger("kforcing_dist")
 
@@ -169,18 +169,12 @@ def run_distill(cfg: Config, original_yaml: str, source: str, stage: str):
 
 def run_pipeline(cfg: Config, original_yaml: str, source: str) -> int:
     """Teacher -> every distill stage -> report, in one process group; returns an exit code."""
-    from ..training.trainer import StopFlag
-
     info = validated_launch(cfg, source)
     root = run_root(cfg)
     tcfg = copy.deepcopy(cfg)
     tcfg.output_dir = str(root / "teacher")
     tcfg.data.shards_dir = str(shards_dir_of(cfg))
-    shards, tokenizer = ensure_shards(tcfg, info.world_size, source)
-    resolve_vocab(tcfg, tokenizer)
-    Path(tcfg.output_dir).mkdir(parents=True, exist_ok=True)
-    stop = StopFlag()
-    install_stop_signals(stop)
+    shards, tokenizer, stop = teacher_setup(tcfg, info.world_size, source)
     with distributed(info, cfg) as groups:
         if train_teacher(tcfg, original_yaml, info, groups, shards, tokenizer, stop).stopped_early:
             return 3

@@ -122,14 +122,20 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
     return result
 
 
-def run_train_teacher(cfg: Config, original_yaml: str, source: str):
+def teacher_setup(cfg: Config, world_size: int, source: str):
+    """Before any process group: shards and tokenizer, vocab size, run folder, stop signals."""
     from ..training.trainer import StopFlag
 
-    info = validated_launch(cfg, source)
-    shards, tokenizer = ensure_shards(cfg, info.world_size, source)
+    shards, tokenizer = ensure_shards(cfg, world_size, source)
     resolve_vocab(cfg, tokenizer)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     stop = StopFlag()
     install_stop_signals(stop)
+    return shards, tokenizer, stop
+
+
+def run_train_teacher(cfg: Config, original_yaml: str, source: str):
+    info = validated_launch(cfg, source)
+    shards, tokenizer, stop = teacher_setup(cfg, info.world_size, source)
     with distributed(info, cfg) as groups:
         return train_teacher(cfg, original_yaml, info, groups, shards, tokenizer, stop)
