@@ -6,9 +6,9 @@
 - ``noise_inversion_batch``: real data continuations as targets, with u drawn inside the
   teacher's CDF interval of each data token.
 
-Logits are vocab-parallel over ``tp_group``; for the float64 inverse CDF they are gathered
-to the full vocabulary (``gather_full_vocab``) and cut to the real (unpadded) vocabulary, so a
-padded entry can never be a target. Every frozen model runs under ``torch.no_grad``. Noise
+Logits are vocab-parallel over ``tp_group``; the float64 inverse CDF runs on the shards
+(:mod:`.vocab_parallel_cdf`: no vocabulary-sized gather in ``vocab`` order) and gives padded
+entries probability 0, so a padded entry can never be a target. Every frozen model runs under ``torch.no_grad``. Noise
 drawn here (``generator``) must be drawn identically on the ranks of a TP group.
 """
 
@@ -22,8 +22,9 @@ import torch.distributed as dist
 from ..model.loss import resolve_tp_group
 from ..model.student import PFLM, per_sequence_tau
 from ..model.transformer import TransformerLM
-from .inverse_cdf import _check_order, inverse_cdf_sample, invert_noise_exact
+from .inverse_cdf import _check_order
 from .layout import check_window_starts
+from .vocab_parallel_cdf import vp_inverse_cdf_sample, vp_invert_noise_exact
 
 
 def gather_full_vocab(logits_local: torch.Tensor, tp_group) -> torch.Tensor:
@@ -71,10 +72,6 @@ def _check_u(u: torch.Tensor, batch: int, windows: int, name: str = "u") -> None
                          f"got {tuple(u.shape)}")
 
 
-def _real_vocab(full_logits: torch.Tensor, model: TransformerLM) -> torch.Tensor:
-    return full_logits[..., :model.vocab_size]
-
-
 @torch.no_grad()
 def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_starts: torch.Tensor,
                    u: torch.Tensor, tau, order: str, tp_group) -> torch.Tensor:
@@ -96,8 +93,8 @@ def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_start
     logits = teacher(input_ids)                                          # [b, N, V/tp]
     idx = window_starts.to(logits.device).long()[:, :, None].expand(b, W, logits.shape[-1])
     at_starts = logits.gather(1, idx)                                    # [b, W, V/tp]
-    full = _real_vocab(gather_full_vocab(at_starts, tp_group), teacher)
-    return inverse_cdf_sample(full, u[..., 0], tau[:, None], order).unsqueeze(-1)
+    return vp_inverse_cdf_sample(at_starts, u[..., 0], tau[:, None], order, teacher.vocab_start,
+                                 teacher.vocab_size, tp_group).unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -155,9 +152,10 @@ def noise_inversion_batch(teacher: TransformerLM, tokens: torch.Tensor, window_s
     cond = window_starts.to(tokens.device).long()[:, :, None] + torch.arange(k, device=tokens.device)
     flat = cond.reshape(b, W * k)
     local = logits.gather(1, flat[:, :, None].expand(b, W * k, logits.shape[-1]))
-    full = _real_vocab(gather_full_vocab(local, tp_group), teacher).view(b, W, k, -1)
+    local = local.view(b, W, k, -1)
     targets = tokens.gather(1, flat + 1).view(b, W, k)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     r = torch.rand(b, W, k, generator=generator, dtype=torch.float64, device=gen_device)
-    u = invert_noise_exact(full, targets, r.to(tokens.device), tau[:, None, None], order)
+    u = vp_invert_noise_exact(local, targets, r.to(tokens.device), tau[:, None, None], order,
+                              teacher.vocab_start, teacher.vocab_size, tp_group)
     return u, targets

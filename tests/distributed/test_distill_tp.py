@@ -28,6 +28,56 @@ def _sharpen(model):
     return model
 
 
+def _vocab_parallel_cdf_checks(rank, world, groups):
+    """The sharded inverse CDF against the one-process one on many rows, with padded entries
+    (including a shard made only of padding) and u at the edges of [0, 1)."""
+    import torch.distributed as dist
+
+    from kforcing_dist.distill import vocab_parallel_cdf as vpc
+    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample, invert_noise_exact
+
+    res = {}
+    gen = torch.Generator().manual_seed(21)
+    rows, padded = 3000, 112
+    local_v = padded // world
+    for real_vocab in (100, 50):  # 50: rank 1's shard (ids 56..111) is all padding
+        logits = torch.randn(rows, padded, generator=gen) * 3
+        logits[:, real_vocab:] = -1e4
+        u = torch.rand(rows, generator=gen, dtype=torch.float64)
+        u[:3] = torch.tensor([0.0, 1.0 - 1e-17, 1.0 - 2 ** -53])
+        tau = 0.5 + torch.rand(rows, generator=gen, dtype=torch.float64)
+        shard = logits[:, rank * local_v:(rank + 1) * local_v]
+        sizes = []
+        real_gather = dist.all_gather
+
+        def recording_gather(parts, tensor, group=None):
+            sizes.append(tensor.numel())
+            return real_gather(parts, tensor, group=group)
+
+        for order in ("vocab", "sorted"):
+            sizes.clear()
+            vpc.dist.all_gather = recording_gather
+            try:
+                got = vpc.vp_inverse_cdf_sample(shard, u, tau, order, rank * local_v, real_vocab, groups,
+                                                chunk_rows=700)
+            finally:
+                vpc.dist.all_gather = real_gather
+            want = inverse_cdf_sample(logits[:, :real_vocab], u, tau, order)
+            res[f"{real_vocab}_{order}_equal"] = torch.equal(got, want)
+            res[f"{real_vocab}_{order}_max_gathered"] = max(sizes)
+            tokens = want.clone()
+            r = torch.rand(rows, generator=gen, dtype=torch.float64)
+            u_inv = vpc.vp_invert_noise_exact(shard, tokens, r, tau, order, rank * local_v, real_vocab,
+                                              groups, chunk_rows=700)
+            ref_inv = invert_noise_exact(logits[:, :real_vocab], tokens, r, tau, order)
+            res[f"{real_vocab}_{order}_inv_err"] = (u_inv - ref_inv).abs().max().item()
+            res[f"{real_vocab}_{order}_roundtrip"] = torch.equal(
+                vpc.vp_inverse_cdf_sample(shard, u_inv, tau, order, rank * local_v, real_vocab, groups),
+                tokens)
+            res[f"{real_vocab}_{order}_real_only"] = bool((got < real_vocab).all())
+    return res
+
+
 def _tp_worker(rank, world):
     import torch.distributed as dist
 
@@ -56,6 +106,7 @@ def _tp_worker(rank, world):
     shard = full.chunk(world, dim=-1)[rank]
     out["argmax_equal"] = torch.equal(vocab_parallel_argmax(shard, groups), full.argmax(-1))
     out["gather_equal"] = torch.equal(gather_full_vocab(shard, groups), full)
+    out["vp_cdf"] = _vocab_parallel_cdf_checks(rank, world, groups)
 
     for name, kw in CASES.items():
         cfg = ModelConfig(vocab_size=VOCAB, make_vocab_size_divisible_by=8, hidden_size=32,
@@ -131,6 +182,22 @@ def test_vocab_parallel_argmax_and_gather(results):
     for rank, res in enumerate(results):
         assert res["argmax_equal"], f"rank {rank}: global argmax differs from torch.argmax"
         assert res["gather_equal"], f"rank {rank}: gathered logits differ"
+
+
+@pytest.mark.parametrize("real_vocab", [100, 50])
+@pytest.mark.parametrize("order", ["vocab", "sorted"])
+def test_vocab_parallel_inverse_cdf_equals_one_process(results, real_vocab, order):
+    for rank, res in enumerate(results):
+        r = res["vp_cdf"]
+        key = f"{real_vocab}_{order}"
+        assert r[f"{key}_equal"], f"rank {rank}: sharded G(x, u) differs from the one-process G"
+        assert r[f"{key}_real_only"], f"rank {rank}: a padded id was sampled"
+        assert r[f"{key}_roundtrip"], f"rank {rank}: G(vp_invert_noise_exact(token)) != token"
+        assert r[f"{key}_inv_err"] < 1e-12
+        if order == "vocab":  # one float64 per row (the shard total), never the vocabulary
+            assert r[f"{key}_max_gathered"] == 3000
+        else:                 # sorted gathers whole rows, 700 rows at a time
+            assert r[f"{key}_max_gathered"] == 700 * (112 // 2)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
