@@ -2,9 +2,10 @@
 
 Stage k=1 takes its targets from the AR teacher by inverse-CDF; stage 2k from the frozen
 stage-k student run twice (self-forcing). The optional noise-inversion loss on real data is
-added with ``distill.noise_inversion_weight``. All noise is derived from (seed, step,
-micro-batch, data-parallel rank), so a resumed run draws exactly the noise it would have drawn,
-and tensor-parallel ranks of one replica draw the same noise.
+added with ``distill.noise_inversion_weight``. All noise is derived from (seed, step, global
+micro-batch index), so a resumed run draws exactly the noise it would have drawn, tensor- and
+pipeline-parallel ranks of one replica draw the same noise, and a run at another data-parallel
+size (same micro-batch size) trains on exactly the same noise as the sampler's global order.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import torch
 from ..config.schema import DistillConfig
 
 
-def noise_generator(seed: int, stream: str, step: int, micro: int, dp_rank: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{stream}/{step}/{micro}/{dp_rank}".encode()).digest()
+def noise_generator(seed: int, stream: str, step: int, global_micro: int) -> torch.Generator:
+    """The generator of one micro-batch's noise; ``global_micro`` = micro * dp_size + dp_rank,
+    the order in which the sampler hands out micro-batches (see data/sampler.py)."""
+    digest = hashlib.sha256(f"{seed}/{stream}/{step}/{global_micro}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -93,10 +96,13 @@ class DistillTask:
                 out[f"{prefix}{name}"] = float(value)
         return out
 
+    def _global_micro(self, micro: int) -> int:
+        return micro * self.groups.dp_size + self.groups.dp_rank
+
     def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
-        gen = noise_generator(self.dcfg.seed, "train", step, micro, self.groups.dp_rank)
+        gen = noise_generator(self.dcfg.seed, "train", step, self._global_micro(micro))
         return self._loss(engine, batch, gen)
 
     def eval_loss(self, engine, batch: torch.Tensor, index: int):
-        gen = noise_generator(self.dcfg.seed, "valid", 0, index, self.groups.dp_rank)
+        gen = noise_generator(self.dcfg.seed, "valid", 0, self._global_micro(index))
         return self._loss(engine, batch, gen)
