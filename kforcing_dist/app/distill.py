@@ -75,20 +75,20 @@ def stage_config(cfg: Config, k: int, model_cfg: dict) -> Config:
     return out
 
 
-def _load_frozen(folder: Path, builder, groups) -> torch.nn.Module:
-    """Build a model with ``builder(padded_vocab)`` and load the full weights exported in ``folder``."""
+def _load_frozen(folder: Path, builder, groups, cfg: Config) -> torch.nn.Module:
+    """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it."""
     from safetensors.torch import load_file
 
+    from ..distill.frozen import freeze
     from ..model.state import load_full_state_dict
+    from ..training.engine import resolve_precision
     from ..training.export import fit_vocab_rows
 
     model = builder()
     weights = fit_vocab_rows(load_file(str(folder / "model.safetensors")), model.padded_vocab_size)
     load_full_state_dict(model, weights, groups.tp_group)
-    model.to(groups.device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+    return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device),
+                  cfg.distill.partition_frozen)
 
 
 def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
@@ -126,8 +126,9 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     def student(max_k):
         return PFLM(scfg.model, padded, groups.tp_group, max_k=max_k, noise_max_freq=d.noise_max_freq)
 
-    ar = _load_frozen(ar_path, lambda: TransformerLM(scfg.model, padded, groups.tp_group), groups) if need_ar else None
-    prev = _load_frozen(prev_path, lambda: student(k // 2), groups) if k > 1 else None
+    ar = (_load_frozen(ar_path, lambda: TransformerLM(scfg.model, padded, groups.tp_group), groups, scfg)
+          if need_ar else None)
+    prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg) if k > 1 else None
     torch.manual_seed(d.seed)
     model = student(k)
     # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)

@@ -157,6 +157,9 @@ class DistillConfig:
     teacher: str = doc_field("", "Teacher of stage 1: a training checkpoint folder or run folder; empty: "
                                  "<output_dir>/teacher (the pipeline's layout).")
     seed: int = doc_field(7, "Seed of the noise u and tau drawn during distillation.")
+    partition_frozen: bool = doc_field(
+        False, "Partition the frozen teacher / previous student over data-parallel ranks with ZeRO-3 "
+               "(no optimizer state), for teachers too big to replicate; needs parallel.pp = 1.")
 
 
 @dataclass

@@ -166,6 +166,9 @@ def _distill_problems(cfg: Config) -> list[str]:
                    f"(got {d.max_steps}, {d.lr}, {d.min_lr}, {d.warmup_steps})")
     if d.micro_batch_size < 0 or d.seq_len < 0 or d.eval_interval < 0:
         out.append("distill.micro_batch_size, distill.seq_len and distill.eval_interval must be >= 0")
+    if d.partition_frozen and cfg.parallel.pp > 1:
+        out.append("distill.partition_frozen (ZeRO-3 frozen models) needs parallel.pp = 1: with a pipeline "
+                   "the frozen models are already split by stage; set distill.partition_frozen=false")
     seq = d.seq_len or cfg.train.seq_len
     if cfg.model.position == "learned" and seq + max(st or [1]) > cfg.model.max_seq_len:
         # slot i of the last window sits at position seq_len - 1 + i: a learned table must hold it

@@ -3,7 +3,8 @@
 The one-process reference runs the same global batches as 4 accumulated micro-batches (DP=2: 2
 each); the noise of each micro-batch is keyed by its global index, so both layouts draw
 identical noise.
-Losses, the clipped gradient norm and the final student parameters are compared.
+Losses, the clipped gradient norm and the final student parameters are compared; one case also
+partitions the frozen teacher and previous student with ZeRO-3 (``distill.partition_frozen``).
 """
 
 import numpy as np
@@ -23,8 +24,9 @@ OVERRIDES = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", 
              "distill.noise_inversion_weight=0.5", "distill.noise_encoder_lr_scale=3"]
 
 
-def _train(rank, world, zero):
+def _train(rank, world, zero, partition_frozen=False):
     from kforcing_dist.config import derive_layout, load_config
+    from kforcing_dist.distill.frozen import freeze
     from kforcing_dist.distill.task import DistillTask
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
@@ -42,13 +44,16 @@ def _train(rank, world, zero):
     assert layout.grad_accum == GLOBAL_BATCH // dp
     padded = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, 1)
     torch.manual_seed(0)
-    teacher = TransformerLM(cfg.model, padded, groups.tp_group).eval().requires_grad_(False)
+    teacher = TransformerLM(cfg.model, padded, groups.tp_group)
     torch.manual_seed(1)
     prev = PFLM(cfg.model, padded, groups.tp_group, max_k=1, noise_init_std=0.3)
     prev.init_from_teacher(teacher, groups.tp_group)
-    prev.eval().requires_grad_(False)
-    torch.manual_seed(2)
     student = PFLM.from_student(prev, max_k=2)
+    teacher = freeze(teacher, groups, "fp32", partition_frozen)
+    prev = freeze(prev, groups, "fp32", partition_frozen)
+    if partition_frozen:  # each rank holds half of the frozen weights at rest
+        held = sum(p.ds_tensor.numel() for p in teacher.parameters())
+        assert 0 < held <= sum(p.ds_numel for p in teacher.parameters()) // 2 + 64
     task = DistillTask(2, cfg.distill, groups, ar_teacher=teacher, prev_student=prev)
     engine = build_engine(student, cfg, layout, groups, "fp32", task.lr_scales)
     gen = torch.Generator().manual_seed(123)
@@ -84,9 +89,9 @@ def test_reference_actually_trains(reference):
     assert any(np.abs(v).max() > 0 for k, v in reference["params"].items() if "noise_encoder" in k)
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
-def test_distill_stage_zero_dp2_matches_one_process(reference, zero):
-    result = run_distributed(_train, 2, zero)[0]
+@pytest.mark.parametrize("zero,partition_frozen", [(1, False), (2, False), (3, False), (3, True)])
+def test_distill_stage_zero_dp2_matches_one_process(reference, zero, partition_frozen):
+    result = run_distributed(_train, 2, zero, partition_frozen)[0]
     tol = 2e-5
     np.testing.assert_allclose(result["losses"], reference["losses"], rtol=0, atol=tol)
     np.testing.assert_allclose(result["norms"], reference["norms"], rtol=1e-4, atol=tol)
