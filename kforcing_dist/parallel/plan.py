@@ -43,8 +43,7 @@ ASSUMPTIONS = (
     "parameter plus whole copies of parameters under 1e5 elements (persistent), and gathers the "
     "current and the prefetched block while computing (counted under buffers).",
     "Optimizer (AdamW): an fp32 master copy and two fp32 moments of this rank's partition (ZeRO-0: all "
-    "parameters and no master in fp32). ZeRO-1/2 clone the master even in fp32; ZeRO-3 in fp32 updates "
-    "its partition in place (no extra master).",
+    "parameters, and no master copy in fp32). ZeRO-1/2/3 clone the master partition even in fp32.",
     "Gradients (estimate): ZeRO-0 whole in fp32; ZeRO-1 whole in the model dtype plus the fp32 partition "
     "the optimizer steps on; ZeRO-2/3 only the partition (model dtype) plus its fp32 copy; ZeRO-2/3 add "
     "a reduce bucket of min(5e8, n) elements (buffers).",
@@ -386,7 +385,9 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
             mem["optimizer_moments"] = 2 * z.params * 4
             mem["gradients"] = z.params * 4
         else:
-            mem["master_weights"] = z.partition * 4 if (fp32_copy or zero in (1, 2)) else 0
+            # DeepSpeed clones the partition even in fp32 (ZeRO-3's in-place branch compares a
+            # torch.device with a str, which never matches)
+            mem["master_weights"] = z.partition * 4
             mem["optimizer_moments"] = 2 * z.partition * 4
             grad_whole = z.params * e if zero == 1 else z.partition * e
             mem["gradients"] = grad_whole + (z.partition * 4 if (fp32_copy or zero == 1) else 0)
