@@ -54,9 +54,9 @@ ASSUMPTIONS = (
     "model dtype, t = tp, F = MLP width, b = micro-batch, L = N + W*k packed length, S = W*k slots): per "
     "block b*L*(2e*H [q/k/v input] + 2e*H [MLP input] + 16*H [two norms computed in fp32] + 5e*H/t "
     "[q, GQA-expanded k and v, attention output and its reshaped copy] + c*e*F/t [c = 4 swiglu, 2 gelu] "
-    "+ e*L [the boolean staircase mask as the additive bias the masked SDPA kernels keep]) + b*L*L "
-    "[the boolean mask, once]; the last stage adds the head on the S slots b*S*(e*H + (e+12)*V/t) "
-    "[bf16 logits, fp32 copy, padding mask, cross-entropy softmax]; stage 0 adds the noise encoder "
+    "+ e*L [students: the staircase mask as the additive bias the masked SDPA kernels keep]) + b*L*L "
+    "[students: the boolean mask, once]; within 5% of the bytes autograd saves on CPU (a test checks); the last stage adds the head on the S slots (the teacher: S = N) b*S*(e*H + (e+16)*V/t) "
+    "[model-dtype logits, fp32 copies for the padding mask and the cross-entropy]; stage 0 adds the noise encoder "
     "b*S*(16*H [fp64 features] + 12*e*H). 1F1B keeps min(pp - stage, grad_accum) micro-batches in flight.",
     "Teacher pass (forward-only, transient, counted on top): stage k1 fp32 logits b*N*V/t*4 plus the "
     "gathered full-vocabulary rows at the W window starts in fp32 and the float64 CDF (b*W*V*20); stage 2k "
@@ -284,15 +284,20 @@ def resolve_vocab_size(cfg: Config) -> int:
                       "plan")
 
 
-def _activation_bytes(cfg: ModelConfig, tp: int, e: int, b: int, L: int, S: int, V_local: int,
-                      blocks: int, first: bool, last: bool, noise: bool) -> int:
-    """Bytes autograd keeps for one micro-batch on one stage (the formula in ASSUMPTIONS)."""
+def activation_bytes(cfg: ModelConfig, tp: int, e: int, b: int, L: int, S: int, V_local: int,
+                     blocks: int, first: bool, last: bool, noise: bool) -> int:
+    """Bytes autograd keeps for one micro-batch on one stage (the formula in ASSUMPTIONS).
+
+    ``noise``: a student (staircase mask, noise encoder on stage 0); the teacher is plain causal
+    and needs no mask tensor.
+    """
     H, F = cfg.hidden_size, _ffn_hidden_size(cfg)
     c = 4 if cfg.activation == "swiglu" else 2
-    per_token = 2 * e * H + 2 * e * H + 16 * H + 5 * e * H // tp + c * e * F // tp + e * L
-    total = blocks * b * L * per_token + b * L * L
+    mask_bias = e * L if noise else 0
+    per_token = 2 * e * H + 2 * e * H + 16 * H + 5 * e * H // tp + c * e * F // tp + mask_bias
+    total = blocks * b * L * per_token + (b * L * L if noise else 0)
     if last:
-        total += b * S * (e * H + (e + 12) * V_local)
+        total += b * S * (e * H + (e + 16) * V_local)
     if first and noise:
         total += b * S * (16 * H + 12 * e * H)
     return total
@@ -400,7 +405,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
         mem["engine_buffers"] = buffers
         mem["frozen_model"] = sum(p.numel for p in frozen_mine) * ef
         in_flight = min(pp - s, accum)
-        mem["activations"] = in_flight * _activation_bytes(
+        mem["activations"] = in_flight * activation_bytes(
             scfg.model, tp, e, b, L, S, V_pad // tp, blocks, first, last, noise=k > 0)
         teacher_pass = 0
         if k == 1:

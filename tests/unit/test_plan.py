@@ -120,3 +120,47 @@ def test_cli_text_json_and_exit_codes(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", "-c", str(LLAMA_7B), "--nodes", "1", "--gpus-per-node", "3"]) == 2
     assert "tp x pp x dp must equal the world size 3" in capsys.readouterr().err
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    import torch
+
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
+def test_activation_estimate_matches_saved_tensors(groups, one_thread, activation):
+    import torch
+
+    from kforcing_dist.distill.losses import slot_metrics
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.model.transformer import lm_loss
+    from kforcing_dist.parallel.plan import activation_bytes
+
+    cfg = ModelConfig(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, max_seq_len=512,
+                      norm="rmsnorm", activation=activation, mlp_bias=False)
+    torch.manual_seed(0)
+    model = PFLM(cfg, 1024, groups.tp_group, max_k=2, params_dtype=torch.bfloat16)
+    b, N, W, k = 2, 128, 64, 2
+    ids = torch.randint(0, 1000, (b, N + 1))
+    starts = torch.arange(0, N, N // W).expand(b, W)
+    u = torch.rand(b, W, k, dtype=torch.float64)
+    targets = torch.randint(0, 1000, (b, W, k))
+
+    student = _saved_bytes(lambda: slot_metrics(model(ids[:, :N], starts, u, 1.0), targets, groups.tp_group))
+    planned = activation_bytes(cfg, 1, 2, b, N + W * k, W * k, 1024, 2, True, True, noise=True)
+    assert planned == pytest.approx(student, rel=0.05)
+
+    teacher = _saved_bytes(lambda: lm_loss(model(ids[:, :N]), ids[:, 1:], groups.tp_group))
+    planned = activation_bytes(cfg, 1, 2, b, N, N, 1024, 2, True, True, noise=False)
+    assert planned == pytest.approx(teacher, rel=0.05)
