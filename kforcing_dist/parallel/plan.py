@@ -13,8 +13,6 @@ activations are estimates whose formulas are spelled out in :data:`ASSUMPTIONS`.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Optional
 
 from ..config.loader import ConfigError
 from ..config.schema import Config, ModelConfig
