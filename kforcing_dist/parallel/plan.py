@@ -491,19 +491,17 @@ def format_plan(plan: Plan) -> str:
         + (f", W={plan.windows} windows x k={plan.k} slots -> packed length N+W*k={plan.packed_len}"
            if plan.k else ""),
         "",
-        "memory per rank (GiB; every TP and DP rank of a stage alike):",
+        "memory per rank, GiB (one column per pipeline stage; its TP and DP ranks hold the same):",
     ]
-    keys = [k for k in plan.stages[0].memory if k != "total"] + ["total"]
-    head = f"{'stage (blocks)':<16}" + "".join(f"{k:>18}" for k in keys)
-    lines.append(head)
-    for s in plan.stages:
-        label = f"{s.stage} ({s.layers[0]}-{s.layers[1] - 1})"
-        lines.append(f"{label:<16}" + "".join(f"{_gib(s.memory[k]):>18}" for k in keys))
-    lines += ["", "communication per optimizer step, bytes each rank sends (GiB):"]
-    ckeys = [k for k in plan.stages[0].comm if k != "total"] + ["total"]
-    lines.append(f"{'stage':<16}" + "".join(f"{k:>22}" for k in ckeys))
-    for s in plan.stages:
-        lines.append(f"{s.stage:<16}" + "".join(f"{_gib(s.comm[k]):>22}" for k in ckeys))
+    width = 14
+    header = f"{'':<24}" + "".join(f"{f'stage {s.stage}':>{width}}" for s in plan.stages)
+    blocks = f"{'blocks':<24}" + "".join(f"{f'{s.layers[0]}-{s.layers[1] - 1}':>{width}}" for s in plan.stages)
+    lines += [header, blocks]
+    for key in plan.stages[0].memory:
+        lines.append(f"{key:<24}" + "".join(f"{_gib(s.memory[key]):>{width}}" for s in plan.stages))
+    lines += ["", "communication per optimizer step, GiB each rank sends:", header]
+    for key in plan.stages[0].comm:
+        lines.append(f"{key:<24}" + "".join(f"{_gib(s.comm[key]):>{width}}" for s in plan.stages))
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     lines += ["", f"verdict: {verdict}: peak {_gib(plan.peak_bytes)} GiB of {_gib(plan.gpu_memory_bytes)} GiB "
                   f"per GPU (activations without activation checkpointing)"]
