@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--world-size", type=int, default=1, help="number of processes to validate the layout for")
     p.set_defaults(func=cmd_show_config)
+
+    p = sub.add_parser("plan", help="check a layout and size a job per rank (memory, communication) before queueing it")
+    _common(p)
+    p.add_argument("--nodes", type=int, required=True, help="nodes of the job")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
+    p.add_argument("--stage", default="k1", help="teacher, or a distillation stage k1, k2, k4, ... (default k1)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--frozen-dtype", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="dtype of the frozen teacher (fp32: how this version loads it; auto: the training precision)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -129,6 +140,19 @@ def cmd_show_config(args) -> int:
     check(cfg, args.world_size, source=args.config)
     print(f"# valid for world size {args.world_size}", file=sys.stderr)
     return 0
+
+
+def cmd_plan(args) -> int:
+    """Exit 0 when the job fits, 1 when it does not (2 for an invalid config or layout)."""
+    import json
+
+    from .parallel.plan import format_plan, make_plan
+
+    cfg, _ = _load(args)
+    plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.stage, args.gpu_memory_gb,
+                     args.frozen_dtype, source=args.config)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    return 0 if plan.fits else 1
 
 
 def main(argv: list[str] | None = None) -> int:

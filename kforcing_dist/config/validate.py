@@ -58,9 +58,6 @@ def _parallel_problems(cfg: Config, world_size: int) -> list[str]:
     if p.zero_stage in (2, 3) and p.pp > 1:
         out.append(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed refuses ZeRO-2/3 "
                    f"with pipeline parallelism; use zero_stage 0 or 1, or pp 1")
-    if p.pp > 1:
-        out.append("parallel.pp > 1: pipeline-parallel training is not available in this version yet; "
-                   "use parallel.pp: 1 (tensor parallelism and ZeRO work)")
     return out
 
 

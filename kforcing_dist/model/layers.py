@@ -24,6 +24,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from ..config.schema import ModelConfig
+from ..sizes import ffn_hidden_size
 from ..torch_layers import Norm  # noqa: F401 (re-export: part of this module's API)
 
 
@@ -227,12 +228,7 @@ class Attention(nn.Module):
 
 def resolve_ffn_hidden_size(cfg: ModelConfig) -> int:
     """cfg.ffn_hidden_size, or 4H (gelu_tanh) / 8H/3 rounded up to a multiple of 64 (swiglu)."""
-    if cfg.ffn_hidden_size:
-        return cfg.ffn_hidden_size
-    H = cfg.hidden_size
-    if cfg.activation == "swiglu":
-        return -(-8 * H // (3 * 64)) * 64
-    return 4 * H
+    return ffn_hidden_size(cfg.hidden_size, cfg.activation, cfg.ffn_hidden_size)
 
 
 class MLP(nn.Module):

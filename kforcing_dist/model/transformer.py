@@ -19,6 +19,7 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
 from ..config.schema import ModelConfig
+from ..sizes import pad_vocab_size  # noqa: F401 (re-export: part of this module's API)
 from .layers import (Norm, RotaryEmbedding, TransformerBlock, normal_init,
                      resolve_ffn_hidden_size)
 from .loss import lm_loss, resolve_tp_group, vocab_parallel_cross_entropy  # noqa: F401 (re-export)
@@ -27,17 +28,6 @@ from .loss import lm_loss, resolve_tp_group, vocab_parallel_cross_entropy  # noq
 # get exactly zero probability in float32 softmax, yet finite and far from the float32 limits so
 # that temperature scaling, differences of log-probs (KL) or fp16/bf16 casts stay finite.
 PADDED_LOGIT_VALUE = -1.0e4
-
-
-def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Round ``vocab_size`` up to a multiple of ``divisible_by * tp``."""
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    if divisible_by <= 0 or tp <= 0:
-        raise ValueError(f"make_vocab_size_divisible_by ({divisible_by}) and tp ({tp}) "
-                         f"must be positive")
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def validate_model_config(cfg: ModelConfig, padded_vocab_size: int, tp: int) -> None:

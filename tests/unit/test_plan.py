@@ -1,0 +1,166 @@
+"""`kforcing-dist plan`: the parameter inventory against real models, the shipped large configs,
+the layout checks and the verdict, and the CLI (text, JSON, exit codes)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kforcing_dist.cli import main
+from kforcing_dist.config import ConfigError, load_config
+from kforcing_dist.config.schema import ModelConfig
+from kforcing_dist.parallel.plan import GIB, make_plan, parameter_inventory, stage_parameters
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_1B = ROOT / "configs" / "llama-1b.yaml"
+LLAMA_7B = ROOT / "configs" / "llama-7b.yaml"
+STAGES = ("teacher", "k1", "k2", "k4")
+
+VARIANTS = {
+    "llama": dict(norm="rmsnorm", activation="swiglu", mlp_bias=False, num_kv_heads=2),
+    "gpt": dict(norm="layernorm", norm_bias=True, activation="gelu_tanh", qkv_bias=True,
+                attn_out_bias=True, position="learned", lm_head_bias=True),
+    "tied": dict(tie_embeddings=True, ffn_hidden_size=96),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("student", [False, True])
+def test_inventory_matches_the_real_model(groups, one_thread, name, student):
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=32,
+                      **VARIANTS[name])
+    padded = pad_vocab_size(97, cfg.make_vocab_size_divisible_by, 1)
+    model = PFLM(cfg, padded, groups.tp_group, max_k=2) if student else \
+        TransformerLM(cfg, padded, groups.tp_group)
+    real = [(n, p.numel(), p.ndim) for n, p in model.named_parameters()]
+    planned = [(p.name, p.numel, p.ndim) for p in parameter_inventory(cfg, 1, noise_encoder=student)]
+    assert planned == real
+
+
+def test_pipeline_split_covers_every_parameter_once():
+    cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=6, num_heads=4)
+    params = parameter_inventory(cfg, 2, noise_encoder=True)
+    split = [stage_parameters(params, cfg, 3, s) for s in range(3)]
+    assert sorted(p.name for s in split for p in s) == sorted(p.name for p in params)
+    assert [p.name for p in split[0] if p.part == "layer"][0].startswith("layers.0.")
+    assert {p.layer for p in split[2] if p.part == "layer"} == {4, 5}
+    assert any(p.name == "lm_head.weight" for p in split[2])
+    assert all(p.part != "noise" for s in split[1:] for p in s)
+
+
+@pytest.mark.parametrize("path,nodes", [(LLAMA_1B, 1), (LLAMA_7B, 1), (LLAMA_7B, 2)])
+def test_shipped_large_configs_fit_80gb_gpus(path, nodes):
+    cfg, _ = load_config(str(path))
+    for stage in STAGES:
+        plan = make_plan(cfg, nodes, 8, stage, gpu_memory_gb=80, source=str(path))
+        assert plan.fits, (stage, plan.peak_bytes / GIB)
+        assert not plan.warnings
+        s0 = plan.stages[0].memory
+        # ZeRO-1 over dp ranks: the fp32 master and the moments shrink with dp, the weights do not
+        assert s0["optimizer_moments"] == pytest.approx(2 * s0["master_weights"], rel=1e-6)
+        assert s0["weights"] > 0 and s0["activations"] > 0
+        if stage != "teacher":
+            assert s0["frozen_model"] > 0 and plan.packed_len == 2048
+
+
+def test_7b_sizes_are_plausible_and_pipeline_stages_differ():
+    cfg, _ = load_config(str(LLAMA_7B))
+    plan = make_plan(cfg, 2, 8, "teacher")
+    assert 6.5e9 < plan.total_params < 7e9
+    first, last = plan.stages
+    # the ranks' shares add up to the model, plus the norms every TP rank keeps whole
+    tp, m = plan.layout.tp, cfg.model
+    shares = sum(s.params for s in plan.stages) * tp
+    assert shares == plan.total_params + (tp - 1) * (2 * m.num_layers + 1) * m.hidden_size
+    assert first.memory["weights"] == pytest.approx(2 * first.params, abs=2 * 4 * plan.layout.dp)  # bf16
+    # 1F1B: the first stage holds pp micro-batches of activations, the last one
+    assert (first.micro_batches_in_flight, last.micro_batches_in_flight) == (2, 1)
+    assert first.comm["pp_p2p"] > 0 and first.comm["tp_allreduce"] > 0 and first.comm["dp_grad_allreduce"] > 0
+
+
+def test_7b_on_one_gpu_does_not_fit_and_zero3_shards_weights():
+    cfg, _ = load_config(str(LLAMA_7B), ["parallel.tp=1", "parallel.pp=1"])
+    assert not make_plan(cfg, 1, 1, "k1").fits
+    cfg3, _ = load_config(str(LLAMA_7B), ["parallel.tp=1", "parallel.pp=1", "parallel.zero_stage=3"])
+    one, eight = make_plan(cfg3, 1, 1, "teacher"), make_plan(cfg3, 1, 8, "teacher")
+    assert eight.stages[0].memory["weights"] < one.stages[0].memory["weights"] / 7
+    assert eight.stages[0].memory["optimizer_moments"] < one.stages[0].memory["optimizer_moments"] / 7
+
+
+def test_layout_problems_are_reported_together():
+    cfg, _ = load_config(str(LLAMA_7B), ["parallel.zero_stage=2"])
+    with pytest.raises(ConfigError) as err:
+        make_plan(cfg, 1, 6, "k1")
+    text = str(err.value)
+    assert "does not divide it" in text and "zero_stage=2 with parallel.pp=2" in text
+    with pytest.raises(ConfigError, match="--stage 'k3'"):
+        make_plan(cfg, 1, 8, "k3")
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        make_plan(load_config(str(LLAMA_1B), ["tokenizer.path=/nonexistent/tok"])[0], 1, 8, "k1")
+
+
+def test_bf16_without_zero_is_flagged():
+    cfg, _ = load_config(str(LLAMA_1B), ["parallel.zero_stage=0"])
+    assert any("zero_stage 0" in w for w in make_plan(cfg, 1, 8, "k1").warnings)
+
+
+def test_cli_text_json_and_exit_codes(capsys):
+    assert main(["plan", "-c", str(LLAMA_7B), "--nodes", "2", "--gpus-per-node", "8", "--stage", "k4"]) == 0
+    text = capsys.readouterr().out
+    assert "verdict: FITS" in text and "optimizer_moments" in text and "tp_allreduce" in text
+    assert main(["plan", "-c", str(LLAMA_7B), "--nodes", "2", "--gpus-per-node", "8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["layout"]["dp"] == 2 and len(data["stages"]) == 2
+    assert data["stages"][0]["memory"]["total"] == data["peak_bytes"]
+    assert main(["plan", "-c", str(LLAMA_7B), "--nodes", "1", "--gpus-per-node", "8",
+                 "--gpu-memory-gb", "16"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["plan", "-c", str(LLAMA_7B), "--nodes", "1", "--gpus-per-node", "3"]) == 2
+    assert "tp x pp x dp must equal the world size 3" in capsys.readouterr().err
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    import torch
+
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu_tanh"])
+def test_activation_estimate_matches_saved_tensors(groups, one_thread, activation):
+    import torch
+
+    from kforcing_dist.distill.losses import slot_metrics
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.model.transformer import lm_loss
+    from kforcing_dist.parallel.plan import activation_bytes
+
+    cfg = ModelConfig(vocab_size=1000, hidden_size=256, num_layers=2, num_heads=4, max_seq_len=512,
+                      norm="rmsnorm", activation=activation, mlp_bias=False)
+    torch.manual_seed(0)
+    model = PFLM(cfg, 1024, groups.tp_group, max_k=2, params_dtype=torch.bfloat16)
+    b, N, W, k = 2, 128, 64, 2
+    ids = torch.randint(0, 1000, (b, N + 1))
+    starts = torch.arange(0, N, N // W).expand(b, W)
+    u = torch.rand(b, W, k, dtype=torch.float64)
+    targets = torch.randint(0, 1000, (b, W, k))
+
+    student = _saved_bytes(lambda: slot_metrics(model(ids[:, :N], starts, u, 1.0), targets, groups.tp_group))
+    planned = activation_bytes(cfg, 1, 2, b, N + W * k, W * k, 1024, 2, True, True, noise=True)
+    assert planned == pytest.approx(student, rel=0.05)
+
+    teacher = _saved_bytes(lambda: lm_loss(model(ids[:, :N]), ids[:, 1:], groups.tp_group))
+    planned = activation_bytes(cfg, 1, 2, b, N, N, 1024, 2, True, True, noise=False)
+    assert planned == pytest.approx(teacher, rel=0.05)
