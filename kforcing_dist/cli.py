@@ -71,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node")
     p.add_argument("--stage", default="k1", help="teacher, or a distillation stage k1, k2, k4, ... (default k1)")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
-    p.add_argument("--frozen-dtype", choices=("fp32", "bf16", "auto"), default="fp32",
-                   help="dtype of the frozen teacher (fp32: how this version loads it; auto: the training precision)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return parser
@@ -149,8 +147,7 @@ def cmd_plan(args) -> int:
     from .parallel.plan import format_plan, make_plan
 
     cfg, _ = _load(args)
-    plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.stage, args.gpu_memory_gb,
-                     args.frozen_dtype, source=args.config)
+    plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.stage, args.gpu_memory_gb, source=args.config)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0 if plan.fits else 1
 

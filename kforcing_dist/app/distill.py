@@ -87,7 +87,7 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config) -> torch.nn.Module:
     model = builder()
     weights = fit_vocab_rows(load_file(str(folder / "model.safetensors")), model.padded_vocab_size)
     load_full_state_dict(model, weights, groups.tp_group)
-    return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device),
+    return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage),
                   cfg.distill.partition_frozen)
 
 

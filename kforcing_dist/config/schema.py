@@ -106,7 +106,7 @@ class TrainConfig:
     beta2: float = doc_field(0.95, "AdamW beta2.")
     adam_eps: float = doc_field(1e-8, "AdamW epsilon.")
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this (0: off).")
-    precision: str = doc_field("auto", "auto: bf16 where the device supports it (GPU), else fp32.",
+    precision: str = doc_field("auto", "auto: bf16 on a GPU that supports it when parallel.zero_stage >= 1, else fp32; bf16 needs ZeRO >= 1.",
                                ("auto", "fp32", "bf16"))
     seed: int = doc_field(42, "Seed of the weight initialisation.")
     eval_interval: int = doc_field(200, "Run validation every this many steps (0: only at the end).")

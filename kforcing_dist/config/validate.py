@@ -91,6 +91,10 @@ def _train_problems(cfg: Config, world_size: int) -> list[str]:
     if t.micro_batch_size < 1:
         out.append(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     p = cfg.parallel
+    if t.precision == "bf16" and p.zero_stage == 0:
+        out.append("train.precision=bf16 needs parallel.zero_stage >= 1: DeepSpeed keeps fp32 master weights "
+                   "and fp32 gradient accumulation for bf16 only in its ZeRO optimizers (at one data-parallel "
+                   "rank ZeRO-1 partitions nothing); set parallel.zero_stage=1, or train.precision=auto/fp32")
     if t.micro_batch_size >= 1 and p.tp >= 1 and p.pp >= 1 and world_size % (p.tp * p.pp) == 0:
         dp = world_size // (p.tp * p.pp)
         per_step = t.micro_batch_size * dp

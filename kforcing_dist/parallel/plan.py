@@ -46,8 +46,8 @@ ASSUMPTIONS = (
     "the optimizer steps on; ZeRO-2/3 only the partition (model dtype) plus its fp32 copy; ZeRO-2/3 add "
     "a reduce bucket of min(5e8, n) elements (buffers).",
     "Frozen teacher (stage k1: the AR teacher; stage 2k: the stage-k student): same stage/TP split, "
-    "weights only, in the frozen dtype (--frozen-dtype; fp32 by default: app/distill.py loads the frozen "
-    "model in fp32 and no engine casts it).",
+    "weights only, in the training precision (app/distill.py casts the frozen models to bf16 under bf16); "
+    "with distill.partition_frozen (ZeRO-3, no optimizer) a rank holds 1/dp of them at rest.",
     "Activations (estimate, bytes, NO activation checkpointing, no sequence parallelism; e = bytes of the "
     "model dtype, t = tp, F = MLP width, b = micro-batch, L = N + W*k packed length, S = W*k slots): per "
     "block b*L*(2e*H [q/k/v input] + 2e*H [MLP input] + 16*H [two norms computed in fp32] + 5e*H/t "
@@ -308,12 +308,12 @@ def _block_working_bytes(cfg: ModelConfig, tp: int, e: int, b: int, L: int) -> i
 
 
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
-              gpu_memory_gb: float = 80.0, frozen_dtype: str = "fp32", source: str = "config") -> Plan:
+              gpu_memory_gb: float = 80.0, frozen_dtype: str = "auto", source: str = "config") -> Plan:
     """Validate ``cfg`` for ``nodes x gpus_per_node`` ranks and size one stage's job per rank.
 
     ``stage``: teacher (pretraining, no frozen model) or k1/k2/... (a distillation stage, with
-    the distill.* batch and sequence settings). ``frozen_dtype``: fp32 (how ``app.distill`` loads
-    the frozen model today), bf16, or auto (the training precision). Raises ConfigError naming
+    the distill.* batch and sequence settings). ``frozen_dtype``: auto (the training precision, as
+    ``app.distill`` holds the frozen models), or fp32 / bf16 to size another choice. Raises ConfigError naming
     every problem.
     """
     problems = []
@@ -335,15 +335,16 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     scfg.model.vocab_size = vocab
     layout = derive_layout(scfg, world)
     tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, scfg.parallel.zero_stage
-    # plan is for GPU jobs: auto means bf16 there (training.engine.resolve_precision)
-    precision = "bf16" if scfg.train.precision == "auto" else scfg.train.precision
+    # plan is for GPU jobs: auto means bf16 there with ZeRO >= 1 (training.engine.resolve_precision)
+    precision = scfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if scfg.parallel.zero_stage >= 1 else "fp32"
     frozen = precision if frozen_dtype == "auto" else frozen_dtype
     e, ef = DTYPE_BYTES[precision], DTYPE_BYTES[frozen]
     warnings = []
-    if precision == "bf16" and zero == 0:
-        warnings.append("train.precision bf16 with parallel.zero_stage 0: DeepSpeed 0.19.8 refuses bf16 weights "
-                        "with fp32 gradient accumulation without ZeRO (NotImplementedError, as "
-                        "training/engine.py configures it); use zero_stage 1 (same memory at dp=1)")
+    if scfg.train.precision == "auto" and zero == 0:
+        warnings.append("train.precision auto with parallel.zero_stage 0 trains in fp32 (DeepSpeed's bf16 "
+                        "path needs ZeRO >= 1); set zero_stage 1 for bf16 (same memory at dp=1)")
     if pp > 1 and zero == 0 and scfg.train.grad_clip > 0:
         warnings.append("pipeline parallelism with ZeRO-0 and gradient clipping: DeepSpeed counts the grad norm "
                         "on the first stage only; use zero_stage 1")
@@ -401,7 +402,10 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
             block_params = sum(p.numel for p in mine if p.part == "layer" and p.layer == s * blocks)
             buffers += (block_params + min(ZERO3_PREFETCH_BUCKET, block_params)) * e
         mem["engine_buffers"] = buffers
-        mem["frozen_model"] = sum(p.numel for p in frozen_mine) * ef
+        frozen_elems = sum(p.numel for p in frozen_mine)
+        if scfg.distill.partition_frozen and k:
+            frozen_elems = -(-frozen_elems // dp)
+        mem["frozen_model"] = frozen_elems * ef
         in_flight = min(pp - s, accum)
         mem["activations"] = in_flight * activation_bytes(
             scfg.model, tp, e, b, L, S, V_pad // tp, blocks, first, last, noise=k > 0)

@@ -107,7 +107,7 @@ class LMTrainer:
         self.ckpt_root = self.output_dir / "checkpoints"
         self.extra_metadata, self.save_extras, self.kind = extra_metadata, save_extras, kind
         self.stop_flag = stop_flag or StopFlag()
-        self.precision = resolve_precision(cfg.train.precision, groups.device)
+        self.precision = resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage)
         self.engine = build_engine(model.to(groups.device), cfg, layout, groups, self.precision,
                                    getattr(task, "lr_scales", None))
         self.step = 0

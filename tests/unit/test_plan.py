@@ -102,9 +102,22 @@ def test_layout_problems_are_reported_together():
         make_plan(load_config(str(LLAMA_1B), ["tokenizer.path=/nonexistent/tok"])[0], 1, 8, "k1")
 
 
-def test_bf16_without_zero_is_flagged():
-    cfg, _ = load_config(str(LLAMA_1B), ["parallel.zero_stage=0"])
-    assert any("zero_stage 0" in w for w in make_plan(cfg, 1, 8, "k1").warnings)
+def test_bf16_without_zero_is_refused_and_auto_falls_back_to_fp32():
+    cfg, _ = load_config(str(LLAMA_1B), ["parallel.zero_stage=0", "train.precision=bf16"])
+    with pytest.raises(ConfigError, match="parallel.zero_stage >= 1"):
+        make_plan(cfg, 1, 8, "k1")
+    cfg, _ = load_config(str(LLAMA_1B), ["parallel.zero_stage=0", "train.precision=auto"])
+    plan = make_plan(cfg, 1, 8, "k1")
+    assert any("zero_stage 0 trains in fp32" in w for w in plan.warnings)
+    assert plan.precision == "fp32"
+
+
+def test_partitioned_frozen_teacher_is_divided_over_dp():
+    cfg, _ = load_config(str(LLAMA_1B), [])
+    whole = make_plan(cfg, 1, 8, "k1").stages[0].memory["frozen_model"]
+    cfg, _ = load_config(str(LLAMA_1B), ["distill.partition_frozen=true"])
+    part = make_plan(cfg, 1, 8, "k1").stages[0].memory["frozen_model"]
+    assert part == pytest.approx(whole / 8, rel=1e-3)
 
 
 def test_cli_text_json_and_exit_codes(capsys):
