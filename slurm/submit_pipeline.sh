@@ -17,7 +17,7 @@
 # The jobs run in the current folder: relative CONFIG and RUN_DIR paths resolve from here.
 set -euo pipefail
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0" >&2; exit 2; }
 
 stages="1 2 4"
 shards=""

@@ -113,6 +113,8 @@ def test_distill_sbatch_wait_two_tasks(slurm_cluster, two_task_run):
     assert (out / "k1" / "export" / "model.safetensors").is_file()
     info = slurm_cluster.job(job)
     assert info.state == "COMPLETED" and info.restarts == 0
+    # on the two-node cluster the master is the job's first node, resolved from its node list
+    assert info.fields["NumNodes"].split("-")[0] == str(len(slurm_cluster.nodes)), info.fields
 
 
 def test_usr1_saves_requeues_and_resumes_exactly(slurm_cluster, chain, two_task_run, tmp_path):
