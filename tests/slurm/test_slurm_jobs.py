@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import ROOT, SMOKE
 
+pytestmark = pytest.mark.slurm
+
 SLURM_DIR = ROOT / "slurm"
 K1_STEPS = 60  # long enough for a signal to land mid-run, short enough to keep the test fast
 
@@ -32,8 +34,9 @@ TINY = [f"--set={kv}" for kv in (
 def job_env(cluster) -> dict:
     """The jobs run this checkout's code with this interpreter, one thread per task."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # CPU only: two tasks must not share one GPU, and the exact-resume comparison is in fp32.
     return cluster.client_env(PYTHONPATH=path, KFORCING_DIST_CMD=f"{sys.executable} -m kforcing_dist",
-                              OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                              OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
 
 
 def submit_chain(cluster, run: Path, *extra: str) -> list[tuple[str, str]]:

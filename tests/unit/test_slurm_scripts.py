@@ -35,13 +35,14 @@ def test_batch_script_requeues_and_keeps_its_log(script):
 
 FAKE_SRUN = "#!/bin/bash\n# one task, in place of srun: signals sent to it reach the command itself\nexec \"$@\"\n"
 FAKE_SCONTROL = "#!/bin/bash\necho \"$*\" >> \"$FAKE_OUT/scontrol.calls\"\n"
-# A task that stops like kforcing-dist: USR1/TERM -> "save" -> exit 3; otherwise finishes with 0.
+# A task that stops like kforcing-dist: USR1/TERM -> "save" -> exit 3; otherwise ends with
+# FAKE_TASK_EXIT (0: finished; 3: stopped by its own time budget).
 FAKE_TASK = """#!/bin/bash
 echo "$*" > "$FAKE_OUT/task.args"
 trap 'echo stopped > "$FAKE_OUT/task.stopped"; exit 3' USR1 TERM
 touch "$FAKE_OUT/task.ready"
 for _ in $(seq "${FAKE_TASK_LOOPS:-200}"); do sleep 0.05; done
-exit 0
+exit "${FAKE_TASK_EXIT:-0}"
 """
 
 
@@ -79,6 +80,18 @@ def test_usr1_is_forwarded_and_the_job_requeues_itself(tmp_path):
 def test_finished_job_does_not_requeue(tmp_path):
     rc, calls, out = _fake_job(tmp_path, extra_env={"FAKE_TASK_LOOPS": "2"})
     assert rc == 0 and calls == [], out
+
+
+def test_time_budget_stop_requeues(tmp_path):
+    # train.time_budget_minutes: the command saves and exits 3 by itself, no signal involved
+    rc, calls, out = _fake_job(tmp_path, extra_env={"FAKE_TASK_LOOPS": "2", "FAKE_TASK_EXIT": "3"})
+    assert rc == 3 and calls == ["requeue 4242"], out
+
+
+def test_requeues_stop_after_the_restart_limit(tmp_path):
+    rc, calls, out = _fake_job(tmp_path, extra_env={"FAKE_TASK_LOOPS": "2", "FAKE_TASK_EXIT": "3",
+                                                    "SLURM_RESTART_COUNT": "2", "KFORCING_DIST_MAX_RESTARTS": "2"})
+    assert rc == 3 and calls == [] and "not requeueing again" in out, out
 
 
 def test_term_is_not_requeued_by_the_script(tmp_path):
