@@ -46,9 +46,14 @@ exit "${FAKE_TASK_EXIT:-0}"
 """
 
 
-def _fake_job(tmp_path: Path, send=None, extra_env=None):
-    """Run slurm/distill.sbatch as Slurm would (SLURM_JOB_ID set) with the stand-ins on PATH;
-    ``send``: a signal for the batch shell once the task runs. Returns (exit code, scontrol calls)."""
+DISTILL = ("distill.sbatch", ("configs/smoke.yaml", "--stage", "k2"), "distill -c configs/smoke.yaml --stage k2")
+
+
+def _fake_job(tmp_path: Path, send=None, extra_env=None, job=DISTILL):
+    """Run a batch script as Slurm would (SLURM_JOB_ID set) with the stand-ins on PATH; ``job``:
+    (script, its arguments, the command line the task must get); ``send``: a signal for the batch
+    shell once the task runs. Returns (exit code, scontrol calls, output)."""
+    script, args, expected = job
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("fake-kforcing-dist", FAKE_TASK)):
@@ -57,7 +62,7 @@ def _fake_job(tmp_path: Path, send=None, extra_env=None):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_OUT": str(tmp_path),
            "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "KFORCING_DIST_SLURM_DIR": str(SLURM_DIR),
            "KFORCING_DIST_CMD": "fake-kforcing-dist", **(extra_env or {})}
-    proc = subprocess.Popen(["bash", str(SLURM_DIR / "distill.sbatch"), "configs/smoke.yaml", "--stage", "k2"],
+    proc = subprocess.Popen(["bash", str(SLURM_DIR / script), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if send is not None:
         deadline = time.time() + 20
@@ -67,7 +72,7 @@ def _fake_job(tmp_path: Path, send=None, extra_env=None):
         proc.send_signal(send)
     out = proc.communicate(timeout=30)[0]
     calls = (tmp_path / "scontrol.calls").read_text().splitlines() if (tmp_path / "scontrol.calls").exists() else []
-    assert (tmp_path / "task.args").read_text().split() == ["distill", "-c", "configs/smoke.yaml", "--stage", "k2"], out
+    assert (tmp_path / "task.args").read_text().split() == expected.split(), out
     return proc.returncode, calls, out
 
 
@@ -104,3 +109,16 @@ def test_term_is_not_requeued_by_the_script(tmp_path):
 def test_requeue_can_be_turned_off(tmp_path):
     rc, calls, out = _fake_job(tmp_path, send=signal.SIGUSR1, extra_env={"KFORCING_DIST_REQUEUE": "0"})
     assert rc == 3 and calls == [] and "not requeueing" in out, out
+
+
+@pytest.mark.parametrize("job", [
+    ("prepare_data.sbatch", ("c.yaml", "-o", "runs/x"), "prepare-data -c c.yaml -o runs/x"),
+    ("train_teacher.sbatch", ("c.yaml", "--set", "a.b=1"), "train-teacher -c c.yaml --set a.b=1"),
+    DISTILL,
+    ("convert.sbatch", ("c.yaml", "to-hf", "--out", "d"), "convert to-hf -c c.yaml --out d"),
+    ("convert.sbatch", ("-", "consolidate", "ck"), "convert consolidate ck"),
+    ("evaluate.sbatch", ("c.yaml", "-o", "runs/x"), "evaluate -c c.yaml -o runs/x"),
+], ids=lambda j: f"{j[0]}:{j[1][0]}")
+def test_config_first_then_the_arguments_go_to_kforcing_dist(tmp_path, job):
+    rc, calls, out = _fake_job(tmp_path, extra_env={"FAKE_TASK_LOOPS": "1"}, job=job)
+    assert rc == 0 and calls == [], out
