@@ -18,7 +18,7 @@ from tests.conftest import ROOT, SMOKE
 pytestmark = pytest.mark.slurm
 
 SLURM_DIR = ROOT / "slurm"
-K1_STEPS = 60  # long enough for a signal to land mid-run, short enough to keep the test fast
+K1_STEPS = 80  # long enough for a signal to land mid-run, short enough to keep the test fast
 
 # Tiny data, model and schedules on top of configs/smoke.yaml.
 TINY = [f"--set={kv}" for kv in (
@@ -140,6 +140,7 @@ def test_usr1_saves_requeues_and_resumes_exactly(slurm_cluster, chain, two_task_
     assert "received SIGUSR1" in text and "requeueing job" in text and "resumed from" in text, text[-4000:]
     stopped_at = int(text.split("stopping at step ")[1].split()[0])
     assert 2 <= stopped_at < K1_STEPS
+    print(f"\nUSR1 test: stopped at step {stopped_at} of {K1_STEPS}, requeued, resumed")
     summary = json.loads((out / "k1" / "stage_summary.json").read_text())
     assert summary["step"] == K1_STEPS and not summary["stopped_early"]
     ref = load_file(str(reference / "k1" / "export" / "model.safetensors"))
