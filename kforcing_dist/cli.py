@@ -14,6 +14,8 @@ EXIT_USER_ERROR = 2
 # Saved and stopped before the end (signal or time budget): rerun the same command to resume.
 # Not 0, so a Slurm ``afterok`` chain does not start the next stage on an unfinished one.
 EXIT_STOPPED_EARLY = 3
+# Commands that train, save and stop on SIGUSR1/SIGTERM (the others keep the default actions).
+TRAINING_COMMANDS = ("train-teacher", "distill", "pipeline")
 
 
 def _common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     from .training.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
+        from .app import early_signals
+
+        early_signals.catch()  # before the heavy imports: a Slurm USR1 must not kill a starting job
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, DecodeError) as exc:

@@ -30,8 +30,13 @@ def install_stop_signals(flag: StopFlag) -> None:
         flag.request(signal.Signals(signum).name)
         log.warning("received %s: will save and stop at the next step boundary", signal.Signals(signum).name)
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    from .early_signals import STOP_SIGNALS, take
+
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
+    for name in take():  # arrived while the command was still starting up
+        flag.request(name)
+        log.warning("received %s during start-up: will save and stop at the first step boundary", name)
 
 
 def validated_launch(cfg: Config, source: str) -> LaunchInfo:

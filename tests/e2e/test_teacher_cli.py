@@ -101,3 +101,40 @@ def test_help_lists_subcommands():
     out = run_cli("--help").stdout
     for sub in ("prepare-data", "train-teacher", "show-config"):
         assert sub in out
+
+
+def test_usr1_during_start_up_saves_and_stops_at_the_first_step(smoke_shards, tmp_path):
+    """A Slurm warning that lands while torch is still importing must not kill the job: it stops
+    at the first step boundary with a checkpoint and exit code 3 (rerun to resume)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kforcing_dist", "train-teacher", "-c", str(SMOKE), "-o", str(out),
+           "--set", f"data.shards_dir={smoke_shards}", "--set", "train.max_steps=50",
+           "--set", "logging.tensorboard=false", "--set", "logging.progress_bar=false"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # send as soon as the command catches USR1 (SigCgt bit 9): the heavy imports are still running
+    deadline = time.time() + 60
+    while time.time() < deadline and not _catches_usr1(proc.pid):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+    assert "during start-up" in err
+    assert (out / "checkpoints" / "step-00000001" / "COMPLETE").is_file()
+
+
+def _catches_usr1(pid: int) -> bool:
+    from pathlib import Path
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> 9 & 1)  # SIGUSR1 = 10
+    return False
