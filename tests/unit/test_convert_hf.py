@@ -17,6 +17,10 @@ from kforcing_dist.decode.model import DecoderLM  # noqa: E402
 from kforcing_dist.training.checkpoint import CheckpointError  # noqa: E402
 
 VOCAB = 101
+
+
+class _Payload:
+    """An arbitrary class: unpickling it would mean running code named by the file."""
 TOL = 2e-5
 
 
@@ -136,6 +140,6 @@ def test_broken_hf_folders_are_refused(tmp_path):
         import_hf(tmp_path / "hf")
     # a pickled .bin with an arbitrary object is refused, not executed
     (tmp_path / "hf" / "model.safetensors").unlink()
-    torch.save({"w": torch.zeros(1), "obj": __import__("argparse").Namespace(a=1)}, tmp_path / "hf" / "pytorch_model.bin")
+    torch.save({"w": torch.zeros(1), "obj": _Payload()}, tmp_path / "hf" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="objects other than tensors"):
         import_hf(tmp_path / "hf")
