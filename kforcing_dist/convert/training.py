@@ -25,7 +25,12 @@ from .layout import PIPELINE_FILE_RE, merge_tp_shards, pipeline_file, pipeline_n
 from .safeload import load_torch_file
 
 TRAIN_FORMAT = "kforcing-dist-train/1"
-KIND_TO_DECODER = {"teacher": "ar", "student": "pflm"}
+# the trainer's kinds: "teacher" (LMTask) and "pflm-k{k}" (DistillTask of stage k)
+STUDENT_KIND_RE = re.compile(r"^pflm-k(\d+)$")
+
+
+def decoder_kind(kind: str) -> str | None:
+    return "ar" if kind == "teacher" else "pflm" if STUDENT_KIND_RE.match(str(kind)) else None
 
 
 @dataclasses.dataclass
@@ -86,9 +91,9 @@ def read_training_checkpoint(path) -> TrainingCheckpoint:
     meta = docs["metadata.json"]
     if meta.get("format") != TRAIN_FORMAT:
         raise CheckpointError(f"{path}/metadata.json has format {meta.get('format')!r}, expected {TRAIN_FORMAT!r}")
-    if meta.get("kind") not in KIND_TO_DECODER:
-        raise CheckpointError(f"{path}/metadata.json has kind {meta.get('kind')!r}; expected one of "
-                              f"{sorted(KIND_TO_DECODER)}")
+    if decoder_kind(meta.get("kind")) is None:
+        raise CheckpointError(f"{path}/metadata.json has kind {meta.get('kind')!r}; expected 'teacher' or "
+                              f"'pflm-k<k>' (a distillation stage)")
     lay = meta.get("layout") or {}
     if not all(isinstance(lay.get(k), int) and lay.get(k) >= 0 for k in ("tp", "pp", "dp", "zero_stage")):
         raise CheckpointError(f"{path}/metadata.json has no valid layout (tp, pp, dp, zero_stage): {lay!r}")
@@ -190,7 +195,7 @@ def consolidate_weights(ck: TrainingCheckpoint) -> dict[str, torch.Tensor]:
 def decoder_fields(ck: TrainingCheckpoint) -> dict:
     """The save_decoder keyword arguments a checkpoint implies (everything but the weights)."""
     meta, cfg = ck.meta, ck.config
-    kind = KIND_TO_DECODER[ck.kind]
+    kind = decoder_kind(ck.kind)
     out = {"kind": kind, "model_config": dataclasses.asdict(cfg.model),
            "padded_vocab_size": meta["padded_vocab_size"], "cdf_order": meta.get("cdf_order", "vocab")}
     if kind == "pflm":

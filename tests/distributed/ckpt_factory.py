@@ -62,7 +62,7 @@ def write_checkpoint(rank, world, out, tp, zero, precision, kind="teacher", extr
     else:
         model = PFLM(cfg.model, padded, groups.tp_group, max_k=2, noise_max_freq=cfg.distill.noise_max_freq)
         task = LMTask(groups.tp_group)
-        task.kind = "student"
+        task.kind = "pflm-k2"
         extra_meta.update(k=2, cdf_order=cfg.distill.cdf_order, teacher="none")
     trainer = LMTrainer(cfg, text, groups, layout, model, task, RandomSampler(2, 100 + groups.dp_rank),
                         lambda: iter(()), out, extra_metadata=extra_meta)
