@@ -136,7 +136,8 @@ def model_config_from_hf(cfg: Mapping, where: str = "config.json") -> dict:
     m.update(make_vocab_size_divisible_by=defaults["make_vocab_size_divisible_by"],
              init_std=float(cfg.get("initializer_range", defaults["init_std"])), attention_backend="auto")
     missing = set(defaults) - set(m)
-    assert not missing, missing  # every field mapped (programming error otherwise)
+    if missing:  # a ModelConfig field added without a mapping here: fail loudly, never default silently
+        raise RuntimeError(f"the Hugging Face mapping does not set ModelConfig fields {sorted(missing)}")
     return m
 
 

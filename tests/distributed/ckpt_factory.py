@@ -7,6 +7,9 @@ returns the full weights and the logits of fixed tokens computed by the training
 
 from __future__ import annotations
 
+import contextlib
+
+import deepspeed
 import torch
 
 VOCAB = 97
@@ -72,13 +75,9 @@ def write_checkpoint(rank, world, out, tp, zero, precision, kind="teacher", extr
         trainer.step += 1
     path = trainer.save()
     engine = trainer.engine
-    import contextlib
-
-    import deepspeed
     ctx = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
            if zero == 3 else contextlib.nullcontext())
     with torch.no_grad(), ctx:
-        from kforcing_dist.model.loss import resolve_tp_group  # noqa: F401
         logits = engine.module(fixed_tokens())
         full = full_state_dict(engine.module, groups.tp_group)
         parts = [torch.empty_like(logits) for _ in range(tp)]

@@ -1,6 +1,7 @@
 """``kforcing-dist convert``: a TP=2 teacher checkpoint resharded to TP=1 resumes training exactly where
 the TP=2 run stood (same data, weights and learning rate: the first resumed step's loss and gradient
-norm equal the TP=2 run's), and both consolidate to decoders with the same logits."""
+norm equal the TP=2 run's), and both consolidate to decoders with the same logits; a DP change under
+ZeRO-0 carries the Adam moments."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 import torch
 
+from kforcing_dist.convert.safeload import load_torch_file
 from kforcing_dist.decode import load_decoder
 from kforcing_dist.training.metrics import read_log
 from tests.conftest import SMOKE, run_cli
@@ -42,6 +44,21 @@ def test_reshard_tp2_to_tp1_resumes_and_keeps_logits(smoke_shards, tmp_path):
     assert abs(new[5]["loss"] - ref[5]["loss"]) < 1e-5
     assert abs(new[5]["grad_norm"] - ref[5]["grad_norm"]) < 1e-4
     assert new[5]["lr"] == ref[5]["lr"] and new[6]["lr"] == ref[6]["lr"]
+
+    # ZeRO-0 at DP 1 -> 2: DeepSpeed's optimizer files fit, so the Adam moments are carried unchanged
+    dp2 = tmp_path / "dp2"
+    proc = run_cli("--standalone", "--nproc_per_node=2", "-m", "kforcing_dist", "convert", "reshard",
+                   "--checkpoint", tp1, "-o", dp2, "--set", "train.micro_batch_size=8",
+                   "--set", "train.global_batch_size=16", module="torch.distributed.run")
+    assert "optimizer state was carried over" in proc.stdout
+    a, b = (load_torch_file(r / "checkpoints" / "step-00000006" / "engine" / "mp_rank_00_model_states.pt",
+                            deepspeed_objects=True) for r in (tp1, dp2))
+    assert a["optimizer"]["state"] and a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, st in a["optimizer"]["state"].items():
+        assert torch.equal(st["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+    assert a["lr_scheduler"] == b["lr_scheduler"] and b["global_steps"] == 6
+    meta = json.loads((dp2 / "checkpoints" / "step-00000006" / "metadata.json").read_text())
+    assert meta["layout"]["dp"] == 2 and "optimizer_reset" not in meta
 
 
 def test_convert_refusals_exit_2(tmp_path):

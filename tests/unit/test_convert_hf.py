@@ -4,6 +4,7 @@ Import: our decoder's logits equal transformers' logits. Export: transformers lo
 (AutoModelForCausalLM.from_pretrained) and its logits equal ours. Unrepresentable models are refused.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from kforcing_dist.config.schema import ModelConfig  # noqa: E402
 from kforcing_dist.convert.hf import export_hf, import_hf  # noqa: E402
+from kforcing_dist.decode import load_decoder  # noqa: E402
 from kforcing_dist.decode.format import save_decoder  # noqa: E402
 from kforcing_dist.decode.model import DecoderLM  # noqa: E402
 from kforcing_dist.training.checkpoint import CheckpointError  # noqa: E402
@@ -55,8 +58,6 @@ def _ids():
 def _import_to_decoder(folder, out):
     m, padded, weights, _ = import_hf(folder)
     save_decoder(out, kind="ar", model_config=m, padded_vocab_size=padded, state_dict=weights)
-    from kforcing_dist.decode import load_decoder
-
     return load_decoder(out)
 
 
@@ -82,9 +83,7 @@ def test_import_then_export_matches_transformers(build, tmp_path, one_thread):
 def _our_decoder(tmp_path, **model):
     base = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=64)
     conf = {"format": "kforcing-dist-decoder/1", "kind": "ar", "padded_vocab_size": 128,
-            "model": {**__import__("dataclasses").asdict(__import__("kforcing_dist.config.schema",
-                                                                   fromlist=["ModelConfig"]).ModelConfig()),
-                      **base, **model}}
+            "model": {**dataclasses.asdict(ModelConfig()), **base, **model}}
     dec = DecoderLM(conf).init_random_(seed=3, std=0.3)
     sd = {k: v for k, v in dec.state_dict().items()}
     with torch.no_grad():  # random norms and biases too
@@ -93,8 +92,6 @@ def _our_decoder(tmp_path, **model):
             if "norm" in k or k.endswith("bias"):
                 sd[k] = torch.randn(sd[k].shape, generator=gen) * 0.3
     save_decoder(tmp_path / "ours", kind="ar", model_config=conf["model"], padded_vocab_size=128, state_dict=sd)
-    from kforcing_dist.decode import load_decoder
-
     return load_decoder(tmp_path / "ours")
 
 

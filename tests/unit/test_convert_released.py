@@ -109,3 +109,4 @@ def test_wrong_or_truncated_released_files_are_refused(tmp_path):
     torch.save({"state_dict": _released(True)}, tmp_path / "pflm.ckpt")
     with pytest.raises(CheckpointError, match="max_k"):
         import_released(tmp_path / "pflm.ckpt", num_heads=NH, max_seq_len=S, mask_token_id=MASK)
+
