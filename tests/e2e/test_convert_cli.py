@@ -35,6 +35,12 @@ def test_reshard_tp2_to_tp1_resumes_and_keeps_logits(smoke_shards, tmp_path):
     a, b = (load_decoder(tmp_path / n).logits(ids)[..., :512] for n in ("a", "b"))
     assert (a - b).abs().max().item() < 1e-5
 
+    # a new run started from converted weights (train.init_from) begins where those weights were
+    proc = run_cli("train-teacher", "-o", tmp_path / "init", *common, "--set", "train.max_steps=1",
+                   "--set", f"train.init_from={tmp_path / 'a'}")
+    assert "teacher initialised from" in proc.stderr
+    first = {r["step"]: r for r in read_log(tmp_path / "init", "train")}[1]
+
     proc = run_cli("train-teacher", "-o", tp1, *common)
     assert "resumed from" in proc.stderr and "step-00000004" in proc.stderr
     ref = {r["step"]: r for r in read_log(tp2, "train")}
@@ -44,6 +50,7 @@ def test_reshard_tp2_to_tp1_resumes_and_keeps_logits(smoke_shards, tmp_path):
     assert abs(new[5]["loss"] - ref[5]["loss"]) < 1e-5
     assert abs(new[5]["grad_norm"] - ref[5]["grad_norm"]) < 1e-4
     assert new[5]["lr"] == ref[5]["lr"] and new[6]["lr"] == ref[6]["lr"]
+    assert first["loss"] < ref[1]["loss"] - 0.05  # the same first batch, on the step-4 weights
 
     # ZeRO-0 at DP 1 -> 2: DeepSpeed's optimizer files fit, so the Adam moments are carried unchanged
     dp2 = tmp_path / "dp2"
