@@ -9,10 +9,12 @@ a pipeline the per-layer files do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -148,7 +150,9 @@ def _zero_rank_weights(engine_dir: Path, tp_rank: int, dp: int, zero: int) -> di
         for name in want:
             os.symlink((engine_dir / name).resolve(), view / name)
         try:
-            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="engine")
+            # DeepSpeed prints its progress on stdout: keep stdout for the command's own result
+            with contextlib.redirect_stdout(sys.stderr):
+                sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="engine")
         except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"DeepSpeed could not consolidate the ZeRO-{zero} files of TP rank {tp_rank} "
                                   f"in {engine_dir} ({type(e).__name__}: {e}); the checkpoint is damaged") from None
