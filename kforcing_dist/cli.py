@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    _add_convert(sub)
+
     p = sub.add_parser("show-config", help="print the resolved config and check it for a world size")
     _common(p)
     p.add_argument("--world-size", type=int, default=1, help="number of processes to validate the layout for")
@@ -76,6 +78,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return parser
+
+
+def _add_convert(sub) -> None:
+    conv = sub.add_parser("convert", help="checkpoint tools: consolidate, reshard, from-hf, from-kforcing, to-hf")
+    what = conv.add_subparsers(dest="what", metavar="WHAT", required=True)
+
+    def out_opts(p, dtype=True):
+        p.add_argument("--out", required=True, help="the folder to write (written to a temporary name, then renamed)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+        if dtype:
+            p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                           help="weight dtype stored in the decoder folder")
+
+    p = what.add_parser("consolidate", help="training checkpoint (any TP x PP x DP, ZeRO 0-3) -> decoder folder")
+    p.add_argument("--checkpoint", required=True, help="a step-XXXXXXXX folder, or a run folder (newest complete)")
+    out_opts(p)
+    p.set_defaults(func=cmd_convert, run="run_consolidate")
+
+    p = what.add_parser("reshard", help="training checkpoint -> training checkpoint at another TP/PP/DP; run it "
+                                        "with the target's processes (torchrun/srun), e.g. --set parallel.tp=1")
+    p.add_argument("--checkpoint", required=True, help="the source step-XXXXXXXX folder, or its run folder")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="change the source's config.yaml, e.g. --set parallel.tp=1 (repeatable)")
+    p.add_argument("-o", "--output-dir", required=True, help="the new run folder (gets checkpoints/step-N)")
+    p.set_defaults(func=cmd_convert, run="run_reshard")
+
+    p = what.add_parser("from-hf", help="local transformers GPT-2 / Llama / GPT-NeoX folder -> decoder folder")
+    p.add_argument("--model", required=True, help="folder with config.json and model.safetensors / pytorch_model.bin")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=64,
+                   help="vocabulary padding at TP=1 (model.make_vocab_size_divisible_by)")
+    out_opts(p)
+    p.set_defaults(func=cmd_convert, run="run_from_hf")
+
+    p = what.add_parser("from-kforcing", help="the paper's released .ckpt (AR or PFLM) -> decoder folder")
+    p.add_argument("--checkpoint", required=True, help="e.g. ar_openwebtxt.ckpt or pflm_owt_k4.ckpt")
+    p.add_argument("--preset", choices=("owt", "lm1b"), default=None,
+                   help="head count, length, mask token of the paper's OWT / LM1B models")
+    p.add_argument("--num-heads", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--mask-token-id", type=int, default=None, help="its logit is forced to -1000")
+    p.add_argument("--max-k", type=int, default=None, help="PFLM files: the k it was trained with (4)")
+    p.add_argument("--noise-max-freq", type=float, default=None, help="PFLM files: highest noise frequency")
+    p.add_argument("--tokenizer", default=None, help="a local Hugging Face tokenizer folder to store with it")
+    out_opts(p)
+    p.set_defaults(func=cmd_convert, run="run_from_kforcing")
+
+    p = what.add_parser("to-hf", help="AR decoder folder -> transformers folder (Llama, GPT-2 or GPT-NeoX)")
+    p.add_argument("--model", required=True, help="a decoder folder (e.g. runs/demo/teacher/export)")
+    out_opts(p, dtype=False)
+    p.set_defaults(func=cmd_convert, run="run_to_hf")
+
+
+def cmd_convert(args) -> int:
+    from .app import convert
+
+    return getattr(convert, args.run)(args)
 
 
 def _load(args):
@@ -168,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, DecodeError) as exc:
-        print(f"kforcing-dist {args.command}: error: {exc}", file=sys.stderr)
+        what = f" {args.what}" if getattr(args, "what", None) else ""
+        print(f"kforcing-dist {args.command}{what}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 

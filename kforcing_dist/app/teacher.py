@@ -98,6 +98,7 @@ def train_then_export(trainer, export):
 def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
     """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
     from ..model.transformer import TransformerLM, pad_vocab_size
+    from ..training.checkpoint import list_complete
     from ..training.export import export_decoder
     from ..training.trainer import LMTask, LMTrainer
 
@@ -106,6 +107,11 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
     padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
     torch.manual_seed(cfg.train.seed)
     model = TransformerLM(cfg.model, padded, groups.tp_group)
+    if cfg.train.init_from and not list_complete(out / "checkpoints"):
+        from ..convert.init import init_from_decoder
+
+        init_from_decoder(model, cfg.train.init_from, cfg.model, groups.tp_group, tokenizer)
+        log.info("teacher initialised from %s", cfg.train.init_from)
     sampler, valid = samplers(cfg, shards, layout, groups)
     trainer = LMTrainer(
         cfg, original_yaml, groups, layout, model, LMTask(groups.tp_group), sampler, valid, out,

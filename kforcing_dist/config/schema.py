@@ -113,6 +113,9 @@ class TrainConfig:
     eval_batches: int = doc_field(20, "Micro-batches per validation.")
     log_interval: int = doc_field(10, "Log scalars every this many steps.")
     time_budget_minutes: float = doc_field(0.0, "Save and stop cleanly after this much wall time (0: no limit).")
+    init_from: str = doc_field(
+        "", "A new teacher run starts from these weights: an 'ar' decoder folder (convert from-hf / "
+            "from-kforcing / consolidate) whose architecture equals model.*; ignored once the run has a checkpoint.")
 
 
 @dataclass

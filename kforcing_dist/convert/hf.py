@@ -1,0 +1,459 @@
+"""Hugging Face ``transformers`` checkpoints <-> our full (TP=1) weights, without importing transformers.
+
+One mapping table per family: GPT-2 (learned positions, LayerNorm with bias, tied head, Conv1D
+weights stored [in, out], fused c_attn), Llama (RMSNorm, SwiGLU, rotary, GQA, untied) and, for
+export only as the target of the default paper architecture, GPT-NeoX (fused per-head
+query_key_value, sequential residual, rotary on every head dim). Every config field is mapped
+explicitly; a field missing from config.json takes the value ``transformers`` itself defaults it to
+(written out in ``HF_DEFAULTS``, because ``save_pretrained`` omits fields equal to the default).
+Whatever cannot be represented is refused (e.g. a bias the target lacks, unless it is zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..config.schema import ModelConfig
+from ..training.checkpoint import CheckpointError
+from .safeload import load_weight_folder
+
+# transformers' class defaults for every field read below (transformers 5.x).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+             "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True},
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu",
+              "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "attention_bias": False, "mlp_bias": False, "head_dim": None, "rope_theta": 10000.0},
+    "gpt_neox": {"vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
+                 "intermediate_size": 24576, "hidden_act": "gelu", "max_position_embeddings": 2048,
+                 "layer_norm_eps": 1e-5, "tie_word_embeddings": False, "use_parallel_residual": True,
+                 "attention_bias": True, "rotary_pct": 0.25, "rope_theta": 10000.0},
+}
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+EXPORT_ACT = "gelu_pytorch_tanh"  # exactly torch's gelu(approximate="tanh"), our activation
+
+
+def read_hf_config(folder) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; pass a folder saved with save_pretrained")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return cfg
+
+
+def _get(cfg: Mapping, family: str, key: str):
+    return cfg[key] if key in cfg else HF_DEFAULTS[family][key]
+
+
+def _rope_theta(cfg: Mapping, family: str, where: str) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if params:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"{where}: rope type {kind!r} (scaled rotary) is not supported; only the "
+                                  f"default rotary embedding is")
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+    return float(_get(cfg, family, "rope_theta"))
+
+
+def _family(cfg: Mapping, where: str) -> str:
+    family = cfg.get("model_type")
+    if family not in ("gpt2", "llama", "gpt_neox"):
+        raise CheckpointError(f"{where}: model_type {family!r} is not supported; supported: gpt2, llama (and "
+                              f"Llama-family configs with model_type llama), gpt_neox")
+    return family
+
+
+# --------------------------------------------------------------------------------------------
+# config mapping
+
+
+def model_config_from_hf(cfg: Mapping, where: str = "config.json") -> dict:
+    """Every ModelConfig field from a Hugging Face config (no field left to our own defaults)."""
+    family = _family(cfg, where)
+    g = lambda k: _get(cfg, family, k)  # noqa: E731
+    if family == "gpt2":
+        act = g("activation_function")
+        if act not in TANH_GELUS:
+            raise CheckpointError(f"{where}: activation_function {act!r} is not the tanh GELU this model has")
+        if not g("scale_attn_weights") or g("scale_attn_by_inverse_layer_idx"):
+            raise CheckpointError(f"{where}: scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true "
+                                  f"change the attention scale; not supported")
+        H = int(g("n_embd"))
+        m = dict(vocab_size=int(g("vocab_size")), hidden_size=H, num_layers=int(g("n_layer")),
+                 num_heads=int(g("n_head")), num_kv_heads=0, ffn_hidden_size=int(g("n_inner") or 4 * H),
+                 max_seq_len=int(g("n_positions")), norm="layernorm", norm_bias=True,
+                 norm_eps=float(g("layer_norm_epsilon")), activation="gelu_tanh", mlp_bias=True,
+                 qkv_bias=True, attn_out_bias=True, position="learned", rope_base=10000.0,
+                 tie_embeddings=bool(g("tie_word_embeddings")), lm_head_bias=False)
+    elif family == "llama":
+        if g("hidden_act") != "silu":
+            raise CheckpointError(f"{where}: hidden_act {g('hidden_act')!r}; a Llama MLP must be silu (SwiGLU)")
+        H, nh = int(g("hidden_size")), int(g("num_attention_heads"))
+        if g("head_dim") not in (None, H // nh):
+            raise CheckpointError(f"{where}: head_dim {g('head_dim')} differs from hidden_size/num_attention_heads "
+                                  f"({H // nh}); not supported")
+        nkv = g("num_key_value_heads")
+        m = dict(vocab_size=int(g("vocab_size")), hidden_size=H, num_layers=int(g("num_hidden_layers")),
+                 num_heads=nh, num_kv_heads=int(nkv) if nkv not in (None, nh) else 0,
+                 ffn_hidden_size=int(g("intermediate_size")), max_seq_len=int(g("max_position_embeddings")),
+                 norm="rmsnorm", norm_bias=False, norm_eps=float(g("rms_norm_eps")), activation="swiglu",
+                 mlp_bias=bool(g("mlp_bias")), qkv_bias=bool(g("attention_bias")),
+                 attn_out_bias=bool(g("attention_bias")), position="rope", rope_base=_rope_theta(cfg, family, where),
+                 tie_embeddings=bool(g("tie_word_embeddings")), lm_head_bias=False)
+    else:
+        if g("use_parallel_residual"):
+            raise CheckpointError(f"{where}: use_parallel_residual=true (parallel attention+MLP) is not this "
+                                  f"model's sequential block")
+        rot = (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", g("rotary_pct"))
+        if float(rot) != 1.0:
+            raise CheckpointError(f"{where}: rotary on {rot} of each head is not supported (needs 1.0)")
+        if g("hidden_act") not in TANH_GELUS:
+            raise CheckpointError(f"{where}: hidden_act {g('hidden_act')!r} is not the tanh GELU")
+        m = dict(vocab_size=int(g("vocab_size")), hidden_size=int(g("hidden_size")),
+                 num_layers=int(g("num_hidden_layers")), num_heads=int(g("num_attention_heads")), num_kv_heads=0,
+                 ffn_hidden_size=int(g("intermediate_size")), max_seq_len=int(g("max_position_embeddings")),
+                 norm="layernorm", norm_bias=True, norm_eps=float(g("layer_norm_eps")), activation="gelu_tanh",
+                 mlp_bias=True, qkv_bias=bool(g("attention_bias")), attn_out_bias=bool(g("attention_bias")),
+                 position="rope", rope_base=_rope_theta(cfg, family, where),
+                 tie_embeddings=bool(g("tie_word_embeddings")), lm_head_bias=False)
+    defaults = dataclasses.asdict(ModelConfig())
+    # the two fields that do not change the function: the training init and the attention kernel choice
+    m.update(make_vocab_size_divisible_by=defaults["make_vocab_size_divisible_by"],
+             init_std=float(cfg.get("initializer_range", defaults["init_std"])), attention_backend="auto")
+    missing = set(defaults) - set(m)
+    if missing:  # a ModelConfig field added without a mapping here: fail loudly, never default silently
+        raise RuntimeError(f"the Hugging Face mapping does not set ModelConfig fields {sorted(missing)}")
+    return m
+
+
+# --------------------------------------------------------------------------------------------
+# weights: Hugging Face -> ours
+
+
+def _take(sd: dict, key: str, where: str) -> torch.Tensor:
+    if key not in sd:
+        raise CheckpointError(f"{where}: weight {key!r} is missing; the weights do not match config.json "
+                              f"(a truncated or partial save?)")
+    return sd.pop(key)
+
+
+def _strip(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+def weights_from_hf(family: str, m: Mapping, hf_sd: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Our full weights (vocabulary not padded) from a transformers state dict."""
+    sd = {k: v.float() for k, v in hf_sd.items()}
+    H, L = m["hidden_size"], m["num_layers"]
+    hd = H // m["num_heads"]
+    out: dict[str, torch.Tensor] = {}
+    if family == "gpt2":
+        sd = _strip(sd, ("transformer.",))
+        # old checkpoints carry the causal mask as buffers: not weights
+        sd = {k: v for k, v in sd.items() if not re.match(r"h\.\d+\.attn\.(bias|masked_bias)$", k)}
+        out["embed_tokens.weight"] = _take(sd, "wte.weight", where)
+        out["embed_positions.weight"] = _take(sd, "wpe.weight", where)
+        for i in range(L):
+            p, q = f"h.{i}.", f"layers.{i}."
+            for ours, theirs in (("input_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out[q + ours + ".weight"] = _take(sd, p + theirs + ".weight", where)
+                out[q + ours + ".bias"] = _take(sd, p + theirs + ".bias", where)
+            w = _take(sd, p + "attn.c_attn.weight", where).t()  # Conv1D stores [in, out]
+            b = _take(sd, p + "attn.c_attn.bias", where)
+            for name, wi, bi in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, 0), b.chunk(3, 0)):
+                out[q + f"attention.{name}.weight"], out[q + f"attention.{name}.bias"] = wi.contiguous(), bi
+            out[q + "attention.out_proj.weight"] = _take(sd, p + "attn.c_proj.weight", where).t().contiguous()
+            out[q + "attention.out_proj.bias"] = _take(sd, p + "attn.c_proj.bias", where)
+            out[q + "mlp.fc1.weight"] = _take(sd, p + "mlp.c_fc.weight", where).t().contiguous()
+            out[q + "mlp.fc1.bias"] = _take(sd, p + "mlp.c_fc.bias", where)
+            out[q + "mlp.fc2.weight"] = _take(sd, p + "mlp.c_proj.weight", where).t().contiguous()
+            out[q + "mlp.fc2.bias"] = _take(sd, p + "mlp.c_proj.bias", where)
+        out["final_norm.weight"] = _take(sd, "ln_f.weight", where)
+        out["final_norm.bias"] = _take(sd, "ln_f.bias", where)
+        head = sd.pop("lm_head.weight", None)
+    elif family == "llama":
+        sd = _strip(sd, ("model.",))
+        out["embed_tokens.weight"] = _take(sd, "embed_tokens.weight", where)
+        for i in range(L):
+            p, q = f"layers.{i}.", f"layers.{i}."
+            out[q + "input_norm.weight"] = _take(sd, p + "input_layernorm.weight", where)
+            out[q + "mlp_norm.weight"] = _take(sd, p + "post_attention_layernorm.weight", where)
+            for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
+                                 ("out_proj", "o_proj")):
+                out[q + f"attention.{ours}.weight"] = _take(sd, p + f"self_attn.{theirs}.weight", where)
+                if m["qkv_bias"]:
+                    out[q + f"attention.{ours}.bias"] = _take(sd, p + f"self_attn.{theirs}.bias", where)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[q + f"mlp.{name}.weight"] = _take(sd, p + f"mlp.{name}.weight", where)
+                if m["mlp_bias"]:
+                    out[q + f"mlp.{name}.bias"] = _take(sd, p + f"mlp.{name}.bias", where)
+        out["final_norm.weight"] = _take(sd, "norm.weight", where)
+        head = sd.pop("lm_head.weight", None)
+    else:
+        sd = _strip(sd, ("gpt_neox.",))
+        nh = m["num_heads"]
+        out["embed_tokens.weight"] = _take(sd, "embed_in.weight", where)
+        for i in range(L):
+            p, q = f"layers.{i}.", f"layers.{i}."
+            for ours, theirs in (("input_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
+                out[q + ours + ".weight"] = _take(sd, p + theirs + ".weight", where)
+                out[q + ours + ".bias"] = _take(sd, p + theirs + ".bias", where)
+            # rows laid out (head, q|k|v, head_dim)
+            w = _take(sd, p + "attention.query_key_value.weight", where).view(nh, 3, hd, H)
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[q + f"attention.{name}.weight"] = w[:, j].reshape(nh * hd, H).contiguous()
+            if m["qkv_bias"]:
+                b = _take(sd, p + "attention.query_key_value.bias", where).view(nh, 3, hd)
+                for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    out[q + f"attention.{name}.bias"] = b[:, j].reshape(-1).contiguous()
+            out[q + "attention.out_proj.weight"] = _take(sd, p + "attention.dense.weight", where)
+            if m["attn_out_bias"]:
+                out[q + "attention.out_proj.bias"] = _take(sd, p + "attention.dense.bias", where)
+            out[q + "mlp.fc1.weight"] = _take(sd, p + "mlp.dense_h_to_4h.weight", where)
+            out[q + "mlp.fc1.bias"] = _take(sd, p + "mlp.dense_h_to_4h.bias", where)
+            out[q + "mlp.fc2.weight"] = _take(sd, p + "mlp.dense_4h_to_h.weight", where)
+            out[q + "mlp.fc2.bias"] = _take(sd, p + "mlp.dense_4h_to_h.bias", where)
+        out["final_norm.weight"] = _take(sd, "final_layer_norm.weight", where)
+        out["final_norm.bias"] = _take(sd, "final_layer_norm.bias", where)
+        head = sd.pop("embed_out.weight", None)
+    if m["tie_embeddings"]:
+        if head is not None and not torch.equal(head, out["embed_tokens.weight"]):
+            raise CheckpointError(f"{where}: config.json says tie_word_embeddings but the head weight differs "
+                                  f"from the input embedding")
+    else:
+        if head is None:
+            raise CheckpointError(f"{where}: the untied head weight is missing (tie_word_embeddings=false)")
+        out["lm_head.weight"] = head
+    # rotary tables stored as buffers by some versions: recomputed from rope_theta, so not weights
+    leftover = sorted(k for k in sd if not k.endswith("rotary_emb.inv_freq"))
+    if leftover:
+        raise CheckpointError(f"{where}: weights not understood by the {family} mapping: {leftover[:8]}; the "
+                              f"checkpoint has parts this architecture does not")
+    return out
+
+
+def import_hf(folder, make_vocab_size_divisible_by: int = 64) -> tuple[dict, int, dict[str, torch.Tensor], dict]:
+    """A local transformers folder -> (ModelConfig fields, padded vocabulary at TP=1, full weights padded
+    to it with zero rows, the HF config). Training at TP=t pads further (fit_vocab_rows, exact)."""
+    from ..model.transformer import pad_vocab_size
+    from ..training.export import fit_vocab_rows
+
+    folder = Path(folder)
+    cfg = read_hf_config(folder)
+    where = str(folder)
+    family = _family(cfg, where)
+    m = model_config_from_hf(cfg, where)
+    m["make_vocab_size_divisible_by"] = make_vocab_size_divisible_by
+    weights = weights_from_hf(family, m, load_weight_folder(folder), where)
+    V = m["vocab_size"]
+    if weights["embed_tokens.weight"].shape[0] != V:
+        raise CheckpointError(f"{where}: the embedding has {weights['embed_tokens.weight'].shape[0]} rows but "
+                              f"config.json says vocab_size={V}")
+    padded = pad_vocab_size(V, make_vocab_size_divisible_by, 1)
+    return m, padded, fit_vocab_rows(weights, padded), cfg
+
+
+# --------------------------------------------------------------------------------------------
+# ours -> Hugging Face
+
+
+def export_family(m: Mapping) -> str:
+    """The transformers family that represents a ModelConfig, or CheckpointError saying why none does."""
+    if m["position"] == "learned":
+        if m["norm"] != "layernorm" or m["activation"] != "gelu_tanh":
+            raise CheckpointError("learned positions export as GPT-2, which needs norm=layernorm and "
+                                  "activation=gelu_tanh; this model cannot be represented")
+        family = "gpt2"
+    elif m["norm"] == "rmsnorm" and m["activation"] == "swiglu":
+        family = "llama"
+    elif m["norm"] == "layernorm" and m["activation"] == "gelu_tanh":
+        family = "gpt_neox"
+    else:
+        raise CheckpointError(f"norm={m['norm']} with activation={m['activation']} has no transformers "
+                              f"equivalent here (Llama: rmsnorm+swiglu; GPT-NeoX/GPT-2: layernorm+gelu_tanh)")
+    if family != "llama" and (m["num_kv_heads"] or m["num_heads"]) != m["num_heads"]:
+        raise CheckpointError(f"grouped-query attention (num_kv_heads={m['num_kv_heads']}) cannot be represented "
+                              f"in {family}")
+    return family
+
+
+def hf_config_for(m: Mapping, family: str, eos_id) -> dict:
+    H, nh = m["hidden_size"], m["num_heads"]
+    F = m["ffn_hidden_size"] or (4 * H if m["activation"] == "gelu_tanh" else -(-8 * H // (3 * 64)) * 64)
+    common = {"vocab_size": m["vocab_size"], "tie_word_embeddings": m["tie_embeddings"],
+              "initializer_range": m["init_std"], "dtype": "float32", "bos_token_id": None, "eos_token_id": eos_id,
+              "pad_token_id": None}
+    if family == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", **common, "n_embd": H,
+                "n_layer": m["num_layers"], "n_head": nh, "n_inner": F, "n_positions": m["max_seq_len"],
+                "activation_function": EXPORT_ACT, "layer_norm_epsilon": m["norm_eps"],
+                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    if family == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "hidden_size": H,
+                "intermediate_size": F, "num_hidden_layers": m["num_layers"], "num_attention_heads": nh,
+                "num_key_value_heads": m["num_kv_heads"] or nh, "head_dim": H // nh, "hidden_act": "silu",
+                "max_position_embeddings": m["max_seq_len"], "rms_norm_eps": m["norm_eps"],
+                "rope_parameters": {"rope_type": "default", "rope_theta": m["rope_base"]},
+                "attention_bias": bool(m["qkv_bias"] or m["attn_out_bias"]), "mlp_bias": m["mlp_bias"],
+                "attention_dropout": 0.0, "pretraining_tp": 1}
+    return {"architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", **common, "hidden_size": H,
+            "intermediate_size": F, "num_hidden_layers": m["num_layers"], "num_attention_heads": nh,
+            "hidden_act": EXPORT_ACT, "max_position_embeddings": m["max_seq_len"], "layer_norm_eps": m["norm_eps"],
+            "use_parallel_residual": False, "attention_bias": True,
+            "rope_parameters": {"rope_type": "default", "rope_theta": m["rope_base"], "partial_rotary_factor": 1.0},
+            "attention_dropout": 0.0, "hidden_dropout": 0.0}
+
+
+def weights_to_hf(family: str, m: Mapping, w: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A transformers state dict from our full weights (vocabulary rows already trimmed to vocab_size).
+
+    Biases the target has and ours lacks are written as zeros (exact); an lm_head bias, which no target
+    has, is refused unless it is exactly zero.
+    """
+    w = {k: v.float() for k, v in w.items()}
+    H, L, nh = m["hidden_size"], m["num_layers"], m["num_heads"]
+    hd = H // nh
+    if "lm_head.bias" in w and bool(torch.any(w["lm_head.bias"] != 0)):
+        raise CheckpointError(f"the LM head has a non-zero bias, which {family} cannot represent (its head has "
+                              f"no bias); this model cannot be exported without changing its outputs")
+
+    def bias(key: str, n: int) -> torch.Tensor:
+        return w.get(key, torch.zeros(n))
+
+    out: dict[str, torch.Tensor] = {}
+    if family == "gpt2":
+        out["transformer.wte.weight"] = w["embed_tokens.weight"]
+        out["transformer.wpe.weight"] = w["embed_positions.weight"]
+        for i in range(L):
+            p, q = f"transformer.h.{i}.", f"layers.{i}."
+            for ours, theirs in (("input_norm", "ln_1"), ("mlp_norm", "ln_2")):
+                out[p + theirs + ".weight"] = w[q + ours + ".weight"]
+                out[p + theirs + ".bias"] = bias(q + ours + ".bias", H)
+            out[p + "attn.c_attn.weight"] = torch.cat(
+                [w[q + f"attention.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")], 0).t().contiguous()
+            out[p + "attn.c_attn.bias"] = torch.cat(
+                [bias(q + f"attention.{n}.bias", H) for n in ("q_proj", "k_proj", "v_proj")])
+            out[p + "attn.c_proj.weight"] = w[q + "attention.out_proj.weight"].t().contiguous()
+            out[p + "attn.c_proj.bias"] = bias(q + "attention.out_proj.bias", H)
+            F = w[q + "mlp.fc1.weight"].shape[0]
+            out[p + "mlp.c_fc.weight"] = w[q + "mlp.fc1.weight"].t().contiguous()
+            out[p + "mlp.c_fc.bias"] = bias(q + "mlp.fc1.bias", F)
+            out[p + "mlp.c_proj.weight"] = w[q + "mlp.fc2.weight"].t().contiguous()
+            out[p + "mlp.c_proj.bias"] = bias(q + "mlp.fc2.bias", H)
+        out["transformer.ln_f.weight"] = w["final_norm.weight"]
+        out["transformer.ln_f.bias"] = bias("final_norm.bias", H)
+        head_key = "lm_head.weight"
+    elif family == "llama":
+        nkv = m["num_kv_heads"] or nh
+        attn_bias = m["qkv_bias"] or m["attn_out_bias"]
+        out["model.embed_tokens.weight"] = w["embed_tokens.weight"]
+        for i in range(L):
+            p, q = f"model.layers.{i}.", f"layers.{i}."
+            out[p + "input_layernorm.weight"] = w[q + "input_norm.weight"]
+            out[p + "post_attention_layernorm.weight"] = w[q + "mlp_norm.weight"]
+            for ours, theirs, n in (("q_proj", "q_proj", nh * hd), ("k_proj", "k_proj", nkv * hd),
+                                    ("v_proj", "v_proj", nkv * hd), ("out_proj", "o_proj", H)):
+                out[p + f"self_attn.{theirs}.weight"] = w[q + f"attention.{ours}.weight"]
+                if attn_bias:
+                    out[p + f"self_attn.{theirs}.bias"] = bias(q + f"attention.{ours}.bias", n)
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                out[p + f"mlp.{name}.weight"] = w[q + f"mlp.{name}.weight"]
+                if m["mlp_bias"]:
+                    out[p + f"mlp.{name}.bias"] = w[q + f"mlp.{name}.bias"]
+        out["model.norm.weight"] = w["final_norm.weight"]
+        head_key = "lm_head.weight"
+    else:
+        out["gpt_neox.embed_in.weight"] = w["embed_tokens.weight"]
+        for i in range(L):
+            p, q = f"gpt_neox.layers.{i}.", f"layers.{i}."
+            for ours, theirs in (("input_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
+                out[p + theirs + ".weight"] = w[q + ours + ".weight"]
+                out[p + theirs + ".bias"] = bias(q + ours + ".bias", H)
+            qkv = torch.stack([w[q + f"attention.{n}.weight"].view(nh, hd, H) for n in ("q_proj", "k_proj", "v_proj")], 1)
+            out[p + "attention.query_key_value.weight"] = qkv.reshape(3 * H, H).contiguous()
+            qkv_b = torch.stack([bias(q + f"attention.{n}.bias", H).view(nh, hd) for n in ("q_proj", "k_proj", "v_proj")], 1)
+            out[p + "attention.query_key_value.bias"] = qkv_b.reshape(3 * H).contiguous()
+            out[p + "attention.dense.weight"] = w[q + "attention.out_proj.weight"]
+            out[p + "attention.dense.bias"] = bias(q + "attention.out_proj.bias", H)
+            F = w[q + "mlp.fc1.weight"].shape[0]
+            out[p + "mlp.dense_h_to_4h.weight"] = w[q + "mlp.fc1.weight"]
+            out[p + "mlp.dense_h_to_4h.bias"] = bias(q + "mlp.fc1.bias", F)
+            out[p + "mlp.dense_4h_to_h.weight"] = w[q + "mlp.fc2.weight"]
+            out[p + "mlp.dense_4h_to_h.bias"] = bias(q + "mlp.fc2.bias", H)
+        out["gpt_neox.final_layer_norm.weight"] = w["final_norm.weight"]
+        out["gpt_neox.final_layer_norm.bias"] = bias("final_norm.bias", H)
+        head_key = "embed_out.weight"
+    if not m["tie_embeddings"]:
+        out[head_key] = w["lm_head.weight"]
+    return out
+
+
+def export_hf(decoder_folder, out, *, overwrite: bool = False) -> Path:
+    """An AR decoder folder -> a transformers folder (config.json + model.safetensors [+ tokenizer files]),
+    written to a temporary name and renamed."""
+    import os
+    import shutil
+    import uuid
+
+    from safetensors.torch import save_file
+
+    from ..decode.format import load_decoder_weights, read_decoder_config
+
+    src, out = Path(decoder_folder), Path(out)
+    conf = read_decoder_config(src)
+    if conf["kind"] != "ar":
+        raise CheckpointError(f"{src} holds a {conf['kind']!r} model; only the AR teacher ('ar') has a "
+                              f"transformers equivalent")
+    if conf["masked_token_ids"]:
+        raise CheckpointError(f"{src} forces the logits of tokens {conf['masked_token_ids']} to -1000 (a mask "
+                              f"token); transformers' causal LMs cannot represent that")
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} already exists; choose a new folder or pass --overwrite")
+    m = conf["model"]
+    family = export_family(m)
+    V = m["vocab_size"]
+    weights = {k: (v[:V] if k in ("embed_tokens.weight", "lm_head.weight", "lm_head.bias") else v)
+               for k, v in load_decoder_weights(src, conf).items()}
+    tensors = {k: v.contiguous() for k, v in weights_to_hf(family, m, weights).items()}
+    hf_cfg = hf_config_for(m, family, conf["eos_id"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok = src / "tokenizer"
+        if (tok / "tokenizer.json").is_file():  # a Hugging Face tokenizer travels as is
+            for f in tok.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")  # last: marks it complete
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,142 @@
+"""Hugging Face import/export: tiny random GPT-2 / Llama / GPT-NeoX built with transformers on CPU.
+
+Import: our decoder's logits equal transformers' logits. Export: transformers loads the folder
+(AutoModelForCausalLM.from_pretrained) and its logits equal ours. Unrepresentable models are refused.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kforcing_dist.config.schema import ModelConfig  # noqa: E402
+from kforcing_dist.convert.hf import export_hf, import_hf  # noqa: E402
+from kforcing_dist.decode import load_decoder  # noqa: E402
+from kforcing_dist.decode.format import save_decoder  # noqa: E402
+from kforcing_dist.decode.model import DecoderLM  # noqa: E402
+from kforcing_dist.training.checkpoint import CheckpointError  # noqa: E402
+
+VOCAB = 101
+
+
+class _Payload:
+    """An arbitrary class: unpickling it would mean running code named by the file."""
+TOL = 2e-5
+
+
+def _gpt2(tie=True):
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=40, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+                                  layer_norm_epsilon=1e-4, tie_word_embeddings=tie, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5000.0},
+                                   tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _randomise(model, seed):
+    # transformers initialises norms to 1 and biases to 0: random values make every mapping count
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def _ids():
+    return torch.tensor([[5, 17, 3, 99, 42, 8, 0, 64, 23, 11], [1, 2, 3, 4, 5, 6, 7, 8, 9, 100]])
+
+
+def _import_to_decoder(folder, out):
+    m, padded, weights, _ = import_hf(folder)
+    save_decoder(out, kind="ar", model_config=m, padded_vocab_size=padded, state_dict=weights)
+    return load_decoder(out)
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama, lambda: _gpt2(tie=False)], ids=["gpt2", "llama", "gpt2-untied"])
+def test_import_then_export_matches_transformers(build, tmp_path, one_thread):
+    hf = _randomise(build(), 0)
+    hf.save_pretrained(tmp_path / "hf")
+    dec = _import_to_decoder(tmp_path / "hf", tmp_path / "ours")
+    with torch.no_grad():
+        want = hf(_ids()).logits
+    got = dec.logits(_ids())[..., :VOCAB]
+    assert (got - want).abs().max().item() < TOL
+    assert dec.padded_vocab_size % 64 == 0 and dec.padded_vocab_size > VOCAB
+
+    export_hf(tmp_path / "ours", tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(back) is type(hf)
+    with torch.no_grad():
+        again = back(_ids()).logits
+    assert (again - got).abs().max().item() < TOL
+
+
+def _our_decoder(tmp_path, **model):
+    base = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=64)
+    conf = {"format": "kforcing-dist-decoder/1", "kind": "ar", "padded_vocab_size": 128,
+            "model": {**dataclasses.asdict(ModelConfig()), **base, **model}}
+    dec = DecoderLM(conf).init_random_(seed=3, std=0.3)
+    sd = {k: v for k, v in dec.state_dict().items()}
+    with torch.no_grad():  # random norms and biases too
+        gen = torch.Generator().manual_seed(4)
+        for k in sd:
+            if "norm" in k or k.endswith("bias"):
+                sd[k] = torch.randn(sd[k].shape, generator=gen) * 0.3
+    save_decoder(tmp_path / "ours", kind="ar", model_config=conf["model"], padded_vocab_size=128, state_dict=sd)
+    return load_decoder(tmp_path / "ours")
+
+
+def test_default_architecture_exports_as_gpt_neox(tmp_path, one_thread):
+    # the paper's block: bias-free LayerNorm, tanh GELU, rotate-half rope, untied head
+    dec = _our_decoder(tmp_path, rope_base=500.0)
+    export_hf(tmp_path / "ours", tmp_path / "neox")
+    cfg = json.loads((tmp_path / "neox" / "config.json").read_text())
+    assert cfg["model_type"] == "gpt_neox" and cfg["use_parallel_residual"] is False
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "neox").eval()
+    with torch.no_grad():
+        want = back(_ids()).logits
+    assert (dec.logits(_ids())[..., :VOCAB] - want).abs().max().item() < TOL
+    # and back in: the same function
+    dec2 = _import_to_decoder(tmp_path / "neox", tmp_path / "again")
+    assert (dec2.logits(_ids()) - dec.logits(_ids()))[..., :VOCAB].abs().max().item() < TOL
+
+
+def test_unrepresentable_models_are_refused(tmp_path):
+    _our_decoder(tmp_path, lm_head_bias=True)
+    with pytest.raises(CheckpointError, match="non-zero bias"):
+        export_hf(tmp_path / "ours", tmp_path / "x")
+    (tmp_path / "o2").mkdir()
+    _our_decoder(tmp_path / "o2", norm="rmsnorm", activation="gelu_tanh")
+    with pytest.raises(CheckpointError, match="no transformers"):
+        export_hf(tmp_path / "o2" / "ours", tmp_path / "y")
+
+
+def test_broken_hf_folders_are_refused(tmp_path):
+    hf = _gpt2()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    with pytest.raises(CheckpointError, match="h.2.ln_1.weight"):
+        import_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "activation_function": "relu"}))
+    with pytest.raises(CheckpointError, match="activation_function"):
+        import_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    data = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        import_hf(tmp_path / "hf")
+    # a pickled .bin with an arbitrary object is refused, not executed
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1), "obj": _Payload()}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        import_hf(tmp_path / "hf")
