@@ -78,6 +78,7 @@ class LMTask:
 
     def __init__(self, tp_group):
         self.tp_group = tp_group
+        self.records: list[dict[str, float]] = []  # pipeline: per-micro-batch scalars (last stage)
 
     def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
         from ..model.loss import lm_loss

@@ -4,6 +4,9 @@ The AR teacher trains 3 ZeRO-1 steps (2 micro-batches each, clipping active) at 
 TP=2 x PP=2; losses, gradient norms and parameters are compared with a plain one-process
 engine built from the same seed. The PP=2 run also saves a checkpoint, resumes it in a fresh
 engine and must continue bit for bit, and its export must equal the reference's.
+Distillation stages k=1 (targets from the frozen AR teacher, forward-only on the same stages)
+and k=2 (self-forcing double pass, tokens sent back from the last stage to the first) train
+the same way through DistillTask, at PP=2 and TP=2 x PP=2, against one process.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ OVERRIDES = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", 
 PARAM_TOL = 1e-4
 
 
-def _setup(tp, pp, micro):
+def _setup(tp, pp, micro, extra=()):
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel
     from kforcing_dist.parallel.launch import resolve_launch
 
-    cfg, _ = load_config(None, OVERRIDES + [f"parallel.tp={tp}", f"parallel.pp={pp}",
-                                            f"train.micro_batch_size={micro}"])
+    cfg, _ = load_config(None, OVERRIDES + list(extra) + [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                                          f"train.micro_batch_size={micro}"])
     info = resolve_launch()
     device = init_distributed(info, "gloo")
     groups = init_model_parallel(tp, pp, device)
@@ -159,3 +162,137 @@ def test_teacher_pp2_matches_one_process_and_resumes(teacher_ref, tmp_path):
 
 def test_teacher_tp2_pp2_matches_one_process(teacher_ref, tmp_path):
     _compare(run_distributed(_teacher_worker, 4, 2, 2, tmp_path)[0], teacher_ref)
+
+
+# ------------------------------------------------------------------------------ distillation
+
+DISTILL = ["distill.max_window_slots=8", "distill.tau_min=0.7", "distill.tau_max=1.3", "distill.seed=5"]
+
+
+def _frozen_weights():
+    """Full weights of the AR teacher and of a stage-1 student (every process makes the same)."""
+    import torch.distributed as dist
+
+    from kforcing_dist.config import load_config
+    from kforcing_dist.model.state import full_state_dict
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.model.transformer import TransformerLM
+
+    cfg, _ = load_config(None, OVERRIDES)
+    own = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    torch.manual_seed(7)
+    teacher = TransformerLM(cfg.model, 128, own)
+    with torch.no_grad():  # sharper attention: targets that depend on the context
+        for layer in teacher.layers:
+            layer.attention.q_proj.weight.mul_(8.0)
+            layer.attention.k_proj.weight.mul_(8.0)
+    torch.manual_seed(8)
+    k1 = PFLM(cfg.model, 128, own, max_k=1, noise_init_std=0.2)
+    k1.init_from_teacher(teacher, own)
+    return full_state_dict(teacher, own), full_state_dict(k1, own)
+
+
+def _distill_worker(rank, world, tp, pp, k):
+    import torch.distributed as dist
+
+    from kforcing_dist.distill.task import DistillTask
+    from kforcing_dist.model.pipeline import (PipelineForward, build_pipeline_model, load_plain_state_dict,
+                                              plain_state_dict)
+    from kforcing_dist.model.state import load_full_state_dict
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.parallel.groups import shutdown
+    from kforcing_dist.training.engine import build_engine, build_frozen_pipeline_engine
+
+    cfg, layout, groups = _setup(tp, pp, GLOBAL_BATCH // 2 // (world // (tp * pp)), DISTILL)
+    teacher_w, k1_w = _frozen_weights()
+    student_w = dict(teacher_w)
+    student_w.update({n: v for n, v in k1_w.items() if n.startswith("noise_encoder.")})
+    if k == 2:
+        student_w = k1_w
+
+    def frozen(weights, max_k):
+        if pp == 1:
+            model = PFLM(cfg.model, 128, groups.tp_group, max_k=max_k) if max_k else \
+                TransformerLM(cfg.model, 128, groups.tp_group)
+            load_full_state_dict(model, weights, groups.tp_group)
+            return model.eval().requires_grad_(False)
+        pipe = build_pipeline_model(cfg.model, 128, groups, max_k=max_k)
+        load_plain_state_dict(pipe, weights, groups)
+        return PipelineForward(build_frozen_pipeline_engine(pipe, layout))
+
+    if k == 1:
+        task = DistillTask(1, cfg.distill, groups, ar_teacher=frozen(teacher_w, 0))
+    else:
+        task = DistillTask(2, cfg.distill, groups, prev_student=frozen(k1_w, 1))
+    if pp == 1:
+        student = PFLM(cfg.model, 128, groups.tp_group, max_k=k)
+        load_full_state_dict(student, student_w, groups.tp_group)
+    else:
+        student = build_pipeline_model(cfg.model, 128, groups, max_k=k, loss_fn=task.pipe_loss)
+        load_plain_state_dict(student, student_w, groups)
+    engine = build_engine(student, cfg, layout, groups, "fp32", task.lr_scales)
+    gen = torch.Generator().manual_seed(321)
+    losses, norms, records = [], [], []
+    for step in range(STEPS):
+        batch = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen)
+        parts = _micro_parts(batch, layout, groups)
+        task.records = []
+        if pp > 1:
+            loss = float(engine.train_batch(iter(task.pipe_micro_batches(parts, step))))
+            mine = task.records
+        else:
+            loss, mine = 0.0, []
+            for m, part in enumerate(parts):
+                out, metrics = task.train_loss(engine, part, step, m)
+                engine.backward(out)
+                engine.step()
+                loss += out.item() / layout.grad_accum
+                mine.append({"loss": out.item(), **metrics})
+        t = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(t, group=groups.dp_group)
+        losses.append(t.item() / layout.dp)
+        norms.append(float(engine.get_global_grad_norm()))
+        records.append(mine)
+    params = {k_: v.numpy().copy() for k_, v in plain_state_dict(engine.module, groups).items()}
+    last_stage = groups.pp_rank == groups.pp_size - 1
+    shutdown()
+    if groups.world_rank == 0 or (last_stage and groups.tp_rank == 0 and groups.dp_rank == 0):
+        return {"losses": losses, "norms": norms, "params": params, "records": records if last_stage else None}
+    return None
+
+
+def _compare_distill(results, ref):
+    res = results[0]
+    _compare(res, ref)
+    logged = next(r for r in results if r is not None and r["records"] is not None)["records"]
+    for got, want in zip(logged, ref["records"]):  # per-slot accuracy etc. on the last stage
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys()
+            for key in w:
+                assert g[key] == pytest.approx(w[key], abs=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def k2_ref():
+    return run_distributed(_distill_worker, 1, 1, 1, 2)[0]
+
+
+def test_distill_k2_reference_is_a_real_check(k2_ref):
+    assert min(k2_ref["norms"]) > 0.05  # clipping active at every step
+    # the k=2 student starts as the k=1 student, whose first pass made slot 1's targets with the
+    # same noise: slot 1 is exactly right at the first step (targets made with the right u)
+    assert k2_ref["records"][0][0]["acc_slot1"] == 1.0
+
+
+def test_distill_k1_pp2_matches_one_process():
+    ref = run_distributed(_distill_worker, 1, 1, 1, 1)[0]
+    _compare_distill(run_distributed(_distill_worker, 2, 1, 2, 1), ref)
+
+
+def test_distill_k2_pp2_matches_one_process(k2_ref):
+    _compare_distill(run_distributed(_distill_worker, 2, 1, 2, 2), k2_ref)
+
+
+def test_distill_k2_tp2_pp2_matches_one_process(k2_ref):
+    _compare_distill(run_distributed(_distill_worker, 4, 2, 2, 2), k2_ref)
