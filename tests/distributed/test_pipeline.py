@@ -26,6 +26,7 @@ OVERRIDES = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", 
              f"train.seq_len={SEQ}", f"train.global_batch_size={GLOBAL_BATCH}", "train.max_steps=10",
              "train.warmup_steps=2", "train.lr=1e-2", "train.grad_clip=0.05", "train.weight_decay=0.1",
              "parallel.zero_stage=1"]
+DISTILL = ["distill.max_window_slots=8", "distill.tau_min=0.7", "distill.tau_max=1.3", "distill.seed=5"]
 # fp32: parallel layouts sum in another order; ~1e-4 is the fp32 noise (engines-on-cpu.md)
 PARAM_TOL = 1e-4
 
@@ -53,18 +54,32 @@ def _micro_parts(batch, layout, groups):
     return [batch[(m * dp + groups.dp_rank) * micro:][:micro] for m in range(layout.grad_accum)]
 
 
-def _teacher_worker(rank, world, tp, pp, workdir):
+def _worker(rank, world, tp, pp, workdir, runs):
+    """One launch per layout: every run of ``runs`` (teacher, k1, k2) in the same process group."""
+    from kforcing_dist.parallel.groups import shutdown
+
+    cfg, layout, groups = _setup(tp, pp, GLOBAL_BATCH // 2 // (world // (tp * pp)), DISTILL)
+    assert layout.grad_accum == 2
+    out = {}
+    if "teacher" in runs:
+        out["teacher"] = _teacher_run(cfg, layout, groups, workdir)
+    for k in (1, 2):
+        if f"k{k}" in runs:
+            out[f"k{k}"] = _distill_run(cfg, layout, groups, k)
+    shutdown()
+    return out
+
+
+def _teacher_run(cfg, layout, groups, workdir):
     import torch.distributed as dist
 
     from kforcing_dist.model.loss import lm_loss
     from kforcing_dist.model.pipeline import build_pipeline_model, plain_state_dict
     from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
-    from kforcing_dist.parallel.groups import shutdown
     from kforcing_dist.training.engine import build_engine
     from kforcing_dist.training.export import export_decoder
 
-    cfg, layout, groups = _setup(tp, pp, GLOBAL_BATCH // 2 // (world // (tp * pp)))
-    assert layout.grad_accum == 2
+    tp, pp = layout.tp, layout.pp
     padded = pad_vocab_size(VOCAB, 64, tp)
 
     def loss_fn(logits, labels):
@@ -114,8 +129,7 @@ def _teacher_worker(rank, world, tp, pp, workdir):
         assert path is not None
         out["resumed"] = step(fresh, batches[-1])
         out["resumed_params"] = {k: v.numpy().copy() for k, v in plain_state_dict(fresh.module, groups).items()}
-    shutdown()
-    return out if rank == 0 else None
+    return out if groups.world_rank == 0 else None
 
 
 def _compare(result, ref):
@@ -127,19 +141,37 @@ def _compare(result, ref):
 
 
 @pytest.fixture(scope="module")
-def teacher_ref(tmp_path_factory):
-    return run_distributed(_teacher_worker, 1, 1, 1, tmp_path_factory.mktemp("ref"))[0]
+def ref(tmp_path_factory):
+    return run_distributed(_worker, 1, 1, 1, tmp_path_factory.mktemp("ref"), ("teacher", "k1", "k2"))
 
 
-def test_teacher_reference_trains_with_clipping(teacher_ref):
-    assert teacher_ref["losses"][-1] < teacher_ref["losses"][0]
-    assert min(teacher_ref["norms"]) > 0.05  # clipping at 0.05 is active at every step
+@pytest.fixture(scope="module")
+def pp2(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pp2")
+    return run_distributed(_worker, 2, 1, 2, workdir, ("teacher", "k1", "k2")), workdir
 
 
-def test_teacher_pp2_matches_one_process_and_resumes(teacher_ref, tmp_path):
+@pytest.fixture(scope="module")
+def tp2_pp2(tmp_path_factory):
+    return run_distributed(_worker, 4, 2, 2, tmp_path_factory.mktemp("tp2pp2"), ("teacher", "k2"))
+
+
+def test_reference_is_a_real_check(ref):
+    teacher = ref[0]["teacher"]
+    assert teacher["losses"][-1] < teacher["losses"][0]
+    for run in ("teacher", "k1", "k2"):
+        assert min(ref[0][run]["norms"]) > 0.05, run  # clipping at 0.05 is active at every step
+    # the k=2 student starts as the k=1 student, whose first pass made slot 1's targets with the
+    # same noise: slot 1 is exactly right at the first step (targets made with the right u)
+    assert ref[0]["k2"]["records"][0][0]["acc_slot1"] == 1.0
+
+
+def test_teacher_pp2_matches_one_process_and_resumes(ref, pp2):
     from safetensors.torch import load_file
 
-    res = run_distributed(_teacher_worker, 2, 1, 2, tmp_path)[0]
+    teacher_ref = ref[0]["teacher"]
+    results, tmp_path = pp2
+    res = results[0]["teacher"]
     # same seed, same full initial weights at PP=2
     for name, value in teacher_ref["initial"].items():
         np.testing.assert_array_equal(res["initial"][name], value, err_msg=name)
@@ -160,13 +192,11 @@ def test_teacher_pp2_matches_one_process_and_resumes(teacher_ref, tmp_path):
         torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=PARAM_TOL)
 
 
-def test_teacher_tp2_pp2_matches_one_process(teacher_ref, tmp_path):
-    _compare(run_distributed(_teacher_worker, 4, 2, 2, tmp_path)[0], teacher_ref)
+def test_teacher_tp2_pp2_matches_one_process(ref, tp2_pp2):
+    _compare(tp2_pp2[0]["teacher"], ref[0]["teacher"])
 
 
 # ------------------------------------------------------------------------------ distillation
-
-DISTILL = ["distill.max_window_slots=8", "distill.tau_min=0.7", "distill.tau_max=1.3", "distill.seed=5"]
 
 
 def _frozen_weights():
@@ -192,7 +222,7 @@ def _frozen_weights():
     return full_state_dict(teacher, own), full_state_dict(k1, own)
 
 
-def _distill_worker(rank, world, tp, pp, k):
+def _distill_run(cfg, layout, groups, k):
     import torch.distributed as dist
 
     from kforcing_dist.distill.task import DistillTask
@@ -201,10 +231,9 @@ def _distill_worker(rank, world, tp, pp, k):
     from kforcing_dist.model.state import load_full_state_dict
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.model.transformer import TransformerLM
-    from kforcing_dist.parallel.groups import shutdown
     from kforcing_dist.training.engine import build_engine, build_frozen_pipeline_engine
 
-    cfg, layout, groups = _setup(tp, pp, GLOBAL_BATCH // 2 // (world // (tp * pp)), DISTILL)
+    pp = layout.pp
     teacher_w, k1_w = _frozen_weights()
     student_w = dict(teacher_w)
     student_w.update({n: v for n, v in k1_w.items() if n.startswith("noise_encoder.")})
@@ -256,43 +285,25 @@ def _distill_worker(rank, world, tp, pp, k):
         records.append(mine)
     params = {k_: v.numpy().copy() for k_, v in plain_state_dict(engine.module, groups).items()}
     last_stage = groups.pp_rank == groups.pp_size - 1
-    shutdown()
     if groups.world_rank == 0 or (last_stage and groups.tp_rank == 0 and groups.dp_rank == 0):
         return {"losses": losses, "norms": norms, "params": params, "records": records if last_stage else None}
     return None
 
 
-def _compare_distill(results, ref):
-    res = results[0]
-    _compare(res, ref)
-    logged = next(r for r in results if r is not None and r["records"] is not None)["records"]
-    for got, want in zip(logged, ref["records"]):  # per-slot accuracy etc. on the last stage
+def _compare_distill(results, ref, run):
+    _compare(results[0][run], ref[0][run])
+    logged = next(r[run] for r in results if r[run] is not None and r[run]["records"] is not None)["records"]
+    for got, want in zip(logged, ref[0][run]["records"]):  # per-slot accuracy etc. on the last stage
         for g, w in zip(got, want):
             assert g.keys() == w.keys()
             for key in w:
                 assert g[key] == pytest.approx(w[key], abs=1e-5), key
 
 
-@pytest.fixture(scope="module")
-def k2_ref():
-    return run_distributed(_distill_worker, 1, 1, 1, 2)[0]
+@pytest.mark.parametrize("run", ["k1", "k2"])
+def test_distill_pp2_matches_one_process(ref, pp2, run):
+    _compare_distill(pp2[0], ref, run)
 
 
-def test_distill_k2_reference_is_a_real_check(k2_ref):
-    assert min(k2_ref["norms"]) > 0.05  # clipping active at every step
-    # the k=2 student starts as the k=1 student, whose first pass made slot 1's targets with the
-    # same noise: slot 1 is exactly right at the first step (targets made with the right u)
-    assert k2_ref["records"][0][0]["acc_slot1"] == 1.0
-
-
-def test_distill_k1_pp2_matches_one_process():
-    ref = run_distributed(_distill_worker, 1, 1, 1, 1)[0]
-    _compare_distill(run_distributed(_distill_worker, 2, 1, 2, 1), ref)
-
-
-def test_distill_k2_pp2_matches_one_process(k2_ref):
-    _compare_distill(run_distributed(_distill_worker, 2, 1, 2, 2), k2_ref)
-
-
-def test_distill_k2_tp2_pp2_matches_one_process(k2_ref):
-    _compare_distill(run_distributed(_distill_worker, 4, 2, 2, 2), k2_ref)
+def test_distill_k2_tp2_pp2_matches_one_process(ref, tp2_pp2):
+    _compare_distill(tp2_pp2, ref, "k2")
