@@ -75,18 +75,26 @@ def stage_config(cfg: Config, k: int, model_cfg: dict) -> Config:
     return out
 
 
-def _load_frozen(folder: Path, builder, groups, cfg: Config) -> torch.nn.Module:
-    """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it."""
+def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
+    """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it.
+
+    A pipeline model comes back as a forward-only :class:`PipelineForward` on its own
+    optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` says.
+    """
     from safetensors.torch import load_file
 
     from ..distill.frozen import freeze
-    from ..model.state import load_full_state_dict
-    from ..training.engine import resolve_precision
+    from ..model.pipeline import PipelineForward, is_pipeline, load_plain_state_dict
+    from ..training.engine import build_frozen_pipeline_engine, resolve_precision
     from ..training.export import fit_vocab_rows
 
     model = builder()
     weights = fit_vocab_rows(load_file(str(folder / "model.safetensors")), model.padded_vocab_size)
-    load_full_state_dict(model, weights, groups.tp_group)
+    load_plain_state_dict(model, weights, groups)
+    if is_pipeline(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return PipelineForward(build_frozen_pipeline_engine(model, layout))
     return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage),
                   cfg.distill.partition_frozen)
 
@@ -96,7 +104,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     from safetensors.torch import load_file
 
     from ..distill.task import DistillTask
-    from ..model.state import load_full_state_dict
+    from ..model.pipeline import build_pipeline_model, load_plain_state_dict
     from ..model.student import PFLM
     from ..model.transformer import TransformerLM, pad_vocab_size
     from ..training.export import export_decoder, fit_vocab_rows
@@ -124,19 +132,27 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     padded = pad_vocab_size(scfg.model.vocab_size, scfg.model.make_vocab_size_divisible_by, layout.tp)
 
     def student(max_k):
+        if layout.pp > 1:
+            return build_pipeline_model(scfg.model, padded, groups, max_k=max_k, noise_max_freq=d.noise_max_freq)
         return PFLM(scfg.model, padded, groups.tp_group, max_k=max_k, noise_max_freq=d.noise_max_freq)
 
-    ar = (_load_frozen(ar_path, lambda: TransformerLM(scfg.model, padded, groups.tp_group), groups, scfg)
-          if need_ar else None)
-    prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg) if k > 1 else None
+    def ar_model():
+        if layout.pp > 1:
+            return build_pipeline_model(scfg.model, padded, groups)
+        return TransformerLM(scfg.model, padded, groups.tp_group)
+
+    ar = _load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
+    prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg, layout) if k > 1 else None
     torch.manual_seed(d.seed)
     model = student(k)
     # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
     init_from = ar_path if k == 1 else prev_path
     init_weights = fit_vocab_rows(load_file(str(init_from / "model.safetensors")), padded)
-    if k == 1:
-        init_weights.update({n: p.detach().cpu() for n, p in model.noise_encoder.named_parameters(prefix="noise_encoder")})
-    load_full_state_dict(model, init_weights, groups.tp_group)
+    if k == 1:  # the fresh noise encoder (on the first pipeline stage only, with pp > 1)
+        to_plain = getattr(model, "plain_name", lambda n: n)
+        init_weights.update({to_plain(n): p.detach().cpu() for n, p in model.named_parameters()
+                             if to_plain(n).startswith("noise_encoder.")})
+    load_plain_state_dict(model, init_weights, groups)
 
     sampler, valid = samplers(scfg, shards, layout, groups)
     task = DistillTask(k, d, groups, ar_teacher=ar, prev_student=prev)

@@ -54,6 +54,9 @@ def distributed(info: LaunchInfo, cfg: Config):
 
     device = init_distributed(info, cfg.parallel.backend, cfg.parallel.timeout_minutes)
     groups = init_model_parallel(cfg.parallel.tp, cfg.parallel.pp, device)
+    if groups.is_logging_rank and info.rank != 0:
+        # with pp > 1 the losses and metrics exist on the last stage: let its first rank speak too
+        logging.getLogger("kforcing_dist").setLevel(logging.INFO)
     try:
         yield groups
     except BaseException:

@@ -106,7 +106,12 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
     layout = derive_layout(cfg, info.world_size)
     padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
     torch.manual_seed(cfg.train.seed)
-    model = TransformerLM(cfg.model, padded, groups.tp_group)
+    if layout.pp > 1:
+        from ..model.pipeline import build_pipeline_model
+
+        model = build_pipeline_model(cfg.model, padded, groups)  # same weights as the plain model
+    else:
+        model = TransformerLM(cfg.model, padded, groups.tp_group)
     if cfg.train.init_from and not list_complete(out / "checkpoints"):
         from ..convert.init import init_from_decoder
 

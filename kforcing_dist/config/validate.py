@@ -58,6 +58,18 @@ def _parallel_problems(cfg: Config, world_size: int) -> list[str]:
     if p.zero_stage in (2, 3) and p.pp > 1:
         out.append(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed refuses ZeRO-2/3 "
                    f"with pipeline parallelism; use zero_stage 0 or 1, or pp 1")
+    if p.pp > 1 and p.zero_stage == 0 and cfg.train.grad_clip > 0:
+        # DeepSpeed's ZeRO-0 pipeline path counts the grad norm on the first stage only
+        out.append(f"parallel.zero_stage=0 with parallel.pp={p.pp} and train.grad_clip={cfg.train.grad_clip}: "
+                   f"DeepSpeed clips with a wrong gradient norm in this combination; use zero_stage 1 "
+                   f"(or train.grad_clip 0)")
+    if p.pp > 1 and m.tie_embeddings:
+        out.append(f"model.tie_embeddings with parallel.pp={p.pp}: the embedding and the head live on different "
+                   f"pipeline stages; set model.tie_embeddings: false or parallel.pp: 1")
+    if p.pp > 1 and cfg.distill.noise_inversion_weight > 0:
+        out.append(f"distill.noise_inversion_weight={cfg.distill.noise_inversion_weight} with parallel.pp={p.pp}: "
+                   f"the noise-inversion loss is not available with pipeline parallelism yet; "
+                   f"set it to 0 or use parallel.pp: 1")
     return out
 
 

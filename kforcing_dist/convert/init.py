@@ -13,14 +13,14 @@ _FREE_FIELDS = ("attention_backend", "init_std", "make_vocab_size_divisible_by")
 
 
 def init_from_decoder(model, folder, model_cfg, tp_group, tokenizer=None) -> dict:
-    """Copy an 'ar' decoder folder's weights into ``model`` (a TransformerLM at any TP size).
+    """Copy an 'ar' decoder folder's weights into ``model`` (a TransformerLM or its pipeline version, any TP x PP).
 
     Refused with CheckpointError when the folder is not an AR model, its architecture differs from
     ``model_cfg`` (every differing field is named), or its tokenizer is not the run's.
     """
     from ..decode.errors import DecodeError
     from ..decode.format import load_decoder_tokenizer, load_decoder_weights, read_decoder_config
-    from ..model.state import load_full_state_dict
+    from ..model.pipeline import load_plain_state_dict
     from ..training.export import fit_vocab_rows
 
     folder = Path(folder)
@@ -43,7 +43,7 @@ def init_from_decoder(model, folder, model_cfg, tp_group, tokenizer=None) -> dic
         raise CheckpointError(f"train.init_from: {folder} was made with another tokenizer than this run's data; "
                               f"prepare the data with its tokenizer (tokenizer.path={folder / 'tokenizer'})")
     try:
-        load_full_state_dict(model, fit_vocab_rows(weights, model.padded_vocab_size), tp_group)
+        load_plain_state_dict(model, fit_vocab_rows(weights, model.padded_vocab_size), tp_group)
     except ValueError as e:
         raise CheckpointError(f"train.init_from: {e}") from None
     return conf

@@ -85,16 +85,31 @@ def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_start
         raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
     b, N = input_ids.shape
     check_window_starts(window_starts, b, N)
+    _check_u(u, b, window_starts.shape[1])
+    return stage1_targets_from_logits(teacher(input_ids), window_starts, u, tau, order, tp_group,
+                                      teacher.vocab_size)
+
+
+@torch.no_grad()
+def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor, u: torch.Tensor,
+                               tau, order: str, tp_group, vocab_size: int) -> torch.Tensor:
+    """:func:`stage1_targets` from the teacher's vocab-parallel logits [b, N, V/tp] over the
+    context, computed elsewhere (on the last pipeline stage). LongTensor [b, W, 1]."""
+    _check_order(order)
+    if logits.dim() != 3:
+        raise ValueError(f"teacher logits must have shape [b, N, V/tp], got {tuple(logits.shape)}")
+    b, N = logits.shape[:2]
+    check_window_starts(window_starts, b, N)
     W = window_starts.shape[1]
     _check_u(u, b, W)
     if u.shape[2] != 1:
         raise ValueError(f"stage 1 has one slot per window: u must be [b, W, 1], got {tuple(u.shape)}")
-    tau = per_sequence_tau(tau, b, input_ids.device)
-    logits = teacher(input_ids)                                          # [b, N, V/tp]
+    tau = per_sequence_tau(tau, b, logits.device)
     idx = window_starts.to(logits.device).long()[:, :, None].expand(b, W, logits.shape[-1])
     at_starts = logits.gather(1, idx)                                    # [b, W, V/tp]
-    return vp_inverse_cdf_sample(at_starts, u[..., 0], tau[:, None], order, teacher.vocab_start,
-                                 teacher.vocab_size, tp_group).unsqueeze(-1)
+    return vp_inverse_cdf_sample(at_starts, u[..., 0], tau[:, None], order,
+                                 dist.get_rank(resolve_tp_group(tp_group)) * logits.shape[-1], vocab_size,
+                                 tp_group).unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -124,6 +139,43 @@ def self_forcing_targets(prev: PFLM, input_ids: torch.Tensor, window_starts: tor
         prev.forward_windows(input_ids, window_starts, u[..., k:], tau, window_tokens=first),
         tp_group)
     return torch.cat([first, second], dim=-1)
+
+
+@torch.no_grad()
+def self_forcing_targets_pipelined(prev_forward, draws: list[tuple], groups) -> Optional[list[torch.Tensor]]:
+    """:func:`self_forcing_targets` with the frozen stage-k student split into pipeline stages.
+
+    ``prev_forward``: a :class:`~kforcing_dist.model.pipeline.PipelineForward` (logits on the last
+    stage); ``draws``: one (input_ids, window_starts, u [b, W, 2k], tau [b]) per micro-batch,
+    identical on every stage. The first pass's argmax tokens are made on the last stage and
+    broadcast back over the pipeline group, because the first stage embeds them for the second
+    pass. Returns the targets [b, W, 2k] per micro-batch on the last stage, None elsewhere.
+    """
+    k = draws[0][2].shape[2] // 2
+    if k < 1 or draws[0][2].shape[2] % 2:
+        raise ValueError(f"self-forcing needs an even number (2k) of noise values per window, "
+                         f"got {draws[0][2].shape[2]}")
+    if k > prev_forward.max_k:
+        raise ValueError(f"the previous stage has max_k={prev_forward.max_k}, cannot make targets "
+                         f"for k={2 * k} (needs {k} slots per pass)")
+    last = dist.get_global_rank(groups.pp_group, groups.pp_size - 1)
+    no_tokens = [ids.new_zeros((*starts.shape, 0)) for ids, starts, _, _ in draws]
+    logits = prev_forward([(ids, starts, u[..., :k].contiguous(), tau, none)
+                           for (ids, starts, u, tau), none in zip(draws, no_tokens)])
+    firsts = []
+    for i, (ids, starts, _, _) in enumerate(draws):
+        if logits is not None:
+            first = vocab_parallel_argmax(logits[i], groups.tp_group).contiguous()
+        else:
+            first = torch.empty((*starts.shape, k), dtype=torch.long, device=ids.device)
+        dist.broadcast(first, src=last, group=groups.pp_group)
+        firsts.append(first)
+    logits = prev_forward([(ids, starts, u[..., k:].contiguous(), tau, first)
+                           for (ids, starts, u, tau), first in zip(draws, firsts)])
+    if logits is None:
+        return None
+    return [torch.cat([first, vocab_parallel_argmax(out, groups.tp_group)], dim=-1)
+            for first, out in zip(firsts, logits)]
 
 
 @torch.no_grad()

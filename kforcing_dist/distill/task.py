@@ -37,6 +37,7 @@ class DistillTask:
         self.k, self.dcfg, self.groups = k, dcfg, groups
         self.ar_teacher, self.prev_student = ar_teacher, prev_student
         self.kind = f"pflm-k{k}"
+        self.records: list[dict[str, float]] = []  # pipeline: per-micro-batch scalars (last stage)
         # the noise encoder starts from scratch while the backbone starts trained
         self.lr_scales = {"noise_encoder.": dcfg.noise_encoder_lr_scale}
 
@@ -98,6 +99,47 @@ class DistillTask:
 
     def _global_micro(self, micro: int) -> int:
         return micro * self.groups.dp_size + self.groups.dp_rank
+
+    # ---------------------------------------------------------------- pipeline parallelism
+    # The engine pulls (inputs, labels) per micro-batch: the first stage embeds the inputs, the
+    # last computes the loss against the labels (the targets). The frozen teacher runs on the
+    # same stage layout first, for all micro-batches, so its targets appear on the last stage.
+
+    def pipe_micro_batches(self, batches: list[torch.Tensor], step: int | None) -> list[tuple]:
+        """(inputs, labels) per micro-batch; ``step`` None means validation batches (noise by index)."""
+        k = self.k
+        draws = []
+        for i, batch in enumerate(batches):
+            gen = noise_generator(self.dcfg.seed, "valid" if step is None else "train",
+                                  0 if step is None else step, self._global_micro(i))
+            starts, tau = self._draw(batch, gen, batch.shape[1])
+            u = torch.rand((*starts.shape, k), generator=gen, dtype=torch.float64).to(batch.device)
+            draws.append((batch, starts, u, tau))
+        targets = self._pipe_targets(draws)
+        no_label = torch.zeros(1, dtype=torch.long)  # stages before the last never read labels
+        return [((batch, starts, u, tau, batch.new_zeros((*starts.shape, 0))),
+                 targets[i] if targets is not None else no_label)
+                for i, (batch, starts, u, tau) in enumerate(draws)]
+
+    def _pipe_targets(self, draws):
+        from .targets import self_forcing_targets_pipelined, stage1_targets_from_logits
+
+        if self.k > 1:
+            return self_forcing_targets_pipelined(self.prev_student, draws, self.groups)
+        logits = self.ar_teacher([batch for batch, _, _, _ in draws])
+        if logits is None:
+            return None
+        return [stage1_targets_from_logits(out, starts, u, tau, self.dcfg.cdf_order, self.groups.tp_group,
+                                           self.ar_teacher.vocab_size)
+                for out, (_, starts, u, tau) in zip(logits, draws)]
+
+    def pipe_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The student's loss on the last stage; records the micro-batch's scalars."""
+        from .losses import slot_metrics
+
+        loss, metrics = slot_metrics(logits, targets, self.groups.tp_group)
+        self.records.append({"loss": metrics["loss"], **self._flatten(metrics, "")})
+        return loss
 
     def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
         gen = noise_generator(self.dcfg.seed, "train", step, self._global_micro(micro))

@@ -96,6 +96,17 @@ class PFLM(TransformerLM):
         t+1..t+m_real), then the noise slots at t+m_real+1..t+m_real+m_noise.
         Returns vocab-parallel float32 logits [b, W, m_noise, V_padded/tp].
         """
+        hidden, position_ids, mask, shape = self.window_inputs(input_ids, window_starts, u, tau,
+                                                               window_tokens)
+        return self.window_logits(self.backbone(hidden, position_ids, mask), shape)
+
+    def window_inputs(self, input_ids: torch.Tensor, window_starts: torch.Tensor, u: torch.Tensor,
+                      tau, window_tokens: Optional[torch.Tensor] = None):
+        """The embedding half of :meth:`forward_windows` (the pipeline's first stage runs it alone).
+
+        Returns (hidden [b, L, H], position_ids [b, L], mask [b, 1, L, L], shape) where shape is
+        (N, m_real, m_noise), what :meth:`window_logits` needs to pick the noise slots.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
         b, N = input_ids.shape
@@ -137,7 +148,14 @@ class PFLM(TransformerLM):
             slots = slots + self.embed_positions(item_pos[:, :, m_real:])
         parts.append(slots)
         items = torch.cat(parts, dim=2).reshape(b, W * m, -1)
-        hidden = self.backbone(torch.cat([context, items], dim=1), position_ids, mask)
+        return torch.cat([context, items], dim=1), position_ids, mask, (N, m_real, m_noise)
+
+    def window_logits(self, hidden: torch.Tensor, shape) -> torch.Tensor:
+        """The head half of :meth:`forward_windows`: hidden [b, L, H] after the backbone and
+        ``shape`` = (N, m_real, m_noise) -> noise-slot logits [b, W, m_noise, V_padded/tp]."""
+        N, m_real, m_noise = (int(v) for v in shape)
+        b, m = hidden.shape[0], m_real + m_noise
+        W = (hidden.shape[1] - N) // m
         # Only the noise slots need logits: skip the head on context and real-token rows.
         out = hidden[:, N:].reshape(b, W, m, -1)[:, :, m_real:].reshape(b, W * m_noise, -1)
         return self.head(out).view(b, W, m_noise, -1)

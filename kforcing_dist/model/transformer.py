@@ -72,6 +72,36 @@ def validate_model_config(cfg: ModelConfig, padded_vocab_size: int, tp: int) -> 
         raise ValueError(f"model.init_std must be positive, got {cfg.init_std}")
 
 
+def model_parallel_config(tp: int, params_dtype: torch.dtype) -> ModelParallelConfig:
+    """megatron's layer config: full master weights drawn on the CPU, then split (seed -> same
+    full weights at every TP size)."""
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=True, params_dtype=params_dtype)
+
+
+def build_token_embedding(cfg: ModelConfig, padded_vocab_size: int, mp_config, tp_group):
+    return VocabParallelEmbedding(padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std),
+                                  config=mp_config, tp_group=tp_group)
+
+
+def build_position_embedding(cfg: ModelConfig, params_dtype: torch.dtype) -> Optional[nn.Embedding]:
+    """The learned position table, or None with rotary positions."""
+    if cfg.position != "learned":
+        return None
+    table = nn.Embedding(cfg.max_seq_len, cfg.hidden_size, dtype=params_dtype)
+    nn.init.normal_(table.weight, mean=0.0, std=cfg.init_std)
+    return table
+
+
+def build_lm_head(cfg: ModelConfig, padded_vocab_size: int, mp_config, tp_group):
+    # Tied: like megatron's GPTModel, the head owns no weight and is called with the
+    # embedding's (both are split on the padded-vocab dim, so the shards line up).
+    return ColumnParallelLinear(
+        cfg.hidden_size, padded_vocab_size, config=mp_config, init_method=normal_init(cfg.init_std),
+        bias=cfg.lm_head_bias and not cfg.tie_embeddings, gather_output=False,
+        skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group)
+
+
 class TransformerLM(nn.Module):
     """Pre-norm causal decoder; logits are vocab-parallel over ``tp_group``.
 
@@ -92,31 +122,18 @@ class TransformerLM(nn.Module):
         self.local_vocab_size = padded_vocab_size // tp
         self.vocab_start = tp_rank * self.local_vocab_size
         self.params_dtype = params_dtype
-
-        mp_config = ModelParallelConfig(
-            tensor_model_parallel_size=tp, use_cpu_initialization=True,
-            perform_initialization=True, params_dtype=params_dtype)
         H = cfg.hidden_size
-        # Construction order is the RNG order: keep it fixed so weights depend only on the seed.
-        self.embed_tokens = VocabParallelEmbedding(
-            padded_vocab_size, H, init_method=normal_init(cfg.init_std), config=mp_config,
-            tp_group=tp_group)
-        if cfg.position == "learned":
-            self.embed_positions = nn.Embedding(cfg.max_seq_len, H, dtype=params_dtype)
-            nn.init.normal_(self.embed_positions.weight, mean=0.0, std=cfg.init_std)
-            self.rotary = None
-        else:
-            self.embed_positions = None
-            self.rotary = RotaryEmbedding(H // cfg.num_heads, cfg.rope_base)
+        mp_config = model_parallel_config(tp, params_dtype)
+        # Construction order is the RNG order: keep it fixed so weights depend only on the seed
+        # (the pipeline stages of kforcing_dist.model.pipeline are built in the same order).
+        self.embed_tokens = build_token_embedding(cfg, padded_vocab_size, mp_config, tp_group)
+        self.embed_positions = build_position_embedding(cfg, params_dtype)
+        self.rotary = None if self.embed_positions is not None else \
+            RotaryEmbedding(H // cfg.num_heads, cfg.rope_base)
         self.layers = nn.ModuleList(
             TransformerBlock(cfg, mp_config, tp_group, params_dtype) for _ in range(cfg.num_layers))
         self.final_norm = Norm(H, cfg.norm, cfg.norm_bias, cfg.norm_eps, params_dtype)
-        # Tied: like megatron's GPTModel, the head owns no weight and is called with the
-        # embedding's (both are split on the padded-vocab dim, so the shards line up).
-        self.lm_head = ColumnParallelLinear(
-            H, padded_vocab_size, config=mp_config, init_method=normal_init(cfg.init_std),
-            bias=cfg.lm_head_bias and not cfg.tie_embeddings, gather_output=False,
-            skip_weight_param_allocation=cfg.tie_embeddings, tp_group=tp_group)
+        self.lm_head = build_lm_head(cfg, padded_vocab_size, mp_config, tp_group)
 
     # ---------------------------------------------------------------- input checks
 

@@ -33,9 +33,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
     name starts with a key of ``lr_scales`` get ``lr * scale`` (DeepSpeed's schedule keeps the
     per-group ratio)."""
     buckets: dict[tuple[float, float], list] = {}
+    # a pipeline module names parameters "{layer}.{key}"; the scales use the plain model's names
+    to_plain = getattr(model, "plain_name", lambda n: n)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = to_plain(name)
         scale = next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
         wd = 0.0 if p.ndim < 2 else weight_decay
         buckets.setdefault((scale, wd), []).append(p)
@@ -74,7 +77,15 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, groups: Pa
     """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside)."""
     import deepspeed
 
+    from ..model.pipeline import is_pipeline
+
     ds_cfg = deepspeed_config(cfg, layout, precision)
+    if is_pipeline(model):
+        # no mpu with a pipeline: the engine takes TP x PP x DP from the module's topology
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.train.weight_decay, cfg.train.lr, lr_scales),
+            config=ds_cfg, dist_init_required=False)
+        return engine
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.train.weight_decay, cfg.train.lr, lr_scales),
         config=ds_cfg, mpu=DeepSpeedMPU(groups), dist_init_required=False,
@@ -96,3 +107,17 @@ def _record_fp32_clip_norm(engine) -> None:
             parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
 
     engine.clip_fp32_gradients = clip_and_record
+
+
+def build_frozen_pipeline_engine(pipe: torch.nn.Module, layout: Layout):
+    """A DeepSpeed pipeline engine without optimizer, for forward-only passes of a frozen model."""
+    import deepspeed
+
+    for p in pipe.parameters():
+        p.requires_grad_(False)
+    ds_cfg = {"train_micro_batch_size_per_gpu": layout.micro_batch_size,
+              "gradient_accumulation_steps": layout.grad_accum, "steps_per_print": 10**9,
+              "zero_optimization": {"stage": 0}}
+    engine, _, _, _ = deepspeed.initialize(model=pipe, config=ds_cfg, dist_init_required=False)
+    engine.eval()
+    return engine

@@ -1,7 +1,8 @@
 """Export a trained model (any TP size, any ZeRO stage) to the decoder's single-folder format.
 
-All ranks of a tensor-parallel group take part in gathering full weights (under ZeRO-3 the
-partitioned parameters are gathered first); rank 0 writes the folder atomically.
+All ranks of a tensor-parallel group (and of a pipeline, whose stages each hold some layers)
+take part in gathering full weights (under ZeRO-3 the partitioned parameters are gathered
+first); rank 0 writes the folder atomically.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def _gathered(module: torch.nn.Module, zero_stage: int):
 
 
 def full_weights(module: torch.nn.Module, groups: ParallelGroups, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full (TP=1) float32 CPU weights of ``module`` on every rank."""
-    from ..model.state import full_state_dict
+    """Full (TP=1) float32 CPU weights of ``module`` (plain or pipeline) on every rank, under the
+    plain model's names."""
+    from ..model.pipeline import plain_state_dict
 
     with _gathered(module, zero_stage):
-        sd = full_state_dict(module, groups.tp_group)
+        sd = plain_state_dict(module, groups)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
 
 

@@ -78,6 +78,7 @@ class LMTask:
 
     def __init__(self, tp_group):
         self.tp_group = tp_group
+        self.records: list[dict[str, float]] = []  # pipeline: per-micro-batch scalars (last stage)
 
     def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
         from ..model.loss import lm_loss
@@ -86,6 +87,18 @@ class LMTask:
 
     def eval_loss(self, engine, batch: torch.Tensor, index: int):
         return self.train_loss(engine, batch, -1, index)
+
+    # pipeline parallelism: the engine pulls (inputs, labels) per micro-batch; the loss runs on
+    # the last stage and appends each micro-batch's scalars to ``records``
+    def pipe_micro_batches(self, batches: list[torch.Tensor], step: int | None) -> list[tuple]:
+        return [(b[:, :-1], b[:, 1:]) for b in batches]
+
+    def pipe_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from ..model.loss import lm_loss
+
+        loss = lm_loss(logits, labels, self.tp_group)
+        self.records.append({"loss": loss.item()})
+        return loss
 
 
 class LMTrainer:
@@ -108,6 +121,10 @@ class LMTrainer:
         self.extra_metadata, self.save_extras, self.kind = extra_metadata, save_extras, kind
         self.stop_flag = stop_flag or StopFlag()
         self.precision = resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage)
+        self.pipelined = layout.pp > 1
+        if self.pipelined:
+            # a DeepSpeed pipeline computes the loss on its last stage with the module's loss_fn
+            model.loss_fn = task.pipe_loss
         self.engine = build_engine(model.to(groups.device), cfg, layout, groups, self.precision,
                                    getattr(task, "lr_scales", None))
         self.step = 0
@@ -219,14 +236,40 @@ class LMTrainer:
         self.engine.step()
         return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
 
+    def _pipe_train_step(self) -> list[dict[str, float]]:
+        """One optimizer step of a pipeline engine: all micro-batches through ``train_batch``.
+
+        Per-micro-batch metrics exist on the last stage; other stages record the mean loss
+        (DeepSpeed broadcasts it), which is all they log or check.
+        """
+        batches = [self.sampler.next_batch().to(self.groups.device) for _ in range(self.layout.grad_accum)]
+        self.task.records = []
+        micro = self.task.pipe_micro_batches(batches, self.step)
+        self.engine.reset_activation_shape()
+        loss = self.engine.train_batch(iter(micro))
+        return self.task.records if self.engine.is_last_stage() else [{"loss": float(loss)}]
+
+    def _pipe_validate(self) -> list[dict[str, float]]:
+        batches = [b.to(self.groups.device) for b in self.valid_batches()]
+        self.task.records = []
+        micro = self.task.pipe_micro_batches(batches, None)
+        self.engine.reset_activation_shape()
+        self.engine.total_loss = None  # DeepSpeed never resets it in eval_batch
+        loss = self.engine.eval_batch(iter(micro), num_micro_batches=len(micro))
+        self.engine.reset_activation_shape()
+        return self.task.records if self.engine.is_last_stage() else [{"loss": float(loss)}]
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean loss and task metrics over the fixed validation batches (``val_`` prefixed)."""
         self.engine.eval()
-        records = []
-        for i, batch in enumerate(self.valid_batches()):
-            loss, metrics = self.task.eval_loss(self.engine, batch.to(self.groups.device), i)
-            records.append({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}})
+        if self.pipelined:
+            records = self._pipe_validate()
+        else:
+            records = []
+            for i, batch in enumerate(self.valid_batches()):
+                loss, metrics = self.task.eval_loss(self.engine, batch.to(self.groups.device), i)
+                records.append({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}})
         self.engine.train()
         out = self._dp_mean(self._mean(records))
         out = {f"val_{k}": v for k, v in out.items()}
@@ -248,7 +291,10 @@ class LMTrainer:
         window_t, window_tokens = time.time(), 0
         self.engine.train()
         while self.step < t.max_steps:
-            records = [self._micro_step(self.sampler.next_batch(), m) for m in range(self.layout.grad_accum)]
+            if self.pipelined:
+                records = self._pipe_train_step()
+            else:
+                records = [self._micro_step(self.sampler.next_batch(), m) for m in range(self.layout.grad_accum)]
             self.step += 1
             self.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step

@@ -102,3 +102,16 @@ def test_readme_config_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert updated_readme(readme) == readme, "README config reference is stale: run `make config-docs`"
     assert "`train.lr`" in reference_markdown()
+
+
+def test_pipeline_layouts_accepted_and_unsafe_combinations_refused():
+    cfg, _ = load_config(None, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"])
+    check(cfg, world_size=8)  # tp 2 x pp 2 x dp 2 under ZeRO-1
+    cfg, _ = load_config(None, ["parallel.pp=2", "parallel.zero_stage=0", "train.grad_clip=1.0",
+                                "model.tie_embeddings=true", "distill.noise_inversion_weight=0.5"])
+    text = "\n".join(validate(cfg, world_size=2))
+    assert "zero_stage=0 with parallel.pp=2" in text and "use zero_stage 1" in text
+    assert "model.tie_embeddings with parallel.pp=2" in text
+    assert "noise_inversion_weight=0.5 with parallel.pp=2" in text
+    cfg, _ = load_config(None, ["parallel.pp=2", "parallel.zero_stage=0", "train.grad_clip=0"])
+    check(cfg, world_size=2)  # without clipping ZeRO-0 is exact
