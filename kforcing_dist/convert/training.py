@@ -188,11 +188,14 @@ def consolidate_weights(ck: TrainingCheckpoint) -> dict[str, torch.Tensor]:
             shards.append({k: v.float() for k, v in _tensors_only(state.get("module"), str(f)).items()})
     else:
         shards = [_zero_rank_weights(eng, r, dp, zero) for r in range(tp)]
-    extra_ranks = sorted({int(m.group(1)) for p in eng.iterdir()
-                          if (m := re.search(r"mp_rank_(\d+)|model_(\d\d)-", p.name)) and m.group(1)} - set(range(tp)))
+    # DeepSpeed numbers its mp_rank_XX files over the model-parallel ranks: tp x pp of them with a
+    # pipeline (its grid's slice rank), tp without; layer files carry the TP rank alone
+    mp_ranks = {int(m.group(1)) for p in eng.iterdir() if (m := re.match(r"(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_", p.name))}
+    layer_ranks = {int(m.group(1)) for p in eng.iterdir() if (m := re.match(r"layer_\d+-model_(\d+)-", p.name))}
+    extra_ranks = sorted((mp_ranks - set(range(tp * pp))) | (layer_ranks - set(range(tp))))
     if extra_ranks:
-        raise CheckpointError(f"{eng} holds files of TP ranks {extra_ranks} but metadata.json says tp={tp}; "
-                              f"the folder mixes runs")
+        raise CheckpointError(f"{eng} holds files of model-parallel ranks {extra_ranks} but metadata.json says "
+                              f"tp={tp}, pp={pp}; the folder mixes runs")
     return merge_tp_shards(shards, str(eng))
 
 

@@ -1,7 +1,8 @@
-"""``kforcing-dist convert``: a TP=2 teacher checkpoint resharded to TP=1 resumes training exactly where
-the TP=2 run stood (same data, weights and learning rate: the first resumed step's loss and gradient
-norm equal the TP=2 run's), and both consolidate to decoders with the same logits; a DP change under
-ZeRO-0 carries the Adam moments."""
+"""``kforcing-dist convert``: a TP=2 x PP=2 teacher checkpoint consolidates to the training run's own
+export; resharded to TP=1 x PP=1 it resumes training exactly where the TP=2 x PP=2 run stood (same
+data, weights and learning rate: the first resumed step's loss and gradient norm equal the source
+run's), and both consolidate to decoders with the same logits; a DP change under ZeRO-0 carries the
+Adam moments."""
 
 from __future__ import annotations
 
@@ -15,23 +16,32 @@ from kforcing_dist.training.metrics import read_log
 from tests.conftest import SMOKE, run_cli
 
 
-def test_reshard_tp2_to_tp1_resumes_and_keeps_logits(smoke_shards, tmp_path):
+def test_reshard_tp2_pp2_to_tp1_resumes_and_keeps_logits(smoke_shards, tmp_path):
     common = ["-c", SMOKE, "--set", f"data.shards_dir={smoke_shards}", "--set", "train.max_steps=6",
               "--set", "checkpoint.save_interval=4", "--set", "train.eval_interval=0",
               "--set", "logging.tensorboard=false", "--set", "train.log_interval=1"]
     tp2, tp1 = tmp_path / "tp2", tmp_path / "tp1"
-    run_cli("--standalone", "--nproc_per_node=2", "-m", "kforcing_dist", "train-teacher", "-o", tp2, *common,
-            "--set", "parallel.tp=2", module="torch.distributed.run")
+    run_cli("--standalone", "--nproc_per_node=4", "-m", "kforcing_dist", "train-teacher", "-o", tp2, *common,
+            "--set", "parallel.tp=2", "--set", "parallel.pp=2", "--set", "parallel.zero_stage=1",
+            module="torch.distributed.run")
     src = tp2 / "checkpoints" / "step-00000004"
-    proc = run_cli("convert", "reshard", "--checkpoint", src, "-o", tp1, "--set", "parallel.tp=1")
+    assert (src / "engine" / "layer_01-model_01-model_states.pt").is_file()  # pipeline layer files
+    # offline consolidation of the pipeline checkpoint == the export the live TP2 x PP2 run gathered
+    run_cli("convert", "consolidate", "--checkpoint", tp2 / "checkpoints" / "step-00000006", "--out",
+            tmp_path / "last")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    live, offline = (load_decoder(f).logits(ids)[..., :512] for f in (tp2 / "export", tmp_path / "last"))
+    assert (live - offline).abs().max().item() < 1e-5
+
+    proc = run_cli("convert", "reshard", "--checkpoint", src, "-o", tp1, "--set", "parallel.tp=1",
+                   "--set", "parallel.pp=1", "--set", "parallel.zero_stage=0")
     assert "optimizer state (Adam moments) is RESET" in proc.stdout
     meta = json.loads((tp1 / "checkpoints" / "step-00000004" / "metadata.json").read_text())
-    assert meta["layout"]["tp"] == 1 and "tp 2->1" in meta["optimizer_reset"]
-    assert meta["resharded_from"]["layout"]["tp"] == 2
+    assert meta["layout"]["tp"] == 1 and meta["layout"]["pp"] == 1 and "tp 2->1" in meta["optimizer_reset"]
+    assert meta["resharded_from"]["layout"]["tp"] == 2 and meta["resharded_from"]["layout"]["pp"] == 2
 
     for name, ck in (("a", src), ("b", tp1 / "checkpoints" / "step-00000004")):
         run_cli("convert", "consolidate", "--checkpoint", ck, "--out", tmp_path / name)
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     a, b = (load_decoder(tmp_path / n).logits(ids)[..., :512] for n in ("a", "b"))
     assert (a - b).abs().max().item() < 1e-5
 
