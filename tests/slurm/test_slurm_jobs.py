@@ -1,5 +1,6 @@
 """The batch scripts in slurm/ on a real (local) Slurm cluster, with a tiny smoke config:
-the pipeline chain, a 2-task distillation, and a USR1 stop that saves, requeues and resumes."""
+the pipeline chain, a 2-task pipeline-parallel distillation, and a USR1 stop that saves, requeues
+and resumes it exactly."""
 
 from __future__ import annotations
 
@@ -90,12 +91,14 @@ def test_failed_stage_cancels_the_rest(slurm_cluster, tmp_path):
 
 
 def distill_two_tasks(cluster, chain_run: Path, out: Path, wait: bool):
-    """distill.sbatch, stage k1, 2 tasks (one per node when the cluster has two)."""
+    """distill.sbatch, stage k1, 2 tasks (one per node when the cluster has two) as two pipeline
+    stages: the teacher and the student each split over the tasks, ZeRO-1."""
     per_node = 2 // len(cluster.nodes)
     return cluster.sbatch(
         f"--nodes={len(cluster.nodes)}", f"--ntasks-per-node={per_node}", f"--output={out}/slurm-%j.out",
         str(SLURM_DIR / "distill.sbatch"), str(SMOKE), "--stage", "k1", "-o", str(out), *TINY,
         f"--set=data.shards_dir={chain_run / 'data'}", f"--set=distill.teacher={chain_run / 'teacher'}",
+        "--set=parallel.pp=2", "--set=parallel.zero_stage=1",
         env=job_env(cluster), cwd=ROOT, wait=wait, timeout=600)
 
 
@@ -113,6 +116,7 @@ def test_distill_sbatch_wait_two_tasks(slurm_cluster, two_task_run):
     assert rc == 0, (out / f"slurm-{job}.out").read_text()[-4000:]
     summary = json.loads((out / "k1" / "stage_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == K1_STEPS and not summary["stopped_early"]
+    assert summary["layout"]["pp"] == 2 and summary["layout"]["dp"] == 1
     assert (out / "k1" / "export" / "model.safetensors").is_file()
     info = slurm_cluster.job(job)
     assert info.state == "COMPLETED" and info.restarts == 0
