@@ -1,4 +1,4 @@
-"""A distillation stage (k=2, self-forcing) under ZeRO-1, 2 and 3 at DP=2 matches one process.
+"""A distillation stage (k=2, self-forcing) under ZeRO-1, 2 and 3 at DP=2, and at TP=2, matches one process.
 
 The one-process reference runs the same global batches as 4 accumulated micro-batches (DP=2: 2
 each); the noise of each micro-batch is keyed by its global index, so both layouts draw
@@ -24,7 +24,7 @@ OVERRIDES = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", 
              "distill.noise_inversion_weight=0.5", "distill.noise_encoder_lr_scale=3"]
 
 
-def _train(rank, world, zero, partition_frozen=False):
+def _train(rank, world, zero, partition_frozen=False, tp=1):
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.distill.frozen import freeze
     from kforcing_dist.distill.task import DistillTask
@@ -35,14 +35,14 @@ def _train(rank, world, zero, partition_frozen=False):
     from kforcing_dist.training.engine import build_engine
     from kforcing_dist.training.export import full_weights
 
-    dp = world
-    cfg, _ = load_config(None, OVERRIDES + [f"parallel.zero_stage={zero}",
+    dp = world // tp
+    cfg, _ = load_config(None, OVERRIDES + [f"parallel.zero_stage={zero}", f"parallel.tp={tp}",
                                             "train.micro_batch_size=1"])
     device = init_distributed(resolve_launch(), "gloo")
-    groups = init_model_parallel(1, 1, device)
+    groups = init_model_parallel(tp, 1, device)
     layout = derive_layout(cfg, world)
     assert layout.grad_accum == GLOBAL_BATCH // dp
-    padded = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, 1)
+    padded = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, tp)
     torch.manual_seed(0)
     teacher = TransformerLM(cfg.model, padded, groups.tp_group)
     torch.manual_seed(1)
@@ -89,9 +89,11 @@ def test_reference_actually_trains(reference):
     assert any(np.abs(v).max() > 0 for k, v in reference["params"].items() if "noise_encoder" in k)
 
 
-@pytest.mark.parametrize("zero,partition_frozen", [(1, False), (2, False), (3, False), (3, True)])
-def test_distill_stage_zero_dp2_matches_one_process(reference, zero, partition_frozen):
-    result = run_distributed(_train, 2, zero, partition_frozen)[0]
+@pytest.mark.parametrize("zero,partition_frozen,tp", [(1, False, 1), (2, False, 1), (3, False, 1), (3, True, 1),
+                                                      (1, False, 2)])
+def test_distill_stage_zero_dp2_matches_one_process(reference, zero, partition_frozen, tp):
+    """DP=2 under each ZeRO stage, and TP=2 (vocab-parallel targets, losses and metrics)."""
+    result = run_distributed(_train, 2, zero, partition_frozen, tp)[0]
     tol = 2e-5
     np.testing.assert_allclose(result["losses"], reference["losses"], rtol=0, atol=tol)
     np.testing.assert_allclose(result["norms"], reference["norms"], rtol=1e-4, atol=tol)
