@@ -213,17 +213,14 @@ def decoder_fields(ck: TrainingCheckpoint) -> dict:
 
 
 def load_checkpoint_tokenizer(ck: TrainingCheckpoint):
-    """The tokenizer saved inside the checkpoint, or None."""
-    from ..data.errors import DataError
-    from ..data.tokenizer import load_tokenizer
+    """The tokenizer saved inside the checkpoint (the same sub-folder as a decoder folder's), or None."""
+    from ..decode.errors import DecodeError
+    from ..decode.format import load_decoder_tokenizer
 
-    folder = ck.path / "tokenizer"
-    if not folder.is_dir():
-        return None
     try:
-        return load_tokenizer(folder)
-    except DataError as e:
-        raise CheckpointError(f"the tokenizer in {folder} cannot be loaded: {e}") from None
+        return load_decoder_tokenizer(ck.path)
+    except DecodeError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def consolidate(path, out, *, dtype: Optional[str] = "float32", overwrite: bool = False) -> Path:
