@@ -187,6 +187,16 @@ class KVCache:
     def device(self) -> torch.device:
         return self.k.device
 
+    def rewind(self, num_tokens) -> None:
+        """Forget the last ``num_tokens`` (int or host [batch]) tokens of each sequence: what a
+        verify pass wrote past the accepted prefix becomes scratch again."""
+        n = torch.as_tensor(num_tokens, dtype=torch.long).expand(self.batch)
+        if bool((n < 0).any()) or bool((n > self.host_lengths).any()):
+            raise DecodeError(f"rewind by {n.tolist()} tokens, but the sequences hold "
+                              f"{self.host_lengths.tolist()}")
+        self.host_lengths -= n
+        self.lengths -= n.to(self.lengths.device, non_blocking=True)
+
     def reset(self) -> None:
         """Forget every sequence (the storage is kept and reused)."""
         self.lengths.zero_()
