@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--no-lossless", action="store_true", help="skip the lossless rows")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay decode steps as CUDA graphs (auto: on a GPU)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("show-config", help="print the resolved config and check it for a world size")

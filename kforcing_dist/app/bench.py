@@ -42,6 +42,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def resolve_graphs(choice: str, device: torch.device) -> bool:
+    if choice == "auto":
+        return device.type == "cuda"
+    if choice == "on" and device.type != "cuda":
+        raise DecodeError("--cuda-graphs on needs --device cuda; use auto or off on a CPU")
+    return choice == "on"
+
+
 def load_bench_models(cfg: Config, args, device, dtype, max_k: int, longest: int):
     """(AR teacher, PFLM or None, a description of where they came from)."""
     if args.teacher:
@@ -87,7 +95,8 @@ def run_bench(cfg: Config, args) -> int:
     result = bench_sweep(teacher, student, batches=batches, ks=ks, contexts=contexts,
                          new_tokens=new_tokens, repeats=repeats,
                          lossless=not args.no_lossless and student is not None,
-                         seed=cfg.decode.seed, progress=progress)
+                         seed=cfg.decode.seed, progress=progress,
+                         cuda_graphs=resolve_graphs(args.cuda_graphs, device))
     result["source"] = source
     paths = write_bench(result, args.output_dir)
     print(render_bench_markdown(result))

@@ -69,18 +69,19 @@ def _sync(device: torch.device) -> None:
 def speed_run(model: DecoderLM, *, mode: str, k: int = 1, batch: int = 1, prompt_len: int = 32,
               new_tokens: int = 64, repeats: int = 3, seed: int = 0,
               prompts: Optional[list[list[int]]] = None,
-              teacher: Optional[DecoderLM] = None) -> dict:
+              teacher: Optional[DecoderLM] = None, cuda_graphs: bool = False) -> dict:
     """Median decode tokens/s (prefill excluded) over ``repeats`` timed runs, with the details.
 
     mode "ar" / "pflm" as ``generate``; "lossless": ``model`` drafts, ``teacher`` verifies.
-    ``tokens_per_second_e2e`` includes the prefill.
+    ``tokens_per_second_e2e`` includes the prefill. ``cuda_graphs``: see ``generate``.
     """
     if mode not in BENCH_MODES:
         raise DecodeError(f"mode must be one of {BENCH_MODES}, got {mode!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise DecodeError(f"repeats must be a positive integer, got {repeats!r}")
     prompts = prompts or random_prompts(batch, prompt_len, model.vocab_size, seed)
-    kw = dict(k=k, max_new_tokens=new_tokens, seed=seed, ignore_eos=True)  # exactly new_tokens
+    kw = dict(k=k, max_new_tokens=new_tokens, seed=seed, ignore_eos=True,  # exactly new_tokens
+              cuda_graphs=cuda_graphs)
     if mode == "lossless":
         if teacher is None:
             raise DecodeError("mode 'lossless' needs the AR teacher (teacher=)")
@@ -161,7 +162,7 @@ def cost_model(mode: str, k: int, batch: int, context: int, new_tokens: int, mod
 
 def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches: Sequence[int],
                 ks: Sequence[int], contexts: Sequence[int], new_tokens: int, repeats: int,
-                lossless: bool = True, seed: int = 0,
+                lossless: bool = True, seed: int = 0, cuda_graphs: bool = False,
                 progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Every cell of batch x context x (AR, PFLM k for k in ``ks``, lossless k): one dict with
     ``rows`` (the fields of ROW_FIELDS and more) and the settings. ``progress`` gets each row."""
@@ -183,7 +184,8 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
                 model = ar_model if mode == "ar" else pflm_model
                 run = speed_run(model, mode=mode, k=k, new_tokens=new_tokens, repeats=repeats,
                                 seed=seed, prompts=prompts,
-                                teacher=ar_model if mode == "lossless" else None)
+                                teacher=ar_model if mode == "lossless" else None,
+                                cuda_graphs=cuda_graphs)
                 tps = run["all_tokens_per_second"]
                 if mode == "ar":
                     ar_tps = run["tokens_per_second"]
@@ -210,7 +212,7 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
             "peak_bandwidth_gb_s": None if peak is None else peak / 1e9,
             "settings": {"batches": list(batches), "ks": list(ks), "contexts": list(contexts),
                          "new_tokens": new_tokens, "repeats": repeats, "lossless": lossless,
-                         "seed": seed},
+                         "seed": seed, "cuda_graphs": cuda_graphs},
             "models": {"ar": _describe(ar_model),
                        "pflm": None if pflm_model is None else _describe(pflm_model)},
             "seconds": time.time() - t0, "rows": rows}
@@ -293,7 +295,9 @@ def render_bench_markdown(result: dict) -> str:
              f"torch {result['torch']}, {result['dtype']}, {s['new_tokens']} new tokens per "
              f"sequence, median of {s['repeats']} timed runs after a warm-up (min-max in "
              f"brackets); decode-only tokens/s, end-to-end (with prefill) in the e2e column. "
-             f"Same engine for every mode: static KV cache; AR samples with torch.multinomial.",
+             f"Same engine for every mode: static KV cache"
+             f"{', CUDA graphs' if s.get('cuda_graphs') else ''}; AR samples with "
+             f"torch.multinomial.",
              ""]
     for name, d in result["models"].items():
         if d:

@@ -182,7 +182,8 @@ def _result(out: torch.Tensor, produced: int, eos_id, steps: int, t0: float, t1:
 def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k: int = 1,
              max_new_tokens: int, tau: float = 1.0, frequency_penalty: float = 0.0, seed: int = 0,
              eos_id: Optional[int] = None, ignore_eos: bool = False, device=None,
-             sampling: str = "multinomial", cdf_order: Optional[str] = None) -> GenerationResult:
+             sampling: str = "multinomial", cdf_order: Optional[str] = None,
+             cuda_graphs: bool = False) -> GenerationResult:
     """Decode a batch of prompts (token-id lists of any lengths) on the model's device.
 
     mode 'ar': ``sampling="multinomial"`` samples from softmax((logits - frequency_penalty *
@@ -194,7 +195,9 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     ``eos_id`` None takes the checkpoint's (``ignore_eos``: none, so every sequence runs
     max_new_tokens, as speed measurements need); a sequence stops after its EOS while the batch
     goes on until every sequence is done or has max_new_tokens tokens. ``device``: None or the
-    model's device (move the model with ``.to``/load_decoder).
+    model's device (move the model with ``.to``/load_decoder). ``cuda_graphs``: decode steps
+    with static shapes, captured once per shape and replayed as CUDA graphs on a GPU (on a CPU
+    the same static-shape steps run eagerly); same tokens as the default path.
     """
     if eos_id is None and not ignore_eos:
         eos_id = model.eos_id if isinstance(model, DecoderLM) else None
@@ -222,11 +225,12 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     _sync(dev)
     t1 = time.perf_counter()
 
+    step = _stepper(model, cache, tau, cuda_graphs)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     produced = steps = 0
     while produced < N:
         if mode == "ar":
-            logits = model.forward_step(cache, pending, output="last", check_ids=False)[:, :V]
+            logits = step(pending, None, None, "last")[:, :V]
             if counts is not None:
                 logits = logits - frequency_penalty * counts
             if sampling == "inverse_cdf":
@@ -238,8 +242,7 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
             # The last step may need fewer than k tokens: drop the trailing slots (slot i never
             # sees later slots, so the kept tokens are unchanged) to stay inside max_seq_len.
             m = min(k, N - produced)
-            logits = model.forward_step(cache, pending, noise_u=u[:, produced:produced + m],
-                                        tau=tau, output="noise", check_ids=False)[..., :V]
+            logits = step(pending, None, u[:, produced:produced + m], "noise")[..., :V]
             if counts is not None:
                 logits = logits - frequency_penalty * counts[:, None]
             new = logits.argmax(-1)  # [b, m]
@@ -257,6 +260,17 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     _sync(dev)
     t2 = time.perf_counter()
     return _result(out, produced, eos_id, steps, t0, t1, t2, mode, k)
+
+
+def _stepper(model: DecoderLM, cache, tau: float, cuda_graphs: bool):
+    """step(ids, num_new, noise_u, output) -> logits: the plain cached step, or a GraphStepper."""
+    if cuda_graphs:
+        from .graphs import GraphStepper
+
+        stepper = GraphStepper(model, cache, tau=tau)
+        return lambda ids, n, u, output: stepper.step(ids, num_new=n, noise_u=u, output=output)
+    return lambda ids, n, u, output: model.forward_step(cache, ids, num_new=n, noise_u=u, tau=tau,
+                                                        output=output, check_ids=False)
 
 
 def _check_pair(student: DecoderLM, teacher: DecoderLM, k: int) -> None:
@@ -278,7 +292,8 @@ def _check_pair(student: DecoderLM, teacher: DecoderLM, k: int) -> None:
 def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[Sequence[int]], *,
                       k: int, max_new_tokens: int, tau: float = 1.0, seed: int = 0,
                       eos_id: Optional[int] = None, ignore_eos: bool = False,
-                      cdf_order: Optional[str] = None) -> GenerationResult:
+                      cdf_order: Optional[str] = None, cuda_graphs: bool = False
+                      ) -> GenerationResult:
     """The teacher's inverse-CDF sample for the noise table of ``seed``, drafted k tokens at a
     time by ``student`` and verified by ``teacher`` in one parallel pass per block.
 
@@ -287,7 +302,7 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
     token (up to float round-off between a one-token and a (k+1)-token pass, which can only
     matter when u falls within ~1e-7 of a CDF boundary). ``steps`` counts teacher passes;
     ``acceptance_length`` the mean tokens kept per pass. No frequency penalty: the teacher's
-    distribution is the target.
+    distribution is the target. ``cuda_graphs`` as in :func:`generate` (both models).
     """
     if eos_id is None and not ignore_eos:
         eos_id = teacher.eos_id if isinstance(teacher, DecoderLM) else None
@@ -320,6 +335,8 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
     _sync(dev)
     t1 = time.perf_counter()
 
+    s_step = _stepper(student, s_cache, tau, cuda_graphs)
+    t_step = _stepper(teacher, t_cache, tau, cuda_graphs)
     s_new = torch.ones(b, dtype=torch.long)  # host: real tokens in each row of s_pending
     produced = torch.zeros(b, dtype=torch.long)  # host
     finished = torch.zeros(b, dtype=torch.bool)  # host: emitted EOS
@@ -332,11 +349,9 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
         idx = start[:, None] + ar_k  # [b, k+1] noise index of each verified position
         u_blk = u.gather(1, idx)
         c = max(int(s_new.max()), 1)
-        draft = student.forward_step(s_cache, s_pending[:, :c], num_new=s_new,
-                                     noise_u=u_blk[:, :k], tau=tau, output="noise",
-                                     check_ids=False)[..., :V].argmax(-1)  # [b, k]
-        logits = teacher.forward_step(t_cache, torch.cat([t_pending, draft], dim=1),
-                                      output="all", check_ids=False)[..., :V]  # [b, k+1, V]
+        draft = s_step(s_pending[:, :c], s_new, u_blk[:, :k], "noise")[..., :V].argmax(-1)
+        logits = t_step(torch.cat([t_pending, draft], dim=1), None, None,
+                        "all")[..., :V]  # [b, k+1, V]
         own = inverse_cdf_sample(logits, u_blk, tau, order)  # the teacher's G at every position
         agree = (own[:, :k] == draft).long().cumprod(1).sum(1)  # accepted draft tokens
         out.scatter_(1, idx, own)  # own[:agree+1] are kept; later entries are overwritten

@@ -520,8 +520,26 @@ class DecoderLM(nn.Module):
                               f"positions); generate fewer tokens or use shorter prompts")
 
         dev = cache.device
+        key_len = cache.capacity if static else need
+        out = self.step_on_device(cache, None if input_ids is None else input_ids.to(dev),
+                                  n_host.to(dev, non_blocking=True),
+                                  None if noise_u is None else noise_u.to(dev), tau, key_len,
+                                  output)
+        len_host += n_host
+        return out
+
+    def step_on_device(self, cache: KVCache, input_ids: Optional[torch.Tensor], n: torch.Tensor,
+                       noise_u: Optional[torch.Tensor], tau, key_len: int,
+                       output: str) -> Optional[torch.Tensor]:
+        """The device work of :meth:`forward_step`, unchecked: no host sync, no host-to-device
+        copy (``n``: device [b] new real tokens per row; ``tau`` a float or a device tensor), so
+        a CUDA graph can capture it. Advances ``cache.lengths`` by ``n``, not host_lengths."""
+        b = cache.batch
+        c = 0 if input_ids is None else input_ids.shape[1]
+        m = 0 if noise_u is None else noise_u.shape[1]
+        s = c + m
+        dev = cache.device
         lengths = cache.lengths
-        n = n_host.to(dev, non_blocking=True)
         ar = torch.arange(s, device=dev)
         write = lengths[:, None] + ar  # [b, s] cache index of every chunk entry
         new_len = lengths + n
@@ -532,14 +550,13 @@ class DecoderLM(nn.Module):
             # padding rows may run past the table; their outputs are never used
             pos_real = pos_real.clamp(max=self.max_seq_len - 1)
         if c:
-            parts.append(self._embed(input_ids.to(dev), pos_real))
+            parts.append(self._embed(input_ids, pos_real))
         if m:
-            parts.append(self._embed_noise(noise_u.to(dev), tau, pos_noise))
+            parts.append(self._embed_noise(noise_u, tau, pos_noise))
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         positions = torch.cat([pos_real, pos_noise], dim=1) if m and c else \
             (pos_real if c else pos_noise)
 
-        key_len = cache.capacity if static else need
         kidx = torch.arange(key_len, device=dev)
         # Per query: visible context is [0, ctx_hi]; noise slots also see [noise_lo, write].
         # Real query j: ctx_hi = length + j (old cache + new tokens 0..j); noise slot i:
@@ -555,7 +572,6 @@ class DecoderLM(nn.Module):
         hidden = self._run(hidden, plan, cache)
 
         lengths += n
-        len_host += n_host
 
         if output == "none":
             return None

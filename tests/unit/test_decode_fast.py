@@ -154,3 +154,21 @@ def test_lossless_fast_equals_plain():
 
     plain, fast = both_paths(student, run)
     assert fast == plain
+
+
+@pytest.mark.parametrize("mode, k", [("ar", 1), ("pflm", 4), ("pflm", 3)])
+def test_graph_stepper_static_buffers_equal_plain_steps(mode, k):
+    # on CPU the GraphStepper runs its static-buffer steps eagerly: the logic CUDA graphs replay
+    model = make_model(mode, seed=6, num_kv_heads=2)
+    kw = dict(mode=mode, k=k, max_new_tokens=10, seed=3)
+    if mode == "ar":
+        kw["sampling"] = "inverse_cdf"
+    assert generate(model, PROMPTS, cuda_graphs=True, **kw).tokens == \
+        generate(model, PROMPTS, **kw).tokens
+
+
+def test_graph_stepper_lossless_equals_plain():
+    teacher, student = make_model("ar", seed=8), make_model("pflm", seed=9)
+    kw = dict(k=3, max_new_tokens=11, seed=4)
+    assert generate_lossless(student, teacher, PROMPTS, cuda_graphs=True, **kw).tokens == \
+        generate_lossless(student, teacher, PROMPTS, **kw).tokens
