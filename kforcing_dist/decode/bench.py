@@ -163,15 +163,18 @@ def cost_model(mode: str, k: int, batch: int, context: int, new_tokens: int, mod
 def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches: Sequence[int],
                 ks: Sequence[int], contexts: Sequence[int], new_tokens: int, repeats: int,
                 lossless: bool = True, seed: int = 0, cuda_graphs: bool = False,
-                progress: Optional[Callable[[dict], None]] = None) -> dict:
+                progress: Optional[Callable[[dict], None]] = None,
+                deadline: Optional[float] = None) -> dict:
     """Every cell of batch x context x (AR, PFLM k for k in ``ks``, lossless k): one dict with
-    ``rows`` (the fields of ROW_FIELDS and more) and the settings. ``progress`` gets each row."""
+    ``rows`` (the fields of ROW_FIELDS and more) and the settings. ``progress`` gets each row.
+    ``deadline`` (a time.time() value): cells not started by then are listed in ``skipped``
+    instead of run, so a time-limited job still writes what it measured."""
     _check_sweep(ar_model, pflm_model, batches, ks, contexts, new_tokens, repeats)
     dev = ar_model.device
     name = device_name(dev)
     peak = peak_bandwidth(dev)
     ks = [k for k in ks if pflm_model is not None and k <= pflm_model.max_k]
-    rows = []
+    rows, skipped = [], []
     t0 = time.time()
     for context in contexts:
         for batch in batches:
@@ -181,6 +184,12 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
                 cells += [("lossless", k) for k in ks]
             ar_tps = None
             for mode, k in cells:
+                if deadline is not None and time.time() > deadline:
+                    skipped.append({"mode": mode, "k": k, "batch": batch, "context": context})
+                    continue
+                if mode != "ar" and ar_tps is None:
+                    skipped.append({"mode": mode, "k": k, "batch": batch, "context": context})
+                    continue
                 model = ar_model if mode == "ar" else pflm_model
                 run = speed_run(model, mode=mode, k=k, new_tokens=new_tokens, repeats=repeats,
                                 seed=seed, prompts=prompts,
@@ -215,7 +224,7 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
                          "seed": seed, "cuda_graphs": cuda_graphs},
             "models": {"ar": _describe(ar_model),
                        "pflm": None if pflm_model is None else _describe(pflm_model)},
-            "seconds": time.time() - t0, "rows": rows}
+            "seconds": time.time() - t0, "rows": rows, "skipped": skipped}
 
 
 def _describe(model: DecoderLM) -> dict:
@@ -253,9 +262,10 @@ def _check_sweep(ar_model, pflm_model, batches, ks, contexts, new_tokens, repeat
 
 def random_models(model_config: dict, *, max_k: int, device="cpu", dtype=torch.float32,
                   seed: int = 0, padded_vocab_size: Optional[int] = None,
-                  max_seq_len: Optional[int] = None) -> tuple[DecoderLM, DecoderLM]:
+                  max_seq_len: Optional[int] = None,
+                  std: float = 0.02) -> tuple[DecoderLM, DecoderLM]:
     """(AR teacher, PFLM) of the architecture ``model_config`` (ModelConfig fields) with random
-    N(0, 0.02) weights; vocab_size must be set; max_seq_len may be raised for long contexts."""
+    N(0, std) weights; vocab_size must be set; max_seq_len may be raised for long contexts."""
     m = {k: v for k, v in model_config.items() if k in MODEL_FIELDS}
     if m.get("vocab_size", 0) < 1:
         raise DecodeError("random_models needs model_config['vocab_size'] > 0")
@@ -269,7 +279,7 @@ def random_models(model_config: dict, *, max_k: int, device="cpu", dtype=torch.f
                "max_k": max_k if kind == "pflm" else None,
                "noise": {"max_freq": 256.0} if kind == "pflm" else None,
                "masked_token_ids": [], "eos_id": None}
-        model = DecoderLM(cfg, dtype=torch.float32).init_random_(seed + i)
+        model = DecoderLM(cfg, dtype=torch.float32).init_random_(seed + i, std=std)
         out.append(model.to(device=device, dtype=dtype).eval())
     return out[0], out[1]
 

@@ -39,6 +39,7 @@ from .model import DecoderLM
 
 MODES = ("ar", "pflm")
 SAMPLINGS = ("multinomial", "inverse_cdf")
+GRAPH_SESSIONS = 4  # (batch, capacity) shapes whose cache + CUDA graphs a model keeps
 
 
 @dataclasses.dataclass
@@ -215,7 +216,7 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     noisy = mode == "pflm" or sampling == "inverse_cdf"
     u = noise_table(b, N, seed, dev) if noisy else None
-    cache = model.allocate_cache(b, max(lens) + N)
+    cache, step = _session(model, b, max(lens) + N, tau, cuda_graphs)
     counts = torch.zeros(b, V, device=dev) if frequency_penalty else None
     out = torch.zeros(b, N, dtype=torch.long, device=dev)
 
@@ -225,7 +226,6 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     _sync(dev)
     t1 = time.perf_counter()
 
-    step = _stepper(model, cache, tau, cuda_graphs)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     produced = steps = 0
     while produced < N:
@@ -262,15 +262,30 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     return _result(out, produced, eos_id, steps, t0, t1, t2, mode, k)
 
 
-def _stepper(model: DecoderLM, cache, tau: float, cuda_graphs: bool):
-    """step(ids, num_new, noise_u, output) -> logits: the plain cached step, or a GraphStepper."""
-    if cuda_graphs:
-        from .graphs import GraphStepper
+def _session(model: DecoderLM, batch: int, capacity: int, tau: float, cuda_graphs: bool):
+    """(an empty cache, step(ids, num_new, noise_u, output) -> logits).
 
-        stepper = GraphStepper(model, cache, tau=tau)
-        return lambda ids, n, u, output: stepper.step(ids, num_new=n, noise_u=u, output=output)
-    return lambda ids, n, u, output: model.forward_step(cache, ids, num_new=n, noise_u=u, tau=tau,
-                                                        output=output, check_ids=False)
+    Plain: a fresh cache and forward_step. With ``cuda_graphs`` the cache and its GraphStepper
+    are kept on the model per (batch, capacity) and reset, so graphs are captured on the first
+    call of a shape only (a warm-up run captures them before timed runs)."""
+    if not cuda_graphs:
+        cache = model.allocate_cache(batch, capacity)
+        return cache, lambda ids, n, u, output: model.forward_step(
+            cache, ids, num_new=n, noise_u=u, tau=tau, output=output, check_ids=False)
+    from .graphs import GraphStepper
+
+    sessions = model.__dict__.setdefault("_graph_sessions", {})
+    key = (batch, capacity, model.device, model.dtype)
+    if key not in sessions:
+        if len(sessions) >= GRAPH_SESSIONS:  # bound the memory kept for caches and graphs
+            sessions.pop(next(iter(sessions)))
+        cache = model.allocate_cache(batch, capacity)
+        sessions[key] = GraphStepper(model, cache)
+    stepper = sessions[key]
+    stepper.cache.reset()
+    stepper.tau.fill_(float(tau))  # the graphs read this tensor
+    return stepper.cache, lambda ids, n, u, output: stepper.step(ids, num_new=n, noise_u=u,
+                                                                  output=output)
 
 
 def _check_pair(student: DecoderLM, teacher: DecoderLM, k: int) -> None:
@@ -324,7 +339,8 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
     u = torch.cat([noise_table(b, N, seed, dev),
                    torch.full((b, k + 1), 0.5, dtype=torch.float64, device=dev)], dim=1)
     room = max(lens) + N + 2 * k + 2  # tokens + the widest chunk + noise slots as scratch
-    s_cache, t_cache = student.allocate_cache(b, room), teacher.allocate_cache(b, room)
+    s_cache, s_step = _session(student, b, room, tau, cuda_graphs)
+    t_cache, t_step = _session(teacher, b, room, tau, cuda_graphs)
     out = torch.zeros(b, N + k + 1, dtype=torch.long, device=dev)
     ar_k = torch.arange(k + 1, device=dev)
 
@@ -335,8 +351,6 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
     _sync(dev)
     t1 = time.perf_counter()
 
-    s_step = _stepper(student, s_cache, tau, cuda_graphs)
-    t_step = _stepper(teacher, t_cache, tau, cuda_graphs)
     s_new = torch.ones(b, dtype=torch.long)  # host: real tokens in each row of s_pending
     produced = torch.zeros(b, dtype=torch.long)  # host
     finished = torch.zeros(b, dtype=torch.bool)  # host: emitted EOS

@@ -32,7 +32,8 @@ class _Entry:
 
 class GraphStepper:
     """Replays captured decode steps of ``model`` on ``cache`` (the cache must not be
-    reallocated while the stepper lives; ``rewind``/``reset`` are fine: in place)."""
+    reallocated while the stepper lives; ``rewind``/``reset`` are fine: in place). The graphs
+    hold the weights they were captured with: build a new stepper after changing weights."""
 
     def __init__(self, model: DecoderLM, cache: KVCache, *, tau: float = 1.0,
                  capture: Optional[bool] = None):
@@ -44,7 +45,6 @@ class GraphStepper:
         # a device tensor: creating it from a float inside a capture would be a host copy
         self.tau = torch.tensor(float(tau), dtype=torch.float64, device=self.device)
         self.entries: dict[tuple, _Entry] = {}
-        self.pool = None
 
     def _run(self, e: _Entry, output: str):
         return self.model.step_on_device(self.cache, e.ids, e.n, e.u, self.tau,
@@ -71,9 +71,9 @@ class GraphStepper:
                 self.cache.lengths.copy_(saved)
         torch.cuda.current_stream(dev).wait_stream(stream)
         e.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(e.graph, pool=self.pool):
+        # each graph gets its own memory pool: steps of different shapes replay in any order
+        with torch.cuda.graph(e.graph):
             e.out = self._run(e, output)
-        self.pool = e.graph.pool()
         self.cache.lengths.copy_(saved)
         return e
 
