@@ -2,8 +2,9 @@
 
 :func:`speed_run` times one cell (EOS ignored, so every run generates exactly ``new_tokens`` per
 sequence; one untimed warm-up run first: allocations, kernel selection, graph capture).
-:func:`bench_sweep` runs the grid batch x mode/k x context and returns rows with median and
-spread, the ratio to AR measured in the same run, analytic FLOPs per output token and, on GPU,
+:func:`bench_sweep` runs the grid batch x mode/k x context (per batch, the cells' timed runs
+interleaved round-robin, so load changes on a shared machine hit every mode alike) and returns
+rows with median and spread, the ratio to AR measured in the same run, analytic FLOPs per output token and, on GPU,
 the achieved memory bandwidth against the card's peak. :func:`write_bench` writes
 ``bench.json``, ``bench.md`` and two PNG plots (tokens/s and speedup vs batch). Every output
 names the device. Plain torch (+ matplotlib for the plots, imported only there).
@@ -75,24 +76,32 @@ def speed_run(model: DecoderLM, *, mode: str, k: int = 1, batch: int = 1, prompt
     mode "ar" / "pflm" as ``generate``; "lossless": ``model`` drafts, ``teacher`` verifies.
     ``tokens_per_second_e2e`` includes the prefill. ``cuda_graphs``: see ``generate``.
     """
-    if mode not in BENCH_MODES:
-        raise DecodeError(f"mode must be one of {BENCH_MODES}, got {mode!r}")
+    _check_repeats(repeats)
+    prompts = prompts or random_prompts(batch, prompt_len, model.vocab_size, seed)
+    run = _runner(model, mode, k, prompts, new_tokens, seed, teacher, cuda_graphs)
+    run()
+    return _summarise(mode, k, prompts, new_tokens, [run() for _ in range(repeats)])
+
+
+def _check_repeats(repeats) -> None:
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise DecodeError(f"repeats must be a positive integer, got {repeats!r}")
-    prompts = prompts or random_prompts(batch, prompt_len, model.vocab_size, seed)
+
+
+def _runner(model, mode, k, prompts, new_tokens, seed, teacher, cuda_graphs):
+    """A no-argument function running one generation of the cell (EOS ignored)."""
+    if mode not in BENCH_MODES:
+        raise DecodeError(f"mode must be one of {BENCH_MODES}, got {mode!r}")
     kw = dict(k=k, max_new_tokens=new_tokens, seed=seed, ignore_eos=True,  # exactly new_tokens
               cuda_graphs=cuda_graphs)
     if mode == "lossless":
         if teacher is None:
             raise DecodeError("mode 'lossless' needs the AR teacher (teacher=)")
+        return lambda: generate_lossless(model, teacher, prompts, **kw)
+    return lambda: generate(model, prompts, mode=mode, **kw)
 
-        def run():
-            return generate_lossless(model, teacher, prompts, **kw)
-    else:
-        def run():
-            return generate(model, prompts, mode=mode, **kw)
-    run()
-    runs = [run() for _ in range(repeats)]
+
+def _summarise(mode, k, prompts, new_tokens, runs) -> dict:
     tps = [r.tokens_per_second for r in runs]
     e2e = [r.new_tokens / (r.seconds + r.prefill_seconds) for r in runs]
     out = {"mode": mode, "k": k, "batch": len(prompts), "prompt_len": len(prompts[0]),
@@ -182,19 +191,27 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
             cells = [("ar", 1)] + [("pflm", k) for k in ks]
             if lossless:
                 cells += [("lossless", k) for k in ks]
-            ar_tps = None
+            # Warm up every cell, then time them round-robin (one run of each cell per round):
+            # on a shared machine a load change then hits every mode alike, not one cell.
+            runners = {}
             for mode, k in cells:
-                if deadline is not None and time.time() > deadline:
-                    skipped.append({"mode": mode, "k": k, "batch": batch, "context": context})
-                    continue
-                if mode != "ar" and ar_tps is None:
+                if (deadline is not None and time.time() > deadline) or \
+                        (mode != "ar" and ("ar", 1) not in runners):
                     skipped.append({"mode": mode, "k": k, "batch": batch, "context": context})
                     continue
                 model = ar_model if mode == "ar" else pflm_model
-                run = speed_run(model, mode=mode, k=k, new_tokens=new_tokens, repeats=repeats,
-                                seed=seed, prompts=prompts,
-                                teacher=ar_model if mode == "lossless" else None,
-                                cuda_graphs=cuda_graphs)
+                runners[(mode, k)] = _runner(model, mode, k, prompts, new_tokens, seed,
+                                             ar_model if mode == "lossless" else None,
+                                             cuda_graphs)
+                runners[(mode, k)]()
+            timed = {cell: [] for cell in runners}
+            for _ in range(repeats):
+                for cell, run in runners.items():
+                    timed[cell].append(run())
+            ar_tps = None
+            for (mode, k), runs in timed.items():
+                run = _summarise(mode, k, prompts, new_tokens, runs)
+                model = ar_model if mode == "ar" else pflm_model
                 tps = run["all_tokens_per_second"]
                 if mode == "ar":
                     ar_tps = run["tokens_per_second"]
