@@ -4,8 +4,8 @@
 sequence; one untimed warm-up run first: allocations, kernel selection, graph capture).
 :func:`bench_sweep` runs the grid batch x mode/k x context (per batch, the cells' timed runs
 interleaved round-robin, so load changes on a shared machine hit every mode alike) and returns
-rows with median and spread, the ratio to AR measured in the same run, analytic FLOPs per output token and, on GPU,
-the achieved memory bandwidth against the card's peak. :func:`write_bench` writes
+rows with median and spread, the ratio to AR measured in the same run, analytic FLOPs per
+output token and, on GPU, the achieved memory bandwidth against the card's peak. :func:`write_bench` writes
 ``bench.json``, ``bench.md`` and two PNG plots (tokens/s and speedup vs batch). Every output
 names the device. Plain torch (+ matplotlib for the plots, imported only there).
 """

@@ -22,7 +22,8 @@ from ..decode.generate import generate, load_decoder
 from .metrics import agreement, sample_stats
 from .quality import (Judge, frontier_markdown, lossless_markdown, lossless_summary, plot_frontier,
                       quality_frontier)
-from .speed import decode_speed, device_name
+from ..decode.bench import device_name
+from .speed import decode_speed
 
 log = logging.getLogger("kforcing_dist")
 

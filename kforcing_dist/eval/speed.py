@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 
 
-from ..decode.bench import device_name, speed_run  # noqa: F401 (device_name: re-export)
+from ..decode.bench import speed_run
 
 
 def _tokens_per_s(model, prompts, mode, k, new_tokens, repeats, seed) -> list[float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from kforcing_dist.decode import DecodeError
 from kforcing_dist.decode.bench import (ROW_FIELDS, bench_sweep, cost_model, random_models,
