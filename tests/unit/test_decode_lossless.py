@@ -101,3 +101,14 @@ def test_lossless_request_errors():
         generate_lossless(learned_s, learned_t, [[1] * 5], k=4, max_new_tokens=10)
     with pytest.raises(DecodeError, match="sampling must be one of"):
         generate(teacher, PROMPTS, mode="ar", max_new_tokens=2, sampling="greedy")
+
+
+def test_cache_rewind_forgets_tokens_and_refuses_too_many():
+    model = make_model("ar")
+    cache = model.allocate_cache(2, 10)
+    model.forward_step(cache, torch.tensor([[1, 2, 3], [4, 5, 6]]), output="none")
+    cache.rewind(torch.tensor([1, 3]))
+    assert cache.lengths.tolist() == [2, 0] and cache.host_lengths.tolist() == [2, 0]
+    with pytest.raises(DecodeError, match="rewind by"):
+        cache.rewind(3)
+    assert cache.host_lengths.tolist() == [2, 0]  # unchanged by the refused call
