@@ -5,9 +5,9 @@ sequence; one untimed warm-up run first: allocations, kernel selection, graph ca
 :func:`bench_sweep` runs the grid batch x mode/k x context (per batch, the cells' timed runs
 interleaved round-robin, so load changes on a shared machine hit every mode alike) and returns
 rows with median and spread, the ratio to AR measured in the same run, analytic FLOPs per
-output token and, on GPU, the achieved memory bandwidth against the card's peak. :func:`write_bench` writes
-``bench.json``, ``bench.md`` and two PNG plots (tokens/s and speedup vs batch). Every output
-names the device. Plain torch (+ matplotlib for the plots, imported only there).
+output token and, on GPU, the achieved memory bandwidth against the card's peak.
+:func:`write_bench` writes ``bench.json``, ``bench.md`` and two PNG plots (tokens/s and
+speedup vs batch). Every output names the device. Plain torch (+ matplotlib for the plots, imported only there).
 """
 
 from __future__ import annotations
@@ -379,7 +379,8 @@ def plot_bench(result: dict, folder: Path) -> list[Path]:
                     ax.fill_between(xs, [r["tokens_per_s_min"] for r in rows],
                                     [r["tokens_per_s_max"] for r in rows], alpha=0.2)
             ax.set_xscale("log", base=2)
-            ax.set_xticks(result["settings"]["batches"], [str(b) for b in result["settings"]["batches"]])
+            batches = result["settings"]["batches"]
+            ax.set_xticks(batches, [str(b) for b in batches])
             if key == "tokens_per_s":
                 ax.set_yscale("log")
             else:

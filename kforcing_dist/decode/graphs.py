@@ -78,7 +78,8 @@ class GraphStepper:
         return e
 
     def step(self, input_ids: Optional[torch.Tensor] = None, num_new=None,
-             noise_u: Optional[torch.Tensor] = None, output: str = "auto") -> Optional[torch.Tensor]:
+             noise_u: Optional[torch.Tensor] = None,
+             output: str = "auto") -> Optional[torch.Tensor]:
         """Like ``model.forward_step(cache, ..., static=True)`` (ids made by the model: no
         token-range check). The returned logits live in the graph's output buffer: use them
         before the next step."""
