@@ -62,6 +62,30 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("bench", help="decode speed sweep: AR vs PFLM k vs lossless (bench.json, "
+                                     "bench.md, plots into -o)")
+    _common(p, config_required=False)
+    p.add_argument("--teacher", default=None,
+                   help="AR decoder folder (e.g. runs/demo/teacher/export); without it, random "
+                        "weights of the config's model architecture (speed does not depend on "
+                        "the weights)")
+    p.add_argument("--student", default=None, help="PFLM decoder folder (e.g. runs/demo/k4/export)")
+    p.add_argument("--batches", default=None, help="comma list (default eval.speed_batches)")
+    p.add_argument("--ks", default=None, help="PFLM k values, comma list (default 1,2,4)")
+    p.add_argument("--contexts", default=None, help="prompt lengths, comma list (default "
+                                                    "eval.speed_context)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default eval.speed_new_tokens")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default "
+                                                             "eval.speed_repeats)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--no-lossless", action="store_true", help="skip the lossless rows")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay decode steps as CUDA graphs (auto: on a GPU)")
+    p.set_defaults(func=cmd_bench)
+
     _add_convert(sub)
 
     p = sub.add_parser("show-config", help="print the resolved config and check it for a world size")
@@ -188,6 +212,15 @@ def cmd_evaluate(args) -> int:
     setup_logging(0)
     evaluate_run(cfg, Path(cfg.output_dir))
     return 0
+
+
+def cmd_bench(args) -> int:
+    from .app.bench import run_bench
+    from .app.runtime import setup_logging
+
+    cfg, _ = _load(args)
+    setup_logging(0)
+    return run_bench(cfg, args)
 
 
 def cmd_show_config(args) -> int:

@@ -186,6 +186,13 @@ class EvalConfig:
     speed_new_tokens: int = doc_field(64, "New tokens per sequence in a speed run.")
     speed_context: int = doc_field(32, "Prompt length of a speed run.")
     speed_repeats: int = doc_field(3, "Timed repeats per speed cell (median reported).")
+    frontier_taus: list[float] = doc_field(
+        [0.7, 1.0, 1.3], "Temperatures of the quality frontier: teacher NLL vs unigram entropy of "
+        "samples of the AR teacher and every stage from the same prompts (frontier.png); empty: off.")
+    lossless: bool = doc_field(True, "Measure lossless mode (the largest stage drafts, the teacher "
+                               "verifies): exactness, acceptance length, tokens/s vs AR and PFLM.")
+    judge_model: str = doc_field("", "An AR decoder folder (e.g. a larger model's export/) that also "
+                                 "scores every sample (judge NLL); empty: no judge.")
 
 
 @dataclass

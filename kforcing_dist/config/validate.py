@@ -193,6 +193,8 @@ def _distill_problems(cfg: Config) -> list[str]:
     if min(ev.num_contexts, ev.context_len, ev.num_samples, ev.sample_len, ev.speed_new_tokens,
            ev.speed_context, ev.speed_repeats) < 1 or not ev.speed_batches or min(ev.speed_batches) < 1:
         out.append("eval: every count and length must be >= 1 and speed_batches non-empty")
+    if any(t <= 0 for t in ev.frontier_taus):
+        out.append(f"eval.frontier_taus must all be > 0, got {ev.frontier_taus}")
     return out
 
 

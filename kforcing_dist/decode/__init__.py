@@ -2,20 +2,21 @@
 
 Needs only torch + safetensors (and the tokenizer libraries for text): never imports megatron,
 deepspeed or ``kforcing_dist.model``. ``format`` defines the checkpoint folder, ``model`` the
-plain-torch Transformer with a static KV cache, ``generate`` the batched AR / PFLM loops.
+plain-torch Transformer with a static KV cache, ``generate`` the batched AR / PFLM / lossless
+loops, ``bench`` the speed sweep.
 """
 
 from .errors import DecodeError
 from .format import (FORMAT_VERSION, expected_weight_shapes, load_decoder_tokenizer,
                      load_decoder_weights, read_decoder_config, save_decoder,
                      validate_decoder_config)
-from .generate import (Decoder, GenerationResult, decode_kwargs, generate, generate_text,
-                       load_decoder)
+from .generate import (Decoder, GenerationResult, decode_kwargs, generate, generate_lossless,
+                       generate_text, load_decoder, noise_table)
 from .model import MASKED_LOGIT_VALUE, PADDED_LOGIT_VALUE, DecoderLM, KVCache
 
 __all__ = [
     "FORMAT_VERSION", "MASKED_LOGIT_VALUE", "PADDED_LOGIT_VALUE", "DecodeError", "Decoder",
     "DecoderLM", "GenerationResult", "KVCache", "decode_kwargs", "expected_weight_shapes",
-    "generate", "generate_text", "load_decoder", "load_decoder_tokenizer", "load_decoder_weights",
-    "read_decoder_config", "save_decoder", "validate_decoder_config",
+    "generate", "generate_lossless", "generate_text", "load_decoder", "load_decoder_tokenizer",
+    "load_decoder_weights", "noise_table", "read_decoder_config", "save_decoder", "validate_decoder_config",
 ]

@@ -8,9 +8,19 @@ mathematically the same as the method's description (the cache then holds the wh
 and the first step's noise slots see it), and it makes every generated token come out of a
 timed decode step in both modes: AR takes N steps for N tokens, a PFLM ceil(N / k).
 
-Noise and samples come from one seeded ``torch.Generator`` on the decoding device, drawn in a
-fixed order (one ``[batch, k]`` float64 uniform draw per PFLM step, one multinomial per AR
-step), so a run is reproducible for a given batch, seed and device.
+Noise convention (shared by every mode that uses noise, and by training's G): one float64
+table ``u [batch, max_new_tokens]`` is drawn up front from a seeded ``torch.Generator`` on the
+decoding device (:func:`noise_table`); new token i of sequence b uses ``u[b, i]``, whichever
+step produces it. So a PFLM block, the AR teacher sampling by inverse CDF (``sampling=
+"inverse_cdf"``) and the lossless mode see the same u for the same token, and a run is
+reproducible for a given batch, seed and device. AR with ``sampling="multinomial"`` (the
+default: the plain serving baseline) draws one ``torch.multinomial`` per step instead.
+
+Lossless mode (:func:`generate_lossless`): the PFLM drafts k tokens with u[i..i+k-1]; the AR
+teacher runs [last token, draft] in one cached pass, computes its own G(x y_<j, u[i+j]) for the
+k+1 positions, accepts the longest prefix where the draft agrees and appends its own token at
+the first disagreement (or a bonus token when all k agree). The output is the teacher's own
+inverse-CDF sample for that noise, token for token.
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..distill.inverse_cdf import ORDERS, inverse_cdf_sample
 from .errors import DecodeError
 from .format import DTYPES, load_decoder_tokenizer, load_decoder_weights, read_decoder_config
 from .model import DecoderLM
 
 MODES = ("ar", "pflm")
+SAMPLINGS = ("multinomial", "inverse_cdf")
+GRAPH_SESSIONS = 4  # (batch, capacity) shapes whose cache + CUDA graphs a model keeps
 
 
 @dataclasses.dataclass
@@ -44,6 +57,9 @@ class GenerationResult:
     mode: str = "ar"
     k: int = 1
     texts: Optional[list[str]] = None
+    # lossless mode: mean tokens kept per teacher pass (accepted draft tokens + the teacher's
+    # own), over the sequences still running in each pass; 1.0 = nothing accepted, k+1 = all
+    acceptance_length: Optional[float] = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -58,6 +74,21 @@ def _sync(device: torch.device) -> None:
 def _same_device(want: torch.device, have: torch.device) -> bool:
     # "cuda" means the current CUDA device, whatever its index
     return want.type == have.type and (want.index is None or want.index == have.index)
+
+
+def noise_table(batch: int, max_new_tokens: int, seed: int, device) -> torch.Tensor:
+    """The noise of one generate call: u [batch, max_new_tokens] float64 in [0, 1), token i of
+    sequence b uses u[b, i] (see the module docstring)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.rand((batch, max_new_tokens), generator=gen, device=device, dtype=torch.float64)
+
+
+def _resolve_order(model: DecoderLM, cdf_order: Optional[str]) -> str:
+    order = cdf_order if cdf_order is not None else model.config.get("cdf_order") or "vocab"
+    if order not in ORDERS:
+        raise DecodeError(f"cdf_order must be one of {ORDERS}, got {order!r}")
+    return order
 
 
 def _check_request(model: DecoderLM, prompts, mode: str, k: int, max_new_tokens: int, tau: float,
@@ -119,42 +150,79 @@ def _check_request(model: DecoderLM, prompts, mode: str, k: int, max_new_tokens:
     return out
 
 
+def _prefill(model: DecoderLM, cache, prompts: list[list[int]]) -> torch.Tensor:
+    """Cache every prompt but its last token; returns the last tokens [b, 1] (pending)."""
+    dev = model.device
+    lens = [len(p) for p in prompts]
+    if max(lens) > 1:
+        head = max(lens) - 1
+        ids = torch.tensor([p[:-1] + [0] * (head - len(p) + 1) for p in prompts], dtype=torch.long)
+        model.forward_step(cache, ids.to(dev), num_new=[n - 1 for n in lens], output="none")
+    return torch.tensor([[p[-1]] for p in prompts], dtype=torch.long, device=dev)
+
+
+def _result(out: torch.Tensor, produced: int, eos_id, steps: int, t0: float, t1: float, t2: float,
+            mode: str, k: int, lengths: Optional[list[int]] = None, **extra) -> GenerationResult:
+    rows = out[:, :produced].cpu().tolist()
+    if lengths is not None:
+        rows = [r[:n] for r, n in zip(rows, lengths)]
+    tokens, finished = [], []
+    for row in rows:
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id) + 1]
+            finished.append(True)
+        else:
+            finished.append(False)
+        tokens.append(row)
+    return GenerationResult(tokens=tokens, finished=finished, steps=steps,
+                            new_tokens=sum(len(t) for t in tokens), seconds=t2 - t1,
+                            prefill_seconds=t1 - t0, mode=mode, k=k, **extra)
+
+
 @torch.no_grad()
 def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k: int = 1,
              max_new_tokens: int, tau: float = 1.0, frequency_penalty: float = 0.0, seed: int = 0,
-             eos_id: Optional[int] = None, ignore_eos: bool = False, device=None) -> GenerationResult:
+             eos_id: Optional[int] = None, ignore_eos: bool = False, device=None,
+             sampling: str = "multinomial", cdf_order: Optional[str] = None,
+             cuda_graphs: bool = False) -> GenerationResult:
     """Decode a batch of prompts (token-id lists of any lengths) on the model's device.
 
-    mode 'ar': sample from softmax((logits - frequency_penalty * counts) / tau) with
-    ``torch.multinomial``. mode 'pflm': per step, k noise slots u ~ U(0, 1) conditioned on tau;
-    y_i = argmax(logits_i - frequency_penalty * counts), counts = the tokens this sequence
-    emitted before the step. ``eos_id`` None takes the checkpoint's (``ignore_eos``: none, so
-    every sequence runs max_new_tokens, as speed measurements need); a sequence stops after its
-    EOS while the batch goes on until every sequence is done or has max_new_tokens tokens.
-    ``device``: None or the model's device (move the model with ``.to``/load_decoder).
+    mode 'ar': ``sampling="multinomial"`` samples from softmax((logits - frequency_penalty *
+    counts) / tau) with ``torch.multinomial``; ``sampling="inverse_cdf"`` takes G(that, u[b, i])
+    with the noise table and ``cdf_order`` (None: the checkpoint's, else "vocab"): the teacher's
+    sample that a PFLM and the lossless mode reproduce. mode 'pflm': per step, k noise slots
+    (the next k entries of the noise table) conditioned on tau; y_i = argmax(logits_i -
+    frequency_penalty * counts), counts = the tokens this sequence emitted before the step.
+    ``eos_id`` None takes the checkpoint's (``ignore_eos``: none, so every sequence runs
+    max_new_tokens, as speed measurements need); a sequence stops after its EOS while the batch
+    goes on until every sequence is done or has max_new_tokens tokens. ``device``: None or the
+    model's device (move the model with ``.to``/load_decoder). ``cuda_graphs``: decode steps
+    with static shapes, captured once per shape and replayed as CUDA graphs on a GPU (on a CPU
+    the same static-shape steps run eagerly); same tokens as the default path.
     """
     if eos_id is None and not ignore_eos:
         eos_id = model.eos_id if isinstance(model, DecoderLM) else None
     prompts = _check_request(model, prompts, mode, k, max_new_tokens, tau, frequency_penalty,
                              eos_id)
+    if sampling not in SAMPLINGS:
+        raise DecodeError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     dev = model.device
     if device is not None and not _same_device(torch.device(device), dev):
         raise DecodeError(f"the model is on {dev}, generate was asked for {device}; load it "
                           f"there (load_decoder(folder, device=...)) or call model.to(device)")
+    order = _resolve_order(model, cdf_order)
     b, N, V = len(prompts), max_new_tokens, model.vocab_size
     lens = [len(p) for p in prompts]
     gen = torch.Generator(device=dev).manual_seed(int(seed))
-    cache = model.allocate_cache(b, max(lens) + N)
+    noisy = mode == "pflm" or sampling == "inverse_cdf"
+    u = noise_table(b, N, seed, dev) if noisy else None
+    cache, step = _session(model, b, max(lens) + N, tau, cuda_graphs)
     counts = torch.zeros(b, V, device=dev) if frequency_penalty else None
     out = torch.zeros(b, N, dtype=torch.long, device=dev)
 
     _sync(dev)
     t0 = time.perf_counter()
-    if max(lens) > 1:
-        head = max(lens) - 1
-        ids = torch.tensor([p[:-1] + [0] * (head - len(p) + 1) for p in prompts], dtype=torch.long)
-        model.forward_step(cache, ids.to(dev), num_new=[n - 1 for n in lens], output="none")
-    pending = torch.tensor([[p[-1]] for p in prompts], dtype=torch.long, device=dev)
+    pending = _prefill(model, cache, prompts)
     _sync(dev)
     t1 = time.perf_counter()
 
@@ -162,18 +230,19 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     produced = steps = 0
     while produced < N:
         if mode == "ar":
-            logits = model.forward_step(cache, pending, output="last", check_ids=False)[:, :V]
+            logits = step(pending, None, None, "last")[:, :V]
             if counts is not None:
                 logits = logits - frequency_penalty * counts
-            probs = torch.softmax(logits / tau, dim=-1)
-            new = torch.multinomial(probs, 1, generator=gen)  # [b, 1]
+            if sampling == "inverse_cdf":
+                new = inverse_cdf_sample(logits, u[:, produced], tau, order)[:, None]
+            else:
+                probs = torch.softmax(logits / tau, dim=-1)
+                new = torch.multinomial(probs, 1, generator=gen)  # [b, 1]
         else:
-            u = torch.rand((b, k), generator=gen, device=dev, dtype=torch.float64)
             # The last step may need fewer than k tokens: drop the trailing slots (slot i never
             # sees later slots, so the kept tokens are unchanged) to stay inside max_seq_len.
             m = min(k, N - produced)
-            logits = model.forward_step(cache, pending, noise_u=u[:, :m], tau=tau,
-                                        output="noise", check_ids=False)[..., :V]
+            logits = step(pending, None, u[:, produced:produced + m], "noise")[..., :V]
             if counts is not None:
                 logits = logits - frequency_penalty * counts[:, None]
             new = logits.argmax(-1)  # [b, m]
@@ -190,19 +259,143 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
         pending = new
     _sync(dev)
     t2 = time.perf_counter()
+    return _result(out, produced, eos_id, steps, t0, t1, t2, mode, k)
 
-    rows = out[:, :produced].cpu().tolist()
-    tokens, finished = [], []
-    for row in rows:
-        if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
-            finished.append(True)
-        else:
-            finished.append(False)
-        tokens.append(row)
-    return GenerationResult(tokens=tokens, finished=finished, steps=steps,
-                            new_tokens=sum(len(t) for t in tokens), seconds=t2 - t1,
-                            prefill_seconds=t1 - t0, mode=mode, k=k)
+
+def _session(model: DecoderLM, batch: int, capacity: int, tau: float, cuda_graphs: bool):
+    """(an empty cache, step(ids, num_new, noise_u, output) -> logits).
+
+    Plain: a fresh cache and forward_step. With ``cuda_graphs`` the cache and its GraphStepper
+    are kept on the model per (batch, capacity) and reset, so graphs are captured on the first
+    call of a shape only (a warm-up run captures them before timed runs)."""
+    if not cuda_graphs:
+        cache = model.allocate_cache(batch, capacity)
+        return cache, lambda ids, n, u, output: model.forward_step(
+            cache, ids, num_new=n, noise_u=u, tau=tau, output=output, check_ids=False)
+    from .graphs import GraphStepper
+
+    sessions = model.__dict__.setdefault("_graph_sessions", {})
+    key = (batch, capacity, model.device, model.dtype)
+    if key not in sessions:
+        if len(sessions) >= GRAPH_SESSIONS:  # bound the memory kept for caches and graphs
+            sessions.pop(next(iter(sessions)))
+        cache = model.allocate_cache(batch, capacity)
+        sessions[key] = GraphStepper(model, cache)
+    stepper = sessions[key]
+    stepper.cache.reset()
+    stepper.tau.fill_(float(tau))  # the graphs read this tensor
+    return stepper.cache, lambda ids, n, u, output: stepper.step(ids, num_new=n, noise_u=u,
+                                                                  output=output)
+
+
+def _check_pair(student: DecoderLM, teacher: DecoderLM, k: int) -> None:
+    if not isinstance(teacher, DecoderLM) or teacher.kind != "ar":
+        raise DecodeError("lossless mode needs the AR teacher (a DecoderLM of kind 'ar') as "
+                          "teacher=; load the teacher's export folder with load_decoder")
+    if not isinstance(student, DecoderLM) or student.kind != "pflm":
+        raise DecodeError("lossless mode drafts with a PFLM checkpoint (kind 'pflm'); this "
+                          "model is an AR model")
+    if student.vocab_size != teacher.vocab_size:
+        raise DecodeError(f"student vocabulary ({student.vocab_size}) differs from the "
+                          f"teacher's ({teacher.vocab_size}); they must share the tokenizer")
+    if not _same_device(student.device, teacher.device):
+        raise DecodeError(f"student on {student.device}, teacher on {teacher.device}; load both "
+                          f"on one device")
+
+
+@torch.no_grad()
+def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[Sequence[int]], *,
+                      k: int, max_new_tokens: int, tau: float = 1.0, seed: int = 0,
+                      eos_id: Optional[int] = None, ignore_eos: bool = False,
+                      cdf_order: Optional[str] = None, cuda_graphs: bool = False
+                      ) -> GenerationResult:
+    """The teacher's inverse-CDF sample for the noise table of ``seed``, drafted k tokens at a
+    time by ``student`` and verified by ``teacher`` in one parallel pass per block.
+
+    Equals ``generate(teacher, prompts, mode="ar", sampling="inverse_cdf", ...)`` with the same
+    seed, tau and cdf_order (None: the student's, the G it was distilled against), token for
+    token (up to float round-off between a one-token and a (k+1)-token pass, which can only
+    matter when u falls within ~1e-7 of a CDF boundary). ``steps`` counts teacher passes;
+    ``acceptance_length`` the mean tokens kept per pass. No frequency penalty: the teacher's
+    distribution is the target. ``cuda_graphs`` as in :func:`generate` (both models).
+    """
+    if eos_id is None and not ignore_eos:
+        eos_id = teacher.eos_id if isinstance(teacher, DecoderLM) else None
+        if eos_id is None and isinstance(student, DecoderLM):
+            eos_id = student.eos_id
+    _check_pair(student, teacher, k)
+    prompts = _check_request(student, prompts, "pflm", k, max_new_tokens, tau, 0.0, eos_id)
+    order = _resolve_order(student, cdf_order)
+    dev = student.device
+    b, N, V = len(prompts), max_new_tokens, student.vocab_size
+    lens = [len(p) for p in prompts]
+    for name, m in (("teacher", teacher), ("student", student)):
+        # a verify pass reaches k positions past the last kept token
+        if not m.rope and max(lens) + N + k > m.max_seq_len:
+            raise DecodeError(f"lossless mode needs prompt + max_new_tokens + k = "
+                              f"{max(lens) + N + k} positions, more than the {name}'s learned "
+                              f"max_seq_len={m.max_seq_len}; generate fewer tokens")
+    # Draft and verify positions past N read padding noise; their tokens are never kept.
+    u = torch.cat([noise_table(b, N, seed, dev),
+                   torch.full((b, k + 1), 0.5, dtype=torch.float64, device=dev)], dim=1)
+    room = max(lens) + N + 2 * k + 2  # tokens + the widest chunk + noise slots as scratch
+    s_cache, s_step = _session(student, b, room, tau, cuda_graphs)
+    t_cache, t_step = _session(teacher, b, room, tau, cuda_graphs)
+    out = torch.zeros(b, N + k + 1, dtype=torch.long, device=dev)
+    ar_k = torch.arange(k + 1, device=dev)
+
+    _sync(dev)
+    t0 = time.perf_counter()
+    s_pending = _prefill(student, s_cache, prompts)  # [b, c]: tokens the student has not cached
+    t_pending = _prefill(teacher, t_cache, prompts)  # [b, 1]: the last token, not cached
+    _sync(dev)
+    t1 = time.perf_counter()
+
+    s_new = torch.ones(b, dtype=torch.long)  # host: real tokens in each row of s_pending
+    produced = torch.zeros(b, dtype=torch.long)  # host
+    finished = torch.zeros(b, dtype=torch.bool)  # host: emitted EOS
+    rounds = kept = active_rows = 0
+    while True:
+        active = (produced < N) & ~finished
+        if not bool(active.any()):
+            break
+        start = produced.to(dev)
+        idx = start[:, None] + ar_k  # [b, k+1] noise index of each verified position
+        u_blk = u.gather(1, idx)
+        c = max(int(s_new.max()), 1)
+        draft = s_step(s_pending[:, :c], s_new, u_blk[:, :k], "noise")[..., :V].argmax(-1)
+        logits = t_step(torch.cat([t_pending, draft], dim=1), None, None,
+                        "all")[..., :V]  # [b, k+1, V]
+        own = inverse_cdf_sample(logits, u_blk, tau, order)  # the teacher's G at every position
+        agree = (own[:, :k] == draft).long().cumprod(1).sum(1)  # accepted draft tokens
+        out.scatter_(1, idx, own)  # own[:agree+1] are kept; later entries are overwritten
+        hit = torch.zeros(b, dtype=torch.bool, device=dev)
+        if eos_id is not None:
+            # stop at the first EOS among the kept tokens
+            is_eos = (own == eos_id) & (ar_k[None, :] <= agree[:, None])
+            first = torch.where(is_eos, ar_k[None, :], k + 1).min(1).values
+            hit = first <= k
+            agree = torch.minimum(agree, first)
+        keep_host, hit_host = torch.stack([agree + 1, hit.long()]).cpu()  # the round's one sync
+        keep = torch.minimum(keep_host, N - produced).clamp(min=0)
+        keep = torch.where(active, keep, torch.zeros_like(keep))
+        finished |= hit_host.bool() & active
+        rounds += 1
+        kept += int(keep.sum())
+        active_rows += int(active.sum())
+        # the teacher cached [pending, draft]: keep pending + the accepted keep-1 draft tokens
+        t_cache.rewind(k + 1 - keep)
+        keep_dev = keep.to(dev)
+        last = own.gather(1, (keep_dev - 1).clamp(min=0)[:, None])
+        t_pending = torch.where(keep_dev[:, None] > 0, last, t_pending)
+        s_pending, s_new = own, keep
+        produced += keep
+    _sync(dev)
+    t2 = time.perf_counter()
+    res = _result(out, int(produced.max()), eos_id, rounds, t0, t1, t2, "lossless", k,
+                  lengths=produced.tolist(),
+                  acceptance_length=kept / active_rows if active_rows else None)
+    return res
 
 
 def generate_text(model: DecoderLM, tokenizer, texts: Sequence[str], **kwargs) -> GenerationResult:

@@ -78,10 +78,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 @dataclasses.dataclass
 class _StepPlan:
     """What every layer of one forward needs (computed once per forward)."""
-    rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]]  # [b, 1, s, d] (fast: [b, s, 1, d])
     mask: torch.Tensor  # [b, 1, rep * s, s_k] bool, rows in (group member, query) order
     write_index: Optional[torch.Tensor] = None  # [b, kv_heads, s, head_dim] scatter index
     key_len: int = 0  # cache positions attended to (a prefix view of the cache)
+    fast: bool = False  # fused q/k/v projection and one rotary call for q and k
 
 
 class Attention(nn.Module):
@@ -96,17 +97,40 @@ class Attention(nn.Module):
         self.k_proj = Linear(H, self.num_kv_heads * self.head_dim, m["qkv_bias"], dtype)
         self.v_proj = Linear(H, self.num_kv_heads * self.head_dim, m["qkv_bias"], dtype)
         self.out_proj = Linear(self.num_heads * self.head_dim, H, m["attn_out_bias"], dtype)
+        self._fused: Optional[tuple] = None
+
+    def fused_qkv(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """[q; k; v] weight (and bias) for one projection matmul instead of three, rebuilt when
+        any of the three changes (new storage, dtype, device or an in-place edit)."""
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        key = tuple((t.data_ptr(), t._version, t.dtype) for p in parts
+                    for t in (p.weight, p.bias) if t is not None)
+        if self._fused is None or self._fused[0] != key:
+            weight = torch.cat([p.weight for p in parts])
+            bias = torch.cat([p.bias for p in parts]) if parts[0].bias is not None else None
+            self._fused = (key, weight, bias)
+        return self._fused[1], self._fused[2]
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, cache_k: Optional[torch.Tensor] = None,
                 cache_v: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, s, _ = x.shape
-        d, nkv = self.head_dim, self.num_kv_heads
-        q = self.q_proj(x).view(b, s, self.num_heads, d).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, nkv, d).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, nkv, d).transpose(1, 2)
-        if plan.rotary is not None:
-            q = apply_rotary(q, *plan.rotary)
-            k = apply_rotary(k, *plan.rotary)
+        d, nkv, nh = self.head_dim, self.num_kv_heads, self.num_heads
+        if plan.fast:
+            weight, bias = self.fused_qkv()
+            qkv = F.linear(x, weight, bias)
+            qk = qkv[..., :(nh + nkv) * d].view(b, s, nh + nkv, d)
+            if plan.rotary is not None:
+                qk = apply_rotary(qk, *plan.rotary)  # q and k heads in one call
+            q = qk[:, :, :nh].transpose(1, 2)
+            k = qk[:, :, nh:].transpose(1, 2)
+            v = qkv[..., (nh + nkv) * d:].view(b, s, nkv, d).transpose(1, 2)
+        else:
+            q = self.q_proj(x).view(b, s, nh, d).transpose(1, 2)
+            k = self.k_proj(x).view(b, s, nkv, d).transpose(1, 2)
+            v = self.v_proj(x).view(b, s, nkv, d).transpose(1, 2)
+            if plan.rotary is not None:
+                q = apply_rotary(q, *plan.rotary)
+                k = apply_rotary(k, *plan.rotary)
         if cache_k is not None:
             # In-place scatter into this layer's preallocated slice: no per-step cache growth.
             cache_k.scatter_(2, plan.write_index, k.to(cache_k.dtype))
@@ -187,6 +211,16 @@ class KVCache:
     def device(self) -> torch.device:
         return self.k.device
 
+    def rewind(self, num_tokens) -> None:
+        """Forget the last ``num_tokens`` (int or host [batch]) tokens of each sequence: what a
+        verify pass wrote past the accepted prefix becomes scratch again."""
+        n = torch.as_tensor(num_tokens, dtype=torch.long).expand(self.batch)
+        if bool((n < 0).any()) or bool((n > self.host_lengths).any()):
+            raise DecodeError(f"rewind by {n.tolist()} tokens, but the sequences hold "
+                              f"{self.host_lengths.tolist()}")
+        self.host_lengths -= n
+        self.lengths -= n.to(self.lengths.device, non_blocking=True)
+
     def reset(self) -> None:
         """Forget every sequence (the storage is kept and reused)."""
         self.lengths.zero_()
@@ -246,6 +280,10 @@ class DecoderLM(nn.Module):
         self.register_buffer("masked_ids", torch.tensor(cfg["masked_token_ids"], dtype=torch.long),
                              persistent=False)
         self.requires_grad_(False)
+        # forward_step's fast path (fused q/k/v, rotary rows from a table); False runs the
+        # plain per-projection path, the reference the tests compare it with
+        self.fast = True
+        self._rope_table: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     # ------------------------------------------------------------------ basics
 
@@ -311,12 +349,30 @@ class DecoderLM(nn.Module):
             logits.index_fill_(-1, self.masked_ids, MASKED_LOGIT_VALUE)
         return logits
 
-    def _plan(self, positions: torch.Tensor, mask: torch.Tensor) -> _StepPlan:
-        rotary = rotary_tables(positions, self.head_dim, self.rope_base) if self.rope else None
+    def _rotary_table(self, length: int, device: torch.device):
+        """cos/sin [length, head_dim] of positions 0..length-1, grown on demand: the fast path
+        gathers rows instead of recomputing pow/cos/sin every step. Same float32 maths as
+        :func:`rotary_tables`, so the values are identical."""
+        table = self._rope_table
+        if table is None or table[0].shape[0] < length or table[0].device != device:
+            size = max(length, 2 * (table[0].shape[0] if table is not None else 0), 256)
+            pos = torch.arange(size, device=device)[None]
+            cos, sin = rotary_tables(pos, self.head_dim, self.rope_base)
+            table = self._rope_table = (cos[0, 0], sin[0, 0])
+        return table
+
+    def _plan(self, positions: torch.Tensor, mask: torch.Tensor, fast: bool = False,
+              max_position: Optional[int] = None) -> _StepPlan:
         rep = self.model_config["num_heads"] // self.num_kv_heads
         if rep > 1:
             mask = mask.repeat(1, 1, rep, 1)
-        return _StepPlan(rotary=rotary, mask=mask)
+        rotary = None
+        if self.rope and fast:
+            cos, sin = self._rotary_table(max_position + 1, positions.device)
+            rotary = (cos[positions][:, :, None], sin[positions][:, :, None])  # [b, s, 1, d]
+        elif self.rope:
+            rotary = rotary_tables(positions, self.head_dim, self.rope_base)
+        return _StepPlan(rotary=rotary, mask=mask, fast=fast)
 
     def _run(self, hidden: torch.Tensor, plan: _StepPlan, cache: Optional[KVCache] = None):
         for i, layer in enumerate(self.layers):
@@ -399,7 +455,8 @@ class DecoderLM(nn.Module):
     def forward_step(self, cache: KVCache, input_ids: Optional[torch.Tensor] = None,
                      num_new: Union[None, int, Sequence[int], torch.Tensor] = None,
                      noise_u: Optional[torch.Tensor] = None, tau=1.0,
-                     output: str = "auto", check_ids: bool = True) -> Optional[torch.Tensor]:
+                     output: str = "auto", check_ids: bool = True,
+                     static: bool = False) -> Optional[torch.Tensor]:
         """One forward pass over, per sequence, a chunk of real tokens then noise slots.
 
         ``input_ids`` [b, c] (or None: c = 0): right-padded real tokens; the first ``num_new[b]``
@@ -413,6 +470,9 @@ class DecoderLM(nn.Module):
         "noise" -> [b, m, V_padded] logits of the noise slots; "all" -> [b, c+m, V_padded]
         (padding rows are meaningless); "none" -> None; "auto" = "noise" if m else "last".
         ``check_ids=False`` skips the token-range check (a device sync) for ids the model made.
+        ``static=True`` attends over the whole cache capacity (masked past each sequence's end)
+        instead of the longest sequence's prefix: every tensor shape then depends only on
+        (batch, c, m), which CUDA graphs need (:class:`kforcing_dist.decode.graphs.GraphStepper`).
         """
         b = cache.batch
         c = 0 if input_ids is None else input_ids.shape[1]
@@ -460,8 +520,26 @@ class DecoderLM(nn.Module):
                               f"positions); generate fewer tokens or use shorter prompts")
 
         dev = cache.device
+        key_len = cache.capacity if static else need
+        out = self.step_on_device(cache, None if input_ids is None else input_ids.to(dev),
+                                  n_host.to(dev, non_blocking=True),
+                                  None if noise_u is None else noise_u.to(dev), tau, key_len,
+                                  output)
+        len_host += n_host
+        return out
+
+    def step_on_device(self, cache: KVCache, input_ids: Optional[torch.Tensor], n: torch.Tensor,
+                       noise_u: Optional[torch.Tensor], tau, key_len: int,
+                       output: str) -> Optional[torch.Tensor]:
+        """The device work of :meth:`forward_step`, unchecked: no host sync, no host-to-device
+        copy (``n``: device [b] new real tokens per row; ``tau`` a float or a device tensor), so
+        a CUDA graph can capture it. Advances ``cache.lengths`` by ``n``, not host_lengths."""
+        b = cache.batch
+        c = 0 if input_ids is None else input_ids.shape[1]
+        m = 0 if noise_u is None else noise_u.shape[1]
+        s = c + m
+        dev = cache.device
         lengths = cache.lengths
-        n = n_host.to(dev, non_blocking=True)
         ar = torch.arange(s, device=dev)
         write = lengths[:, None] + ar  # [b, s] cache index of every chunk entry
         new_len = lengths + n
@@ -472,14 +550,13 @@ class DecoderLM(nn.Module):
             # padding rows may run past the table; their outputs are never used
             pos_real = pos_real.clamp(max=self.max_seq_len - 1)
         if c:
-            parts.append(self._embed(input_ids.to(dev), pos_real))
+            parts.append(self._embed(input_ids, pos_real))
         if m:
-            parts.append(self._embed_noise(noise_u.to(dev), tau, pos_noise))
+            parts.append(self._embed_noise(noise_u, tau, pos_noise))
         hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         positions = torch.cat([pos_real, pos_noise], dim=1) if m and c else \
             (pos_real if c else pos_noise)
 
-        key_len = need
         kidx = torch.arange(key_len, device=dev)
         # Per query: visible context is [0, ctx_hi]; noise slots also see [noise_lo, write].
         # Real query j: ctx_hi = length + j (old cache + new tokens 0..j); noise slot i:
@@ -489,13 +566,12 @@ class DecoderLM(nn.Module):
                               (lengths + c)[:, None].expand(b, m)], dim=1)
         kk = kidx[None, None, :]
         mask = (kk <= ctx_hi[..., None]) | ((kk >= noise_lo[..., None]) & (kk <= write[..., None]))
-        plan = self._plan(positions, mask[:, None])
+        plan = self._plan(positions, mask[:, None], fast=self.fast, max_position=key_len)
         plan.write_index = write[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
         plan.key_len = key_len
         hidden = self._run(hidden, plan, cache)
 
         lengths += n
-        len_host += n_host
 
         if output == "none":
             return None

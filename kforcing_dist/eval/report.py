@@ -20,7 +20,10 @@ from ..decode.errors import DecodeError
 from ..decode.format import read_decoder_config
 from ..decode.generate import generate, load_decoder
 from .metrics import agreement, sample_stats
-from .speed import decode_speed, device_name
+from .quality import (Judge, frontier_markdown, lossless_markdown, lossless_summary, plot_frontier,
+                      quality_frontier)
+from ..decode.bench import device_name
+from .speed import decode_speed
 
 log = logging.getLogger("kforcing_dist")
 
@@ -77,6 +80,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     report["samples"].pop("data")  # held-out text as a reference row is added below when long enough
     report["stages"] = {}
     models = {}
+    sample_tokens = {"teacher": teacher_samples}
     for k, path in stages.items():
         student = load_decoder(path)
         models[k] = student
@@ -86,8 +90,28 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
         samples = generate(student, prompts, mode="pflm", k=k, max_new_tokens=ev.sample_len, tau=dec.tau,
                            frequency_penalty=dec.frequency_penalty, seed=dec.seed).tokens
         report["samples"][f"k{k}"] = sample_stats(teacher, prompts, samples)
+        sample_tokens[f"k{k}"] = samples
         report["samples"][f"k{k}"]["example"] = _decode_text(path, prompts[0], samples[0])
     report["samples"]["teacher"]["example"] = _decode_text(teacher_dir, prompts[0], teacher_samples[0])
+
+    judge = None
+    if ev.judge_model:
+        from ..decode.format import load_decoder_tokenizer
+
+        judge = Judge(ev.judge_model, load_decoder_tokenizer(teacher_dir))
+        report["judge"] = str(ev.judge_model)
+        for name, toks in sample_tokens.items():
+            report["samples"][name]["judge_nll"] = judge.nll(prompts, toks)
+    if ev.frontier_taus:
+        students = {f"k{k}": (m, k) for k, m in models.items()}
+        report["frontier"] = quality_frontier(teacher, students, prompts, ev.frontier_taus,
+                                              ev.sample_len, dec.seed, dec.frequency_penalty, judge)
+        plot_frontier(report["frontier"], root / "frontier.png",
+                      f"NLL vs entropy, AR vs PFLM ({root.name})")
+    if ev.lossless and models:
+        k_max = max(models)
+        report["lossless"] = lossless_summary(teacher, models[k_max], k_max, prompts,
+                                              ev.sample_len, dec.tau, dec.seed, ev.speed_repeats)
 
     if models:
         biggest = models[max(models)]
@@ -142,12 +166,15 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {name} | {s['cdf_order']} | " + " | ".join(slots)
                          + f" | {s['block_agreement']:.1%} | {s['chance_level']:.1%} |")
         lines.append("")
+    judge = bool(r.get("judge"))
     lines += ["## Samples (teacher NLL, tau=1; entropy in nats)", "",
-              "| model | teacher NLL | unigram entropy | distinct-1 | distinct-2 | distinct-3 | repetition |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "| model | teacher NLL | unigram entropy | distinct-1 | distinct-2 | distinct-3 | repetition |"
+              + (" judge NLL |" if judge else ""),
+              "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if judge else "")]
     for name, s in r["samples"].items():
         lines.append(f"| {name} | {_fmt(s['nll'])} | {_fmt(s['entropy'])} | {_fmt(s['distinct_1'])} | "
-                     f"{_fmt(s['distinct_2'])} | {_fmt(s['distinct_3'])} | {_fmt(s['repetition'])} |")
+                     f"{_fmt(s['distinct_2'])} | {_fmt(s['distinct_3'])} | {_fmt(s['repetition'])} |"
+                     + (f" {_fmt(s.get('judge_nll'))} |" if judge else ""))
     lines.append("")
     if "speed" in r:
         sp = r["speed"]
@@ -160,6 +187,10 @@ def render_markdown(r: dict) -> str:
             lines.append(f"| {b} | " + " | ".join(f"{cells[m]:,.0f}" for m in modes) + " | "
                          + " | ".join(f"{sp['speedup'][b][m]:.2f}x" for m in modes if m != "ar") + " |")
         lines.append("")
+    if r.get("frontier"):
+        lines += frontier_markdown(r["frontier"])
+    if r.get("lossless"):
+        lines += lossless_markdown(r["lossless"])
     ex = [(n, s.get("example")) for n, s in r["samples"].items() if s.get("example")]
     if ex:
         lines += ["## Example continuations (prompt tail ‖ continuation)", ""]

@@ -9,18 +9,8 @@ from __future__ import annotations
 
 import statistics
 
-import torch
 
 from ..decode.bench import speed_run
-
-
-def device_name(device: torch.device | str = "cpu") -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _tokens_per_s(model, prompts, mode, k, new_tokens, repeats, seed) -> list[float]:

@@ -49,12 +49,14 @@ def reference_ar(model, prompts, n, tau, seed, penalty=0.0):
 
 
 def reference_pflm(model, prompts, n, k, tau, seed, penalty=0.0):
-    gen = torch.Generator().manual_seed(seed)
+    """Block by block without a cache; new token i of sequence b uses u[b, i] of one table."""
+    u_all = torch.rand((len(prompts), n), generator=torch.Generator().manual_seed(seed),
+                       dtype=torch.float64)
     seqs = [list(p) for p in prompts]
     counts = torch.zeros(len(prompts), V)
     done = 0
     while done < n:
-        u = torch.rand((len(prompts), k), generator=gen, dtype=torch.float64)
+        u = u_all[:, done:done + k]
         m = min(k, n - done)
         for b, s in enumerate(seqs):
             logits = model.pflm_logits(torch.tensor([s]), u[b:b + 1, :m], tau)[0, :, :V]
