@@ -16,10 +16,10 @@ from ..parallel.groups import DeepSpeedMPU, ParallelGroups
 def resolve_precision(requested: str, device: torch.device, zero_stage: int = 1) -> str:
     """``auto`` -> bf16 on a GPU that supports it when ZeRO >= 1, else fp32.
 
-    DeepSpeed keeps fp32 master weights and accumulates gradients in fp32 for bf16 only through
-    its ZeRO optimizers (0.19.8 refuses bf16 weights with fp32 gradient accumulation at ZeRO-0,
-    and accumulating in bf16 drifts), so ZeRO-0 trains in fp32; validation refuses an explicit
-    bf16 with ZeRO-0."""
+    DeepSpeed keeps fp32 master weights for bf16 only in its ZeRO optimizers: at ZeRO-0 it would
+    step the bf16 weights themselves (and 0.19.8 refuses the fp32 gradient accumulation that
+    would help), which drifts. So ZeRO-0 trains in fp32, and validation refuses an explicit bf16
+    with ZeRO-0."""
     if requested != "auto":
         return requested
     if device.type == "cuda" and torch.cuda.is_bf16_supported() and zero_stage >= 1:
@@ -66,9 +66,6 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
     }
-    if precision == "bf16":
-        # fp32 gradient accumulation (DeepSpeed's bf16 optimizer keeps fp32 master weights)
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
 
 
