@@ -42,6 +42,9 @@ class _TaskKind:
     def __init__(self, kind: str, lr_scales: dict | None):
         self.kind, self.lr_scales = kind, lr_scales
 
+    def pipe_loss(self, *_):  # a pipeline engine wants a loss function; a reshard never trains
+        raise RuntimeError("a resharding job does not train")
+
 
 def _engine_counters(ck: TrainingCheckpoint) -> dict:
     """The source engine's scheduler state and step counters (from any model-states file)."""
@@ -73,7 +76,7 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
     ``cfg``: the target run's config (the source's config.yaml with the new parallel settings);
     ``groups``/``layout``: the running target job's. Returns (checkpoint folder, reset reason or None).
     """
-    from ..model.state import load_full_state_dict
+    from ..model.pipeline import build_pipeline_model, load_plain_state_dict
     from ..model.student import PFLM
     from ..model.transformer import TransformerLM, pad_vocab_size
     from ..training.export import fit_vocab_rows
@@ -97,13 +100,15 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
     padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
     full = fit_vocab_rows(consolidate_weights(ck), padded)
     torch.manual_seed(cfg.train.seed)
-    if kind == "teacher":
-        model, lr_scales = TransformerLM(cfg.model, padded, groups.tp_group), None
+    k = 0 if kind == "teacher" else int(STUDENT_KIND_RE.match(kind).group(1))
+    lr_scales = {"noise_encoder.": cfg.distill.noise_encoder_lr_scale} if k else None
+    if layout.pp > 1:
+        model = build_pipeline_model(cfg.model, padded, groups, max_k=k, noise_max_freq=cfg.distill.noise_max_freq)
+    elif k == 0:
+        model = TransformerLM(cfg.model, padded, groups.tp_group)
     else:
-        k = int(STUDENT_KIND_RE.match(kind).group(1))
         model = PFLM(cfg.model, padded, groups.tp_group, max_k=k, noise_max_freq=cfg.distill.noise_max_freq)
-        lr_scales = {"noise_encoder.": cfg.distill.noise_encoder_lr_scale}
-    load_full_state_dict(model, full, groups.tp_group)
+    load_plain_state_dict(model, full, groups)
     extra = {k: v for k, v in ck.meta.items()
              if k not in ("kind", "format", "precision", "versions", "model", "layout", "resharded_from",
                           "optimizer_reset")}

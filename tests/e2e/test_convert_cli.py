@@ -77,6 +77,17 @@ def test_reshard_tp2_pp2_to_tp1_resumes_and_keeps_logits(smoke_shards, tmp_path)
     meta = json.loads((dp2 / "checkpoints" / "step-00000006" / "metadata.json").read_text())
     assert meta["layout"]["dp"] == 2 and "optimizer_reset" not in meta
 
+    # and back onto a pipeline: TP=1 -> PP=2 writes pipeline layer files with the same weights
+    pp2 = tmp_path / "pp2"
+    run_cli("--standalone", "--nproc_per_node=2", "-m", "kforcing_dist", "convert", "reshard",
+            "--checkpoint", tp1, "-o", pp2, "--set", "parallel.pp=2", "--set", "parallel.zero_stage=1",
+            module="torch.distributed.run")
+    assert (pp2 / "checkpoints" / "step-00000006" / "engine" / "layer_03-model_00-model_states.pt").is_file()
+    for name, ck in (("c", tp1), ("d", pp2)):
+        run_cli("convert", "consolidate", "--checkpoint", ck, "--out", tmp_path / name)
+    c, d = (load_decoder(tmp_path / n).logits(ids)[..., :512] for n in ("c", "d"))
+    assert (c - d).abs().max().item() < 1e-5
+
 
 def test_convert_refusals_exit_2(tmp_path):
     proc = run_cli("convert", "consolidate", "--checkpoint", tmp_path / "nope", "--out", tmp_path / "x", check=False)
