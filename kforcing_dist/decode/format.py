@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..config.schema import ModelConfig
+from ..sizes import ffn_hidden_size
 from .errors import DecodeError
 
 FORMAT_VERSION = "kforcing-dist-decoder/1"
@@ -55,17 +56,9 @@ def _is_number(x) -> bool:
 
 
 def resolve_ffn_hidden_size(model: Mapping[str, Any]) -> int:
-    """The MLP width: ffn_hidden_size, or 4H (gelu_tanh) / 8H/3 rounded up to 64 (swiglu).
-
-    Same rule as ``kforcing_dist.model.layers.resolve_ffn_hidden_size`` (not imported: it pulls
-    in megatron).
-    """
-    if model["ffn_hidden_size"]:
-        return int(model["ffn_hidden_size"])
-    H = int(model["hidden_size"])
-    if model["activation"] == "swiglu":
-        return -(-8 * H // (3 * 64)) * 64
-    return 4 * H
+    """The MLP width of a config.json model section (the rule in :mod:`kforcing_dist.sizes`,
+    shared with the training model and ``plan``; that module imports neither torch nor megatron)."""
+    return ffn_hidden_size(int(model["hidden_size"]), model["activation"], int(model["ffn_hidden_size"]))
 
 
 def _check_model_section(model: Any, where: str) -> dict:
