@@ -54,6 +54,18 @@ class DistillTask:
         tau = d.tau_min + (d.tau_max - d.tau_min) * torch.rand(b, generator=gen, dtype=torch.float64)
         return starts.to(batch.device), tau.to(batch.device)
 
+    def _draw_slots(self, batch: torch.Tensor, gen: torch.Generator):
+        """(window starts, noise u [b, W, k], tau) of one micro-batch, in this fixed RNG order."""
+        starts, tau = self._draw(batch, gen, batch.shape[1])
+        u = torch.rand((*starts.shape, self.k), generator=gen, dtype=torch.float64).to(batch.device)
+        return starts, u, tau
+
+    def _generator(self, step: int | None, micro: int) -> torch.Generator:
+        """The noise generator of micro-batch ``micro`` of ``step``; None: validation batch ``micro``."""
+        if step is None:
+            return noise_generator(self.dcfg.seed, "valid", 0, self._global_micro(micro))
+        return noise_generator(self.dcfg.seed, "train", step, self._global_micro(micro))
+
     def _targets(self, context: torch.Tensor, starts, u, tau):
         from .targets import self_forcing_targets, stage1_targets
 
@@ -67,8 +79,7 @@ class DistillTask:
         from .targets import noise_inversion_batch
 
         k, d = self.k, self.dcfg
-        starts, tau = self._draw(batch, gen, batch.shape[1])
-        u = torch.rand((*starts.shape, k), generator=gen, dtype=torch.float64).to(batch.device)
+        starts, u, tau = self._draw_slots(batch, gen)
         targets = self._targets(batch, starts, u, tau)
         loss, metrics = slot_metrics(engine(batch, starts, u, tau), targets, self.groups.tp_group)
         out = self._flatten(metrics, "")
@@ -107,14 +118,7 @@ class DistillTask:
 
     def pipe_micro_batches(self, batches: list[torch.Tensor], step: int | None) -> list[tuple]:
         """(inputs, labels) per micro-batch; ``step`` None means validation batches (noise by index)."""
-        k = self.k
-        draws = []
-        for i, batch in enumerate(batches):
-            gen = noise_generator(self.dcfg.seed, "valid" if step is None else "train",
-                                  0 if step is None else step, self._global_micro(i))
-            starts, tau = self._draw(batch, gen, batch.shape[1])
-            u = torch.rand((*starts.shape, k), generator=gen, dtype=torch.float64).to(batch.device)
-            draws.append((batch, starts, u, tau))
+        draws = [(batch, *self._draw_slots(batch, self._generator(step, i))) for i, batch in enumerate(batches)]
         targets = self._pipe_targets(draws)
         no_label = torch.zeros(1, dtype=torch.long)  # stages before the last never read labels
         return [((batch, starts, u, tau, batch.new_zeros((*starts.shape, 0))),
@@ -142,9 +146,7 @@ class DistillTask:
         return loss
 
     def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
-        gen = noise_generator(self.dcfg.seed, "train", step, self._global_micro(micro))
-        return self._loss(engine, batch, gen)
+        return self._loss(engine, batch, self._generator(step, micro))
 
     def eval_loss(self, engine, batch: torch.Tensor, index: int):
-        gen = noise_generator(self.dcfg.seed, "valid", 0, self._global_micro(index))
-        return self._loss(engine, batch, gen)
+        return self._loss(engine, batch, self._generator(None, index))
