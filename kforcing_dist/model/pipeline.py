@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config.schema import ModelConfig
+from ..convert.layout import pipeline_name
 from .layers import Norm, RotaryEmbedding, TransformerBlock
 from .loss import resolve_tp_group
 from .state import full_state_dict, load_full_state_dict
@@ -125,10 +126,10 @@ def stage_boundaries(num_layers: int, pp: int) -> list[int]:
 
 
 def plain_name(name: str, num_layers: int) -> str:
-    """``{layer index}.{key}`` of the pipeline module -> the plain model's parameter name."""
+    """``{layer index}.{key}`` of the pipeline module -> the plain model's parameter name (the
+    same rule the offline converter applies to saved layer files)."""
     index, key = name.split(".", 1)
-    i = int(index)
-    return f"layers.{i - 1}.{key}" if 1 <= i <= num_layers else key
+    return pipeline_name(int(index), key, num_layers)
 
 
 def pipe_name(name: str, num_layers: int) -> str:
