@@ -92,8 +92,6 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     weights = fit_vocab_rows(load_file(str(folder / "model.safetensors")), model.padded_vocab_size)
     load_plain_state_dict(model, weights, groups)
     if is_pipeline(model):
-        for p in model.parameters():
-            p.requires_grad_(False)
         return PipelineForward(build_frozen_pipeline_engine(model, layout))
     return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage),
                   cfg.distill.partition_frozen)
