@@ -143,7 +143,6 @@ def _add_convert(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--mask-token-id", type=int, default=None, help="its logit is forced to -1000")
     p.add_argument("--max-k", type=int, default=None, help="PFLM files: the k it was trained with (4)")
-    p.add_argument("--noise-max-freq", type=float, default=None, help="PFLM files: highest noise frequency")
     p.add_argument("--tokenizer", default=None, help="a local Hugging Face tokenizer folder to store with it")
     out_opts(p)
     p.set_defaults(func=cmd_convert, run="run_from_kforcing")

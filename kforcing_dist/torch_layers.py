@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The released checkpoints set their mask token's logit to this before softmax/argmax; every
+# model carrying ``masked_token_ids`` (training and decoder) does the same.
+MASKED_LOGIT_VALUE = -1000.0
+
 
 class Norm(nn.Module):
     """LayerNorm (optionally without bias) or RMSNorm, computed in float32, replicated over TP.

@@ -112,14 +112,8 @@ def run_from_kforcing(args) -> int:
     if preset and fields["model_config"]["vocab_size"] != preset["vocab_size"]:
         raise CheckpointError(f"{args.checkpoint} has a vocabulary of {fields['model_config']['vocab_size']}, the "
                               f"{args.preset} preset expects {preset['vocab_size']}: wrong preset for this file")
-    noise = None
-    if fields["kind"] == "pflm":
-        if args.noise_max_freq is None:
-            raise CheckpointError("a PFLM file needs --noise-max-freq (the highest noise-feature frequency; "
-                                  "this project's NoiseEncoder default is 256)")
-        noise = {"max_freq": args.noise_max_freq}
     tokenizer = _hf_tokenizer(Path(args.tokenizer)) if args.tokenizer else None
-    out = save_decoder(args.out, noise=noise, tokenizer=tokenizer, dtype=args.dtype, overwrite=args.overwrite,
+    out = save_decoder(args.out, tokenizer=tokenizer, dtype=args.dtype, overwrite=args.overwrite,
                        source={"converted_by": "convert from-kforcing", "file": str(args.checkpoint),
                                "preset": args.preset}, **fields)
     _report("from-kforcing", out, t0)

@@ -5,8 +5,10 @@ The file is a ``torch.save`` dict whose ``state_dict`` keys may carry a ``backbo
 read with ``torch.load(weights_only=True)``. The architecture is the MDLM backbone: bias-free
 LayerNorm (eps 1e-5), tanh GELU, pre-norm blocks, rotate-half rotary (base recovered from the stored
 ``inv_freq``), fused bias-free qkv laid out (q|k|v, head, head_dim), untied head with bias, the
-mask token's logit forced to -1000. Neither the head count, the context length nor the mask token
-id is in the file: they come from a preset (``owt``, ``lm1b``) or explicit arguments.
+mask token's logit forced to -1000; a PFLM's noise encoder runs the released noise features
+(falling frequencies, exact GELU: ``features: released`` in :mod:`kforcing_dist.distill.noise`).
+Neither the head count, the context length nor the mask token id is in the file: they come from
+a preset (``owt``, ``lm1b``) or explicit arguments.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Optional
 import torch
 
 from ..config.schema import ModelConfig
+from ..distill.noise import noise_section
 from ..training.checkpoint import CheckpointError
 from .safeload import load_torch_file
 
@@ -70,8 +73,9 @@ def _rope_base(inv_freq: torch.Tensor, head_dim: int, where: str) -> float:
 def import_released(path, *, num_heads: int, max_seq_len: int, mask_token_id: int,
                     make_vocab_size_divisible_by: int = 64, max_k: Optional[int] = None) -> dict:
     """The keyword arguments of ``save_decoder`` (kind, model_config, padded_vocab_size, state_dict,
-    masked_token_ids, max_k) for a released file. ``max_k`` is required for a PFLM file (k=4 for the
-    released ones); the noise encoder is stored under its own (matching) names."""
+    masked_token_ids, max_k, noise) for a released file. ``max_k`` is required for a PFLM file (k=4
+    for the released ones); the noise encoder is stored under its own (matching) names and runs
+    the released noise-feature convention (``noise.features: released``)."""
     from ..model.transformer import pad_vocab_size
     from ..training.export import fit_vocab_rows
 
@@ -134,7 +138,8 @@ def import_released(path, *, num_heads: int, max_seq_len: int, mask_token_id: in
     padded = pad_vocab_size(V, make_vocab_size_divisible_by, 1)
     return {"kind": kind, "model_config": model, "padded_vocab_size": padded,
             "state_dict": fit_vocab_rows(out, padded), "masked_token_ids": [mask_token_id],
-            "max_k": max_k if kind == "pflm" else None}
+            "max_k": max_k if kind == "pflm" else None,
+            "noise": noise_section("released", None) if kind == "pflm" else None}
 
 
 def check_finite(weights: dict[str, torch.Tensor], where: str) -> None:

@@ -5,7 +5,8 @@ Layout of a decoder folder::
     model.safetensors   full (un-sharded) weights, keys = TransformerLM.named_parameters() names,
                         plus noise_encoder.* (NoiseEncoder) for a PFLM
     config.json         {"format": "kforcing-dist-decoder/1", "kind": "ar" | "pflm", "model": {...},
-                         "padded_vocab_size", "max_k", "noise", "cdf_order", "eos_id",
+                         "padded_vocab_size", "max_k", "noise": {"features", "max_freq"},
+                         "cdf_order", "eos_id",
                          "masked_token_ids", "dtype", "source", "weights_bytes"}
     tokenizer/          optional, the Tokenizer.save layout (read back with load_tokenizer)
 
@@ -28,6 +29,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..config.schema import ModelConfig
+from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, LEGACY_NOISE_FEATURES, NOISE_FEATURES, noise_section
 from ..sizes import ffn_hidden_size
 from .errors import DecodeError
 
@@ -39,8 +41,6 @@ KINDS = ("ar", "pflm")
 CDF_ORDERS = ("vocab", "sorted")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
-# The NoiseEncoder's default; recorded in config.json so the decoder never relies on it.
-DEFAULT_NOISE_MAX_FREQ = 256.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +113,30 @@ def _check_model_section(model: Any, where: str) -> dict:
     return m
 
 
+def _check_noise_section(noise: Any, where: str) -> dict:
+    """A pflm's noise section -> {"features", "max_freq"}; a folder written before ``features``
+    existed reads as ``rising`` (what every model was trained with then)."""
+    if not isinstance(noise, Mapping):
+        raise DecodeError(f"{where}: a pflm checkpoint needs noise: {{\"features\": one of {NOISE_FEATURES}, "
+                          f"\"max_freq\": float >= 1 for rising features}}, got {noise!r}")
+    unknown = sorted(set(noise) - {"features", "max_freq"})
+    if unknown:
+        raise DecodeError(f"{where}: unknown noise fields {unknown}; the noise section holds features and "
+                          f"max_freq only")
+    features = noise.get("features", LEGACY_NOISE_FEATURES)
+    if features not in NOISE_FEATURES:
+        raise DecodeError(f"{where}: noise.features must be one of {NOISE_FEATURES} (the noise-feature "
+                          f"convention the model was trained with), got {features!r}")
+    max_freq = noise.get("max_freq")
+    if features == "rising" and not (_is_number(max_freq) and max_freq >= 1):
+        raise DecodeError(f"{where}: rising noise features need noise.max_freq >= 1 (distill.noise_max_freq of "
+                          f"its training run), got {max_freq!r}")
+    if features == "released" and max_freq is not None:
+        raise DecodeError(f"{where}: noise.max_freq applies to rising features only; released features have "
+                          f"a fixed band: set it to null, got {max_freq!r}")
+    return noise_section(features, max_freq)
+
+
 def validate_decoder_config(cfg: Any, where: str = "decoder config") -> dict:
     """Check a decoder config dict (the content of config.json) and return a normalised copy.
 
@@ -139,14 +163,10 @@ def validate_decoder_config(cfg: Any, where: str = "decoder config") -> dict:
         if not _is_int(max_k) or max_k < 1:
             raise DecodeError(f"{where}: a pflm checkpoint needs max_k (the k it was trained "
                               f"with) >= 1, got {max_k!r}")
-        if not isinstance(noise, Mapping) or not _is_number(noise.get("max_freq")) \
-                or noise["max_freq"] <= 0:
-            raise DecodeError(f"{where}: a pflm checkpoint needs noise: {{\"max_freq\": float > 0}} "
-                              f"(distill.noise_max_freq of its training run), got {noise!r}")
+        out["noise"] = _check_noise_section(noise, where)
         if model["hidden_size"] % 2:
             raise DecodeError(f"{where}: the noise encoder needs an even hidden size, "
                               f"got {model['hidden_size']}")
-        out["noise"] = {"max_freq": float(noise["max_freq"])}
         out["max_k"] = max_k
     else:
         if max_k is not None or noise is not None:
@@ -280,7 +300,8 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
     defaults; vocab_size must be set). ``state_dict``: full (TP=1) weights keyed like
     TransformerLM.named_parameters() (+ noise_encoder.* for kind 'pflm'). ``tokenizer``: an object
     with ``.save(dir)`` (kforcing_dist.data.tokenizer.Tokenizer); its eos_id is the default
-    ``eos_id``. ``noise``: {"max_freq": ...} for a PFLM (default 256, the NoiseEncoder default).
+    ``eos_id``. ``noise``: {"features": "rising" | "released", "max_freq": float for rising features,
+    else None} for a PFLM (default: NoiseEncoder's, rising up to 256; see distill.noise).
     ``dtype``: "float32" / "bfloat16" (or the torch dtype) to store the weights in; None keeps
     the state dict's dtype. An existing ``folder`` is refused unless ``overwrite``.
     """
@@ -311,7 +332,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
                               f"pass dtype='float32' or 'bfloat16'")
         dtype = names[dtype]
     if kind == "pflm" and noise is None:
-        noise = {"max_freq": DEFAULT_NOISE_MAX_FREQ}
+        noise = noise_section("rising", DEFAULT_NOISE_MAX_FREQ)
     if eos_id is None and tokenizer is not None:
         eos_id = int(tokenizer.eos_id)
     cfg = {

@@ -27,14 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distill.noise import NoiseEncoder
-from ..torch_layers import Norm
+from ..torch_layers import MASKED_LOGIT_VALUE, Norm
 from .errors import DecodeError
 from .format import DTYPES, expected_weight_shapes, resolve_ffn_hidden_size, validate_decoder_config
 
 # Same value as kforcing_dist.model.transformer.PADDED_LOGIT_VALUE (not imported: megatron).
 PADDED_LOGIT_VALUE = -1.0e4
-# The released checkpoints set their mask token's logit to this before softmax/argmax.
-MASKED_LOGIT_VALUE = -1000.0
 OUTPUTS = ("auto", "all", "last", "noise", "none")
 
 
@@ -276,7 +274,8 @@ class DecoderLM(nn.Module):
             self.lm_head = Linear(H, self.padded_vocab_size, m["lm_head_bias"], dtype)
         self.noise_encoder = None
         if self.kind == "pflm":
-            self.noise_encoder = NoiseEncoder(H, cfg["noise"]["max_freq"], dtype=dtype)
+            self.noise_encoder = NoiseEncoder(H, max_freq=cfg["noise"]["max_freq"], dtype=dtype,
+                                              features=cfg["noise"]["features"])
         self.register_buffer("masked_ids", torch.tensor(cfg["masked_token_ids"], dtype=torch.long),
                              persistent=False)
         self.requires_grad_(False)

@@ -18,7 +18,7 @@ and dropped), so a seed gives the same full weights at every TP x PP layout.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,12 +26,13 @@ from torch import nn
 
 from ..config.schema import ModelConfig
 from ..convert.layout import pipeline_name
+from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, NoiseEncoder
 from .layers import Norm, RotaryEmbedding, TransformerBlock
 from .loss import resolve_tp_group
 from .state import full_state_dict, load_full_state_dict
 from .student import PFLM
 from .transformer import (TransformerLM, build_lm_head, build_position_embedding, build_token_embedding,
-                          model_parallel_config, validate_model_config)
+                          check_masked_token_ids, model_parallel_config, validate_model_config)
 
 # The mask slot of a plain causal pass (no staircase): a 1-element placeholder, because every
 # stage must receive the same tuple of tensors.
@@ -100,12 +101,13 @@ class HeadStage(nn.Module):
     window_logits = PFLM.window_logits
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, mp_config, tp_group,
-                 params_dtype: torch.dtype, tp: int, tp_rank: int):
+                 params_dtype: torch.dtype, tp: int, tp_rank: int, masked_token_ids: Sequence[int] = ()):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.local_vocab_size = padded_vocab_size // tp
         self.vocab_start = tp_rank * self.local_vocab_size
+        self.masked_token_ids = check_masked_token_ids(masked_token_ids, padded_vocab_size)
         self.final_norm = Norm(cfg.hidden_size, cfg.norm, cfg.norm_bias, cfg.norm_eps, params_dtype)
         self.lm_head = build_lm_head(cfg, padded_vocab_size, mp_config, tp_group)
 
@@ -166,10 +168,13 @@ def _check_grid_matches(pipe, groups) -> None:
 
 
 def build_pipeline_model(cfg: ModelConfig, padded_vocab_size: int, groups, *, max_k: int = 0,
-                         noise_max_freq: float = 256.0, noise_init_std: Optional[float] = None,
-                         loss_fn=None, params_dtype: torch.dtype = torch.float32):
+                         noise_max_freq: Optional[float] = DEFAULT_NOISE_MAX_FREQ,
+                         noise_init_std: Optional[float] = None, noise_features: str = "rising",
+                         masked_token_ids: Sequence[int] = (), loss_fn=None,
+                         params_dtype: torch.dtype = torch.float32):
     """The pipeline module of a TransformerLM (``max_k`` 0) or a PFLM (``max_k`` > 0) for this
     rank's stage, with the full weights a plain model built after the same seed would have.
+    ``noise_*`` and ``masked_token_ids`` as for :class:`PFLM`.
 
     Collective over the world (DeepSpeed builds its communicators). ``loss_fn(outputs, labels)``
     runs on the last stage. Parameters stay on the CPU until the engine moves them.
@@ -177,8 +182,6 @@ def build_pipeline_model(cfg: ModelConfig, padded_vocab_size: int, groups, *, ma
     import deepspeed.comm as ds_comm
     from deepspeed.pipe import LayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    from ..distill.noise import NoiseEncoder
 
     tp_group = resolve_tp_group(groups)
     tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
@@ -206,11 +209,12 @@ def build_pipeline_model(cfg: ModelConfig, padded_vocab_size: int, groups, *, ma
     keep(0, embed)
     for i in range(L):
         keep(i + 1, PipeBlock(cfg, mp_config, tp_group, params_dtype))
-    keep(L + 1, HeadStage(cfg, padded_vocab_size, mp_config, tp_group, params_dtype, tp, tp_rank))
+    keep(L + 1, HeadStage(cfg, padded_vocab_size, mp_config, tp_group, params_dtype, tp, tp_rank,
+                          masked_token_ids))
     if max_k:
-        embed.noise_encoder = NoiseEncoder(cfg.hidden_size, float(noise_max_freq),
-                                           cfg.init_std if noise_init_std is None else float(noise_init_std),
-                                           dtype=params_dtype)
+        embed.noise_encoder = NoiseEncoder(cfg.hidden_size, max_freq=noise_max_freq,
+                                           init_std=cfg.init_std if noise_init_std is None else float(noise_init_std),
+                                           dtype=params_dtype, features=noise_features)
         embed.max_k = max_k
     topology = PipeModelDataParallelTopology(num_pp=groups.pp_size, num_mp=tp, num_dp=groups.dp_size)
     pipe = _pipeline_module_class()(layers=layers, topology=topology, loss_fn=loss_fn,

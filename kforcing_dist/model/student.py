@@ -14,14 +14,14 @@ after the Transformer, so equal seeds give equal weights on every rank and at ev
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..config.schema import ModelConfig
 from ..distill.layout import check_window_starts, window_layout
-from ..distill.noise import NoiseEncoder
+from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, NoiseEncoder, check_noise_features
 from .loss import resolve_tp_group
 from .state import full_state_dict, load_full_state_dict
 from .transformer import TransformerLM
@@ -55,25 +55,28 @@ def _check_same_architecture(a: ModelConfig, b: ModelConfig, what: str) -> None:
 class PFLM(TransformerLM):
     """Push-forward LM: k noise slots per window, one forward pass; logits are vocab-parallel.
 
-    ``max_k``: the most noise slots a window may have (the stage's k). ``noise_max_freq``:
-    highest frequency of the noise features. ``noise_init_std``: std of the noise encoder's
-    linears (default ``cfg.init_std``).
+    ``max_k``: the most noise slots a window may have (the stage's k). ``noise_features``: the
+    noise-feature convention (``rising`` or ``released``, see :mod:`kforcing_dist.distill.noise`);
+    ``noise_max_freq``: highest frequency of ``rising`` features. ``noise_init_std``: std of the
+    noise encoder's linears (default ``cfg.init_std``). ``masked_token_ids``: see TransformerLM.
     """
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group, max_k: int,
-                 noise_max_freq: float = 256.0, noise_init_std: Optional[float] = None,
-                 params_dtype: torch.dtype = torch.float32):
+                 noise_max_freq: Optional[float] = DEFAULT_NOISE_MAX_FREQ, noise_init_std: Optional[float] = None,
+                 params_dtype: torch.dtype = torch.float32, noise_features: str = "rising",
+                 masked_token_ids: Sequence[int] = ()):
         if not isinstance(max_k, int) or max_k <= 0:
             raise ValueError(f"max_k (slots per window) must be a positive integer, got {max_k!r}")
-        if noise_max_freq < 1:
-            raise ValueError(f"noise_max_freq must be >= 1 (the lowest frequency), got {noise_max_freq}")
-        super().__init__(cfg, padded_vocab_size, tp_group, params_dtype)
+        check_noise_features(noise_features, noise_max_freq)
+        super().__init__(cfg, padded_vocab_size, tp_group, params_dtype, masked_token_ids)
         self.max_k = max_k
-        self.noise_max_freq = float(noise_max_freq)
+        self.noise_features = noise_features
+        self.noise_max_freq = float(noise_max_freq) if noise_features == "rising" else None
         self.noise_init_std = cfg.init_std if noise_init_std is None else float(noise_init_std)
         # Built after the Transformer: the same seed gives the teacher's initial weights above.
-        self.noise_encoder = NoiseEncoder(cfg.hidden_size, self.noise_max_freq,
-                                          self.noise_init_std, dtype=params_dtype)
+        self.noise_encoder = NoiseEncoder(cfg.hidden_size, max_freq=self.noise_max_freq,
+                                          init_std=self.noise_init_std, dtype=params_dtype,
+                                          features=noise_features)
 
     def forward(self, input_ids: torch.Tensor, window_starts: Optional[torch.Tensor] = None,
                 u: Optional[torch.Tensor] = None, tau=1.0, window_tokens: Optional[torch.Tensor] = None):
@@ -192,7 +195,8 @@ class PFLM(TransformerLM):
 
     @classmethod
     def from_student(cls, prev: "PFLM", max_k: Optional[int] = None, tp_group=None) -> "PFLM":
-        """A new PFLM (stage 2k) with every weight of ``prev`` (stage k), noise encoder included.
+        """A new PFLM (stage 2k) with every weight of ``prev`` (stage k), noise encoder included,
+        and its noise-feature convention and masked tokens.
 
         max_k defaults to 2 * prev.max_k; tp_group to prev's group (another group gets the full
         weights sliced to it). The new model has prev's device and parameter dtype. The default
@@ -206,7 +210,8 @@ class PFLM(TransformerLM):
             new = cls(prev.cfg, prev.padded_vocab_size, group,
                       max_k=2 * prev.max_k if max_k is None else max_k,
                       noise_max_freq=prev.noise_max_freq, noise_init_std=prev.noise_init_std,
-                      params_dtype=ref.dtype)
+                      params_dtype=ref.dtype, noise_features=prev.noise_features,
+                      masked_token_ids=prev.masked_token_ids)
         new = new.to(ref.device)
         load_full_state_dict(new, full_state_dict(prev, prev.tp_group), group)
         return new

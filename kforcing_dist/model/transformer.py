@@ -9,7 +9,7 @@ after ``torch.manual_seed(s)`` has the same full weights at every TP size.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,6 +20,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 
 from ..config.schema import ModelConfig
 from ..sizes import pad_vocab_size  # noqa: F401 (re-export: part of this module's API)
+from ..torch_layers import MASKED_LOGIT_VALUE
 from .layers import (Norm, RotaryEmbedding, TransformerBlock, normal_init,
                      resolve_ffn_hidden_size)
 from .loss import lm_loss, resolve_tp_group, vocab_parallel_cross_entropy  # noqa: F401 (re-export)
@@ -72,6 +73,15 @@ def validate_model_config(cfg: ModelConfig, padded_vocab_size: int, tp: int) -> 
         raise ValueError(f"model.init_std must be positive, got {cfg.init_std}")
 
 
+def check_masked_token_ids(masked_token_ids: Sequence[int], padded_vocab_size: int) -> tuple[int, ...]:
+    """The sorted, de-duplicated ids whose logits are forced to MASKED_LOGIT_VALUE (a released
+    model's mask token); ValueError for ids outside the padded vocabulary."""
+    ids = tuple(sorted({int(t) for t in masked_token_ids}))
+    if any(not 0 <= t < padded_vocab_size for t in ids):
+        raise ValueError(f"masked_token_ids {list(ids)} must lie in [0, {padded_vocab_size})")
+    return ids
+
+
 def model_parallel_config(tp: int, params_dtype: torch.dtype) -> ModelParallelConfig:
     """megatron's layer config: full master weights drawn on the CPU, then split (seed -> same
     full weights at every TP size)."""
@@ -106,10 +116,12 @@ class TransformerLM(nn.Module):
     """Pre-norm causal decoder; logits are vocab-parallel over ``tp_group``.
 
     Parameters live on the CPU after construction; move the model with ``.to(device)``.
+    ``masked_token_ids``: tokens whose logits are always MASKED_LOGIT_VALUE (the decoder config's
+    ``masked_token_ids``: a released model's mask token), so training sees what decoding does.
     """
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, tp_group,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype = torch.float32, masked_token_ids: Sequence[int] = ()):
         super().__init__()
         tp_group = resolve_tp_group(tp_group)
         tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
@@ -121,6 +133,7 @@ class TransformerLM(nn.Module):
         self.padded_vocab_size = padded_vocab_size
         self.local_vocab_size = padded_vocab_size // tp
         self.vocab_start = tp_rank * self.local_vocab_size
+        self.masked_token_ids = check_masked_token_ids(masked_token_ids, padded_vocab_size)
         self.params_dtype = params_dtype
         H = cfg.hidden_size
         mp_config = model_parallel_config(tp, params_dtype)
@@ -192,13 +205,18 @@ class TransformerLM(nn.Module):
         return None if self.rotary is None else self.rotary(position_ids)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [b, s, H] -> vocab-parallel float32 logits [b, s, V_padded/tp], padding masked."""
+        """hidden [b, s, H] -> vocab-parallel float32 logits [b, s, V_padded/tp], padding and
+        masked_token_ids masked."""
         weight = self.embed_tokens.weight if self.cfg.tie_embeddings else None
         logits = self.lm_head(hidden, weight=weight)[0].float()
         pad_from = self.vocab_size - self.vocab_start  # first padded column in this shard
         if pad_from < self.local_vocab_size:
             cols = torch.arange(self.local_vocab_size, device=logits.device)
             logits = logits.masked_fill(cols >= pad_from, PADDED_LOGIT_VALUE)
+        local = [t - self.vocab_start for t in self.masked_token_ids
+                 if 0 <= t - self.vocab_start < self.local_vocab_size]
+        if local:
+            logits = logits.index_fill(-1, torch.tensor(local, device=logits.device), MASKED_LOGIT_VALUE)
         return logits
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,

@@ -1,0 +1,75 @@
+"""The released-model parity fixture (tests/fixtures/released_parity) and the reference checks
+shared by the decoder, TP=1 and TP=2 tests: import both files with the library's importer, run
+them, and compare with what the paper authors' own model code computed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "released_parity"
+V, NUM_HEADS, MAX_K, MASK_TOKEN = 61, 4, 4, 60
+MAX_SEQ_LEN = 64  # not recorded in the files; anything >= context + k slots
+TOL = 1e-5
+
+
+def reference() -> dict[str, torch.Tensor]:
+    return torch.load(FIXTURES / "reference_outputs.pt", weights_only=True)
+
+
+def imported(kind: str) -> dict:
+    """save_decoder's keyword arguments for ``ar`` or ``pflm`` (the library importer)."""
+    from kforcing_dist.convert.released import import_released
+
+    return import_released(FIXTURES / f"{kind}_ref.ckpt", num_heads=NUM_HEADS, max_seq_len=MAX_SEQ_LEN,
+                           mask_token_id=MASK_TOKEN, max_k=MAX_K if kind == "pflm" else None)
+
+
+def errors(ar_logits: torch.Tensor, pflm_logits: torch.Tensor, ref: dict) -> dict:
+    """Max |difference| of AR log-probs and PFLM logits from the reference (first V entries),
+    and whether the PFLM argmax is the reference's tokens."""
+    ar_logprobs = ar_logits[..., :V].float().log_softmax(-1)
+    pflm = pflm_logits[..., :V].float()
+    return {"ar": (ar_logprobs - ref["ar_logprobs"]).abs().max().item(),
+            "pflm": (pflm - ref["pflm_logits"]).abs().max().item(),
+            "tokens": bool(torch.equal(pflm.argmax(-1), ref["pflm_tokens"]))}
+
+
+def _gather_vocab(logits: torch.Tensor, tp_group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(tp_group))]
+    dist.all_gather(parts, logits.contiguous(), group=tp_group)
+    return torch.cat(parts, dim=-1)
+
+
+def tp_model_errors(tp_group) -> dict:
+    """Build the training models (TransformerLM, PFLM) at the group's TP size from the imported
+    weights and compare their outputs with the reference (collective over ``tp_group``)."""
+    import torch.distributed as dist
+
+    from kforcing_dist.config.schema import ModelConfig
+    from kforcing_dist.model import TransformerLM, load_full_state_dict, pad_vocab_size
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.training.export import fit_vocab_rows
+
+    ref = reference()
+    ar, pflm = imported("ar"), imported("pflm")
+    cfg = ModelConfig(**pflm["model_config"])
+    padded = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dist.get_world_size(tp_group))
+    teacher = TransformerLM(ModelConfig(**ar["model_config"]), padded, tp_group,
+                            masked_token_ids=ar["masked_token_ids"])
+    load_full_state_dict(teacher, fit_vocab_rows(ar["state_dict"], padded), tp_group)
+    student = PFLM(cfg, padded, tp_group, max_k=pflm["max_k"], noise_features=pflm["noise"]["features"],
+                   noise_max_freq=pflm["noise"]["max_freq"], masked_token_ids=pflm["masked_token_ids"])
+    load_full_state_dict(student, fit_vocab_rows(pflm["state_dict"], padded), tp_group)
+    ctx = ref["context"]
+    b, n = ctx.shape
+    with torch.no_grad():
+        ar_logits = _gather_vocab(teacher(ctx), tp_group)
+        # one window per sequence, starting at the last context position: 4 slots after the context
+        starts = torch.full((b, 1), n - 1, dtype=torch.long)
+        slots = student.forward_windows(ctx, starts, ref["noise"][:, None, :], ref["tau"])
+        pflm_logits = _gather_vocab(slots[:, 0], tp_group)
+    return errors(ar_logits, pflm_logits, ref)
