@@ -67,7 +67,9 @@ def load_bench_models(cfg: Config, args, device, dtype, max_k: int, longest: int
     m = dataclasses.asdict(cfg.model)
     m["vocab_size"] = m["vocab_size"] or cfg.tokenizer.vocab_size
     teacher, student = random_models(m, max_k=max_k, device=device, dtype=dtype,
-                                     seed=cfg.train.seed, max_seq_len=longest)
+                                     seed=cfg.train.seed, max_seq_len=longest,
+                                     noise_features=cfg.distill.noise_features,
+                                     noise_max_freq=cfg.distill.noise_max_freq)
     return teacher, student, {"weights": "random", "model": m}
 
 

@@ -59,6 +59,51 @@ def _require_export(path: Path, what: str, fix: str, kind: str) -> dict:
     return conf
 
 
+def previous_student(cfg: Config, k: int) -> tuple[Path, dict]:
+    """The stage-k/2 student that stage k (> 1) starts from and its decoder config:
+    distill.init_from_student when set, else <run>/k{k/2}/export."""
+    d = cfg.distill
+    if d.init_from_student:
+        path = Path(d.init_from_student)
+        conf = _require_export(path, "distill.init_from_student", "give a PFLM decoder folder (a stage's export/ "
+                               "or one written by `kforcing-dist convert from-kforcing`)", "pflm")
+        what, fix = "distill.init_from_student", f"run the stage it continues: --stage k{2 * conf['max_k']}"
+    else:
+        path = run_root(cfg) / stage_name(k // 2) / "export"
+        conf = _require_export(path, f"the stage-k{k // 2} export", f"run `kforcing-dist distill --stage k{k // 2}` "
+                               f"first, or set distill.init_from_student to a PFLM decoder folder", "pflm")
+        what, fix = f"the stage-k{k // 2} export", f"re-run stage k{k // 2} or set distill.init_from_student"
+    if conf["max_k"] != k // 2:
+        raise CheckpointError(f"{what} {path} holds a k={conf['max_k']} student (max_k {conf['max_k']}), but stage "
+                              f"k{k} starts from a k={k // 2} one; {fix}")
+    return path, conf
+
+
+def stage_noise(cfg: Config, prev_conf: dict | None) -> dict:
+    """The noise-feature convention of a stage's student ({"features", "max_freq"}): the config's for
+    stage 1, the previous student's for a later stage (ConfigError when the config explicitly asks
+    for another: the weights were trained under that one)."""
+    from ..config.loader import is_given
+    from ..distill.noise import noise_section
+
+    d = cfg.distill
+    if prev_conf is None:
+        return noise_section(d.noise_features, d.noise_max_freq)
+    prev = prev_conf["noise"]
+    clash = []
+    if is_given(cfg, "distill.noise_features") and d.noise_features != prev["features"]:
+        clash.append(f"distill.noise_features={d.noise_features!r} but the student it starts from uses "
+                     f"{prev['features']!r}")
+    if prev["features"] == "rising" and is_given(cfg, "distill.noise_max_freq") \
+            and float(d.noise_max_freq) != prev["max_freq"]:
+        clash.append(f"distill.noise_max_freq={d.noise_max_freq} but the student it starts from uses "
+                     f"{prev['max_freq']}")
+    if clash:
+        raise ConfigError([f"{c}: a later stage keeps its previous student's noise features; remove the key "
+                           f"(or set it to the student's value)" for c in clash], "the config")
+    return dict(prev)
+
+
 def stage_config(cfg: Config, k: int, model_cfg: dict) -> Config:
     """The config a stage trains with: the teacher's architecture and the distill.* schedule."""
     d = cfg.distill
@@ -115,11 +160,19 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     need_ar = k == 1 or d.noise_inversion_weight > 0
     ar_conf = _require_export(ar_path, "the AR teacher export", "train it first (`kforcing-dist train-teacher "
                               f"-o {run_root(cfg) / 'teacher'}`) or set distill.teacher", "ar") if need_ar else None
-    prev_path = run_root(cfg) / stage_name(k // 2) / "export"
-    prev_conf = _require_export(prev_path, f"the stage-k{k // 2} export",
-                                f"run `kforcing-dist distill --stage k{k // 2}` first", "pflm") if k > 1 else None
+    if k == 1 and d.init_from_student:
+        raise ConfigError([f"distill.init_from_student={d.init_from_student}: stage k1 starts from the AR teacher; "
+                           f"the folder starts the stage k = 2 x its max_k (run that --stage)"], "the config")
+    prev_path, prev_conf = previous_student(cfg, k) if k > 1 else (None, None)
     arch = (ar_conf or prev_conf)["model"]
+    noise = stage_noise(cfg, prev_conf)
+    # a released model's mask token stays masked in every model of the stage (and in its export)
+    masked = (prev_conf or ar_conf)["masked_token_ids"]
     scfg = stage_config(cfg, k, arch)
+    # the stage's config (saved in its checkpoints) records the convention it really trains with
+    scfg.distill.noise_features = noise["features"]
+    if noise["max_freq"] is not None:
+        scfg.distill.noise_max_freq = noise["max_freq"]
     check(scfg, info.world_size, source=f"stage k{k}")
     shards, tokenizer = ensure_shards(scfg, info.world_size, "the config")
     resolve_vocab(scfg, tokenizer)
@@ -130,14 +183,17 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     padded = pad_vocab_size(scfg.model.vocab_size, scfg.model.make_vocab_size_divisible_by, layout.tp)
 
     def student(max_k):
+        kw = dict(max_k=max_k, noise_features=noise["features"], noise_max_freq=noise["max_freq"],
+                  masked_token_ids=masked)
         if layout.pp > 1:
-            return build_pipeline_model(scfg.model, padded, groups, max_k=max_k, noise_max_freq=d.noise_max_freq)
-        return PFLM(scfg.model, padded, groups.tp_group, max_k=max_k, noise_max_freq=d.noise_max_freq)
+            return build_pipeline_model(scfg.model, padded, groups, **kw)
+        return PFLM(scfg.model, padded, groups.tp_group, **kw)
 
     def ar_model():
+        masked_ar = ar_conf["masked_token_ids"]
         if layout.pp > 1:
-            return build_pipeline_model(scfg.model, padded, groups)
-        return TransformerLM(scfg.model, padded, groups.tp_group)
+            return build_pipeline_model(scfg.model, padded, groups, masked_token_ids=masked_ar)
+        return TransformerLM(scfg.model, padded, groups.tp_group, masked_token_ids=masked_ar)
 
     ar = _load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
     prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg, layout) if k > 1 else None
@@ -157,11 +213,13 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     trainer = LMTrainer(
         scfg, original_yaml, groups, layout, model, task, sampler, valid, out,
         extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
-                        "cdf_order": d.cdf_order, "teacher": str(ar_path if k == 1 else prev_path)},
+                        "cdf_order": d.cdf_order, "teacher": str(ar_path if k == 1 else prev_path),
+                        "noise": noise, "masked_token_ids": list(masked)},
         save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
     result = train_then_export(trainer, lambda res: export_decoder(
         trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model, padded_vocab_size=padded,
-        zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise={"max_freq": d.noise_max_freq},
+        zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise=noise,
+        masked_token_ids=masked,
         cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
                                        "teacher": str(ar_path if k == 1 else prev_path)}))
     if groups.is_logging_rank:

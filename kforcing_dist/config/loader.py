@@ -129,12 +129,37 @@ def load_yaml_text(path: str | Path) -> str:
     return p.read_text()
 
 
+def _given_keys(raw: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        out.add(path)
+        if isinstance(value, dict):
+            out |= _given_keys(value, f"{path}.")
+    return out
+
+
 def config_from_dict(raw: dict, source: str = "config") -> Config:
     problems: list[str] = []
     cfg = _build(Config, raw, "", problems)
     if problems:
         raise ConfigError(problems, source)
+    # which keys the YAML and --set gave (not a dataclass field: never dumped, copied by deepcopy)
+    cfg._given_keys = frozenset(_given_keys(raw))
     return cfg
+
+
+def is_given(cfg: Config, dotted_key: str) -> bool:
+    """Whether the YAML file or a --set override gave ``dotted_key`` (e.g. ``distill.noise_features``).
+    A config not made by the loader counts a key as given when it differs from the default."""
+    given = getattr(cfg, "_given_keys", None)
+    if given is not None:
+        return dotted_key in given
+    section, _, name = dotted_key.rpartition(".")
+    node, default = cfg, Config()
+    for part in filter(None, section.split(".")):
+        node, default = getattr(node, part), getattr(default, part)
+    return getattr(node, name) != getattr(default, name)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -145,7 +145,13 @@ class DistillConfig:
     noise_inversion_weight: float = doc_field(
         0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
              "the data token); 0 turns it off.")
-    noise_max_freq: float = doc_field(256.0, "Highest frequency of the sinusoidal noise features (lowest is 1).")
+    noise_features: str = doc_field(
+        "rising", "Noise-feature convention of the student's noise encoder. released: the paper's code (frequencies "
+                  "10000^(-j/(H/2)) falling from 1 to ~1e-4, cos then sin, exact GELU in the noise MLP); rising: "
+                  "frequencies rising from 1 to distill.noise_max_freq, tanh GELU. A stage k > 1 takes the "
+                  "convention of the student it starts from (set this only to assert it).", ("rising", "released"))
+    noise_max_freq: float = doc_field(256.0, "Highest frequency of rising noise features (lowest is 1); unused by "
+                                             "released features.")
     noise_encoder_lr_scale: float = doc_field(
         1.0, "Learning-rate multiplier of the noise encoder (new weights) relative to the copied backbone.")
     max_steps: int = doc_field(300, "Optimizer steps per stage (unless distill.stage_steps says otherwise).")
@@ -159,6 +165,10 @@ class DistillConfig:
     eval_interval: int = doc_field(0, "Validate every this many steps (0: only at the end).")
     teacher: str = doc_field("", "Teacher of stage 1: a training checkpoint folder or run folder; empty: "
                                  "<output_dir>/teacher (the pipeline's layout).")
+    init_from_student: str = doc_field(
+        "", "A PFLM decoder folder (e.g. from convert from-kforcing) that stage k = 2 x its max_k starts from, "
+            "as the frozen previous student and the initial weights, instead of <output_dir>/k{k/2}/export; "
+            "empty: the previous stage's export.")
     seed: int = doc_field(7, "Seed of the noise u and tau drawn during distillation.")
     partition_frozen: bool = doc_field(
         False, "Partition the frozen teacher / previous student over data-parallel ranks with ZeRO-3 "

@@ -160,7 +160,7 @@ def _data_problems(cfg: Config, check_files: bool) -> list[str]:
     return out
 
 
-def _distill_problems(cfg: Config) -> list[str]:
+def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
     d, out = cfg.distill, []
     st = d.stages
     if not st or st[0] != 1 or any(b != 2 * a for a, b in zip(st, st[1:])):
@@ -170,10 +170,15 @@ def _distill_problems(cfg: Config) -> list[str]:
     if d.stage_steps and (len(d.stage_steps) != len(st) or min(d.stage_steps) < 1):
         out.append(f"distill.stage_steps={d.stage_steps} must give one positive step count per stage "
                    f"of distill.stages={st}, or be empty")
-    if d.max_window_slots < 0 or d.noise_inversion_weight < 0 or d.noise_max_freq < 1 \
-            or d.noise_encoder_lr_scale <= 0:
+    if d.max_window_slots < 0 or d.noise_inversion_weight < 0 or d.noise_encoder_lr_scale <= 0:
         out.append("distill.max_window_slots and distill.noise_inversion_weight must be >= 0, "
-                   "distill.noise_max_freq >= 1, distill.noise_encoder_lr_scale > 0")
+                   "distill.noise_encoder_lr_scale > 0")
+    if d.noise_features == "rising" and d.noise_max_freq < 1:
+        out.append(f"distill.noise_max_freq={d.noise_max_freq} must be >= 1 (the lowest frequency of rising "
+                   f"noise features)")
+    if d.init_from_student and check_files and not (Path(d.init_from_student) / "config.json").is_file():
+        out.append(f"distill.init_from_student: {d.init_from_student} is not a decoder folder (no config.json); "
+                   f"give a PFLM export or a folder written by `kforcing-dist convert from-kforcing`")
     if d.max_steps < 1 or d.lr <= 0 or not 0 <= d.min_lr <= d.lr or d.warmup_steps < 0:
         out.append(f"distill: need max_steps >= 1, lr > 0, 0 <= min_lr <= lr, warmup_steps >= 0 "
                    f"(got {d.max_steps}, {d.lr}, {d.min_lr}, {d.warmup_steps})")
@@ -201,7 +206,7 @@ def _distill_problems(cfg: Config) -> list[str]:
 def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> list[str]:
     """Every problem of ``cfg`` for a job of ``world_size`` processes."""
     return (_parallel_problems(cfg, world_size) + _model_problems(cfg)
-            + _train_problems(cfg, world_size) + _data_problems(cfg, check_files) + _distill_problems(cfg))
+            + _train_problems(cfg, world_size) + _data_problems(cfg, check_files) + _distill_problems(cfg, check_files))
 
 
 def check(cfg: Config, world_size: int = 1, check_files: bool = True, source: str = "config") -> None:

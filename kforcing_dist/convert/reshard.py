@@ -21,7 +21,8 @@ import torch
 
 from ..training.checkpoint import CheckpointError
 from .safeload import load_torch_file
-from .training import STUDENT_KIND_RE, TrainingCheckpoint, consolidate_weights, read_training_checkpoint
+from .training import (STUDENT_KIND_RE, TrainingCheckpoint, checkpoint_noise, consolidate_weights,
+                       read_training_checkpoint)
 
 log = logging.getLogger("kforcing_dist")
 
@@ -102,12 +103,21 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
     torch.manual_seed(cfg.train.seed)
     k = 0 if kind == "teacher" else int(STUDENT_KIND_RE.match(kind).group(1))
     lr_scales = {"noise_encoder.": cfg.distill.noise_encoder_lr_scale} if k else None
+    masked = ck.meta.get("masked_token_ids", [])
+    kw = {}
+    if k:
+        noise = checkpoint_noise(ck)
+        if (cfg.distill.noise_features, cfg.distill.noise_max_freq) != \
+                (ck.config.distill.noise_features, ck.config.distill.noise_max_freq):
+            raise CheckpointError("the target config changes distill.noise_features / noise_max_freq; resharding "
+                                  "keeps the model: only parallel.* (and the batch split) may differ")
+        kw = dict(max_k=k, noise_features=noise["features"], noise_max_freq=noise["max_freq"])
     if layout.pp > 1:
-        model = build_pipeline_model(cfg.model, padded, groups, max_k=k, noise_max_freq=cfg.distill.noise_max_freq)
+        model = build_pipeline_model(cfg.model, padded, groups, masked_token_ids=masked, **kw)
     elif k == 0:
-        model = TransformerLM(cfg.model, padded, groups.tp_group)
+        model = TransformerLM(cfg.model, padded, groups.tp_group, masked_token_ids=masked)
     else:
-        model = PFLM(cfg.model, padded, groups.tp_group, max_k=k, noise_max_freq=cfg.distill.noise_max_freq)
+        model = PFLM(cfg.model, padded, groups.tp_group, masked_token_ids=masked, **kw)
     load_plain_state_dict(model, full, groups)
     extra = {k: v for k, v in ck.meta.items()
              if k not in ("kind", "format", "precision", "versions", "model", "layout", "resharded_from",

@@ -204,12 +204,28 @@ def decoder_fields(ck: TrainingCheckpoint) -> dict:
     meta, cfg = ck.meta, ck.config
     kind = decoder_kind(ck.kind)
     out = {"kind": kind, "model_config": dataclasses.asdict(cfg.model),
-           "padded_vocab_size": meta["padded_vocab_size"], "cdf_order": meta.get("cdf_order", "vocab")}
+           "padded_vocab_size": meta["padded_vocab_size"], "cdf_order": meta.get("cdf_order", "vocab"),
+           "masked_token_ids": list(meta.get("masked_token_ids", []))}
     if kind == "pflm":
         if not isinstance(meta.get("k"), int):
             raise CheckpointError(f"{ck.path}/metadata.json of a student has no k (the stage's slots per window)")
-        out.update(max_k=meta["k"], noise={"max_freq": cfg.distill.noise_max_freq})
+        out.update(max_k=meta["k"], noise=checkpoint_noise(ck))
     return out
+
+
+def checkpoint_noise(ck: TrainingCheckpoint) -> dict:
+    """A student checkpoint's noise-feature convention ({"features", "max_freq"}): metadata.json's
+    ``noise``, else (checkpoints written before it was recorded) its config's distill section."""
+    from ..distill.noise import noise_section
+
+    recorded = ck.meta.get("noise")
+    d = ck.config.distill
+    features, max_freq = (recorded["features"], recorded["max_freq"]) if isinstance(recorded, dict) \
+        else (d.noise_features, d.noise_max_freq)
+    try:
+        return noise_section(features, max_freq)
+    except ValueError as e:
+        raise CheckpointError(f"{ck.path}/metadata.json: invalid noise section {recorded!r} ({e})") from None
 
 
 def load_checkpoint_tokenizer(ck: TrainingCheckpoint):

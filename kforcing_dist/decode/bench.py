@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, noise_section
 from .errors import DecodeError
 from .format import FORMAT_VERSION, MODEL_FIELDS
 from .generate import generate, generate_lossless
@@ -279,10 +280,12 @@ def _check_sweep(ar_model, pflm_model, batches, ks, contexts, new_tokens, repeat
 
 def random_models(model_config: dict, *, max_k: int, device="cpu", dtype=torch.float32,
                   seed: int = 0, padded_vocab_size: Optional[int] = None,
-                  max_seq_len: Optional[int] = None,
-                  std: float = 0.02) -> tuple[DecoderLM, DecoderLM]:
+                  max_seq_len: Optional[int] = None, std: float = 0.02,
+                  noise_features: str = "rising",
+                  noise_max_freq: Optional[float] = DEFAULT_NOISE_MAX_FREQ) -> tuple[DecoderLM, DecoderLM]:
     """(AR teacher, PFLM) of the architecture ``model_config`` (ModelConfig fields) with random
-    N(0, std) weights; vocab_size must be set; max_seq_len may be raised for long contexts."""
+    N(0, std) weights; vocab_size must be set; max_seq_len may be raised for long contexts.
+    ``noise_features``/``noise_max_freq``: the PFLM's noise-feature convention (distill.noise)."""
     m = {k: v for k, v in model_config.items() if k in MODEL_FIELDS}
     if m.get("vocab_size", 0) < 1:
         raise DecodeError("random_models needs model_config['vocab_size'] > 0")
@@ -294,7 +297,7 @@ def random_models(model_config: dict, *, max_k: int, device="cpu", dtype=torch.f
     for i, kind in enumerate(("ar", "pflm")):
         cfg = {"format": FORMAT_VERSION, "kind": kind, "model": m, "padded_vocab_size": padded,
                "max_k": max_k if kind == "pflm" else None,
-               "noise": {"max_freq": 256.0} if kind == "pflm" else None,
+               "noise": noise_section(noise_features, noise_max_freq) if kind == "pflm" else None,
                "masked_token_ids": [], "eos_id": None}
         model = DecoderLM(cfg, dtype=torch.float32).init_random_(seed + i, std=std)
         out.append(model.to(device=device, dtype=dtype).eval())

@@ -62,6 +62,7 @@ class ToyConfig:
     windows_per_sequence: int = 0   # 0: every window start of every sequence
     cdf_order: str = "vocab"
     tau: float = 1.0
+    noise_features: str = "rising"  # distill.noise_features; noise_max_freq applies to rising only
     noise_max_freq: float = 64.0
     noise_init_std: float = 0.02
     seed: int = 0
@@ -200,7 +201,8 @@ def distil_k1(cfg: ToyConfig, teacher: TransformerLM, trans: torch.Tensor, tp_gr
     """Stage k=1: student initialised from the teacher, targets G(teacher, u) by inverse CDF."""
     torch.manual_seed(cfg.seed + 2)
     student = PFLM(cfg.model_config(), cfg.padded_vocab_size(), tp_group, max_k=1,
-                   noise_max_freq=cfg.noise_max_freq, noise_init_std=cfg.noise_init_std)
+                   noise_max_freq=cfg.noise_max_freq, noise_init_std=cfg.noise_init_std,
+                   noise_features=cfg.noise_features)
     student.init_from_teacher(teacher, tp_group)
 
     def targets(seq, starts, u):

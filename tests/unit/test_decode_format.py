@@ -49,7 +49,7 @@ def test_round_trip_and_config_contents(tmp_path):
     raw = json.loads((folder / CONFIG_FILE).read_text())
     assert raw["format"] == FORMAT_VERSION and raw["kind"] == "pflm" and raw["max_k"] == 4
     assert set(raw["model"]) == {f.name for f in dataclasses.fields(ModelConfig)}
-    assert raw["noise"] == {"max_freq": 64.0} and raw["cdf_order"] == "sorted"
+    assert raw["noise"] == {"features": "rising", "max_freq": 64.0} and raw["cdf_order"] == "sorted"
     assert raw["eos_id"] == 2 and raw["masked_token_ids"] == [5, 99] and raw["dtype"] == "float32"
     assert raw["source"] == {"run": "x"} and raw["weights_bytes"] == (folder / WEIGHTS_FILE).stat().st_size
     assert read_decoder_config(folder)["kind"] == "pflm"
