@@ -14,6 +14,30 @@ MAX_SEQ_LEN = 64  # not recorded in the files; anything >= context + k slots
 TOL = 1e-5
 
 
+def random_released_state_dict(V: int, H: int, num_heads: int, num_layers: int, pflm: bool, seed: int = 0,
+                               std: float = 0.3) -> dict[str, torch.Tensor]:
+    """A state dict in the documented released layout (``backbone.`` names) with random weights."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * std  # noqa: E731
+    hd = H // num_heads
+    sd = {"backbone.vocab_embed.embedding": r(V, H),
+          "backbone.rotary_emb.inv_freq": 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))}
+    for i in range(num_layers):
+        p = f"backbone.blocks.{i}."
+        sd.update({p + "norm1.weight": 1 + r(H), p + "attn_qkv.weight": r(3 * H, H), p + "attn_out.weight": r(H, H),
+                   p + "norm2.weight": 1 + r(H), p + "mlp.0.weight": r(4 * H, H), p + "mlp.0.bias": r(4 * H),
+                   p + "mlp.2.weight": r(H, 4 * H), p + "mlp.2.bias": r(H)})
+    sd.update({"backbone.output_layer.norm_final.weight": 1 + r(H), "backbone.output_layer.linear.weight": r(V, H),
+               "backbone.output_layer.linear.bias": r(V)})
+    if pflm:
+        sd.update({"backbone.noise_encoder.combined_proj.weight": r(H, 2 * H),
+                   "backbone.noise_encoder.combined_proj.bias": r(H),
+                   "backbone.noise_encoder.norm.weight": 1 + r(H), "backbone.noise_encoder.norm.bias": r(H),
+                   "backbone.noise_encoder.mlp.0.weight": r(4 * H, H), "backbone.noise_encoder.mlp.0.bias": r(4 * H),
+                   "backbone.noise_encoder.mlp.2.weight": r(H, 4 * H), "backbone.noise_encoder.mlp.2.bias": r(H)})
+    return sd
+
+
 def reference() -> dict[str, torch.Tensor]:
     return torch.load(FIXTURES / "reference_outputs.pt", weights_only=True)
 

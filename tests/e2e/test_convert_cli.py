@@ -95,3 +95,84 @@ def test_convert_refusals_exit_2(tmp_path):
     proc = run_cli("convert", "from-kforcing", "--checkpoint", tmp_path / "a.ckpt", "--out", tmp_path / "y",
                    check=False)
     assert proc.returncode == 2 and "--num-heads is required" in proc.stderr
+
+
+def _word_tokenizer(folder, words: int):
+    """A local Hugging Face word-level tokenizer folder: w0 .. w{words-2} and </s> (the EOS)."""
+    from tokenizers import Tokenizer
+    from tokenizers.decoders import WordPiece
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {f"w{i}": i for i in range(words - 1)}
+    vocab["</s>"] = words - 1
+    tok = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.decoder = WordPiece(prefix="##")
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_from_kforcing_released_pflm_then_generate(tmp_path):
+    """`convert from-kforcing` of the authors' reference PFLM records the released noise features by
+    itself; the folder reproduces the authors' logits and `generate` decodes k=4 tokens a step."""
+    from tests.released_parity import FIXTURES, MASK_TOKEN, TOL, V, reference
+
+    out = tmp_path / "pflm"
+    tok = _word_tokenizer(tmp_path / "tok", V - 1)  # every id but the mask token
+    flags = ["--checkpoint", FIXTURES / "pflm_ref.ckpt", "--num-heads", 4, "--max-seq-len", 64,
+             "--mask-token-id", MASK_TOKEN, "--max-k", 4]
+    run_cli("convert", "from-kforcing", *flags, "--tokenizer", tok, "--out", out)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["noise"] == {"features": "released", "max_freq": None} and conf["masked_token_ids"] == [MASK_TOKEN]
+    ref = reference()
+    got = load_decoder(out).pflm_logits(ref["context"], ref["noise"], ref["tau"])[..., :V]
+    assert (got - ref["pflm_logits"]).abs().max().item() < TOL
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3 w4\nw7 w7 w8\n")
+    proc = run_cli("generate", "--model", out, "--prompts", prompts, "--set", "decode.max_new_tokens=8")
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 and all(r["mode"] == "pflm" and r["k"] == 4 for r in rows)
+    assert all(len(r["tokens"]) == 8 and MASK_TOKEN not in r["tokens"] for r in rows)
+
+    proc = run_cli("convert", "from-kforcing", *flags, "--noise-max-freq", 256, "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: --noise-max-freq" in proc.stderr
+
+
+def test_imported_released_pflm_continues_distilling(smoke_shards, tmp_path):
+    """A released k=4 PFLM imported with from-kforcing starts stage k8: placed where the stage-4
+    export is expected (at TP=2), or named by distill.init_from_student (TP=1). The k8 student keeps
+    the released noise features and the mask token, and starts from the imported weights."""
+    from tests.released_parity import random_released_state_dict
+
+    vocab, mask = 513, 512  # the smoke tokenizer's 512 tokens + a mask token, like the OWT release
+    torch.save({"state_dict": random_released_state_dict(vocab, 32, 4, 2, pflm=True, seed=3)},
+               tmp_path / "pflm_k4.ckpt")
+    imported = tmp_path / "a" / "k4" / "export"
+    run_cli("convert", "from-kforcing", "--checkpoint", tmp_path / "pflm_k4.ckpt", "--num-heads", 4,
+            "--max-seq-len", 128, "--mask-token-id", mask, "--max-k", 4, "--out", imported)
+    common = ["-c", SMOKE, "--set", f"data.shards_dir={smoke_shards}", "--set", "distill.stages=[1,2,4,8]",
+              "--set", "distill.stage_steps=[1,1,1,2]", "--set", "distill.seq_len=16",
+              "--set", "distill.micro_batch_size=2", "--set", "distill.max_window_slots=16",
+              "--set", "train.eval_batches=1", "--set", "logging.tensorboard=false",
+              # a negligible step: the k8 student must still compute what the imported k4 one does
+              "--set", "distill.lr=1e-9", "--set", "distill.min_lr=0", "--set", "distill.warmup_steps=0"]
+    run_cli("--standalone", "--nproc_per_node=2", "-m", "kforcing_dist", "distill", "--stage", "k8",
+            "-o", tmp_path / "a", *common, "--set", "parallel.tp=2", module="torch.distributed.run")
+    run_cli("distill", "--stage", "k8", "-o", tmp_path / "b", *common,
+            "--set", f"distill.init_from_student={imported}")
+
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    u = torch.rand(2, 4, generator=torch.Generator().manual_seed(1))
+    want = load_decoder(imported).pflm_logits(ids, u, 0.9)[..., :vocab]
+    for run in ("a", "b"):
+        export = tmp_path / run / "k8" / "export"
+        conf = json.loads((export / "config.json").read_text())
+        assert conf["max_k"] == 8 and conf["noise"]["features"] == "released" and conf["masked_token_ids"] == [mask]
+        got = load_decoder(export).pflm_logits(ids, u, 0.9)[..., :vocab]
+        assert (got - want).abs().max().item() < 1e-4, run
+        first = read_log(tmp_path / run / "k8", "train")[0]
+        # slots 1..4 are the frozen k4 student's own outputs: the copy agrees with them exactly
+        assert all(first[f"acc_slot{i}"] == 1.0 for i in range(1, 5)), first

@@ -15,30 +15,14 @@ from kforcing_dist.convert.released import import_released
 from kforcing_dist.decode import load_decoder
 from kforcing_dist.decode.format import save_decoder
 from kforcing_dist.training.checkpoint import CheckpointError
+from tests.released_parity import random_released_state_dict
 
 V, H, NH, L, S = 50, 32, 4, 2, 16
 MASK = V - 1
 
 
 def _released(pflm: bool, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
-    sd = {"backbone.vocab_embed.embedding": r(V, H),
-          "backbone.rotary_emb.inv_freq": 1.0 / (10000 ** (torch.arange(0, H // NH, 2).float() / (H // NH)))}
-    for i in range(L):
-        p = f"backbone.blocks.{i}."
-        sd.update({p + "norm1.weight": 1 + r(H), p + "attn_qkv.weight": r(3 * H, H), p + "attn_out.weight": r(H, H),
-                   p + "norm2.weight": 1 + r(H), p + "mlp.0.weight": r(4 * H, H), p + "mlp.0.bias": r(4 * H),
-                   p + "mlp.2.weight": r(H, 4 * H), p + "mlp.2.bias": r(H)})
-    sd.update({"backbone.output_layer.norm_final.weight": 1 + r(H), "backbone.output_layer.linear.weight": r(V, H),
-               "backbone.output_layer.linear.bias": r(V)})
-    if pflm:
-        sd.update({"backbone.noise_encoder.combined_proj.weight": r(H, 2 * H),
-                   "backbone.noise_encoder.combined_proj.bias": r(H),
-                   "backbone.noise_encoder.norm.weight": 1 + r(H), "backbone.noise_encoder.norm.bias": r(H),
-                   "backbone.noise_encoder.mlp.0.weight": r(4 * H, H), "backbone.noise_encoder.mlp.0.bias": r(4 * H),
-                   "backbone.noise_encoder.mlp.2.weight": r(H, 4 * H), "backbone.noise_encoder.mlp.2.bias": r(H)})
-    return sd
+    return random_released_state_dict(V, H, NH, L, pflm, seed)
 
 
 def _reference_logits(sd, ids):

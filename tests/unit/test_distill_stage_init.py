@@ -1,0 +1,74 @@
+"""Where a distillation stage starts: the previous student (its run's stage export or
+distill.init_from_student, e.g. an imported released PFLM), and the noise-feature convention it
+inherits from that student (a config that explicitly asks for another is refused)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kforcing_dist.app.distill import previous_student, stage_noise
+from kforcing_dist.config import ConfigError, load_config, validate
+from kforcing_dist.config.schema import Config
+from kforcing_dist.decode.format import save_decoder
+from kforcing_dist.training.checkpoint import CheckpointError
+from tests.released_parity import imported
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    return {kind: save_decoder(root / kind, **imported(kind)) for kind in ("ar", "pflm")}
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(None, list(overrides), str(tmp_path / "run"))[0]
+
+
+def test_init_from_student_starts_the_stage_after_it(released, tmp_path):
+    cfg = _cfg(tmp_path, f"distill.init_from_student={released['pflm']}")
+    path, conf = previous_student(cfg, 8)
+    assert path == released["pflm"] and conf["max_k"] == 4
+    with pytest.raises(CheckpointError, match=r"holds a k=4 student .* stage k4 starts from a k=2 one; run the "
+                                              r"stage it continues: --stage k8"):
+        previous_student(cfg, 4)
+    with pytest.raises(CheckpointError, match="must be 'pflm'"):
+        previous_student(_cfg(tmp_path, f"distill.init_from_student={released['ar']}"), 8)
+
+
+def test_without_init_from_student_the_run_export_is_read(released, tmp_path):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(CheckpointError, match="set distill.init_from_student"):
+        previous_student(cfg, 8)
+    export = tmp_path / "run" / "k4" / "export"
+    export.parent.mkdir(parents=True)
+    export.symlink_to(released["pflm"], target_is_directory=True)
+    assert previous_student(cfg, 8)[1]["noise"]["features"] == "released"
+
+
+def test_a_later_stage_takes_its_students_noise_features(released, tmp_path):
+    from kforcing_dist.decode.format import read_decoder_config
+
+    prev = read_decoder_config(released["pflm"])
+    assert stage_noise(_cfg(tmp_path), prev) == {"features": "released", "max_freq": None}
+    assert stage_noise(Config(), prev)["features"] == "released"  # a config not read from YAML
+    assert stage_noise(_cfg(tmp_path, "distill.noise_features=released"), prev)["features"] == "released"
+    with pytest.raises(ConfigError, match="distill.noise_features='rising' but the student it starts from uses "
+                                          "'released'"):
+        stage_noise(_cfg(tmp_path, "distill.noise_features=rising"), prev)
+    rising = {**prev, "noise": {"features": "rising", "max_freq": 64.0}}
+    assert stage_noise(_cfg(tmp_path), rising) == {"features": "rising", "max_freq": 64.0}
+    with pytest.raises(ConfigError, match="distill.noise_max_freq=256.0 but the student it starts from uses 64.0"):
+        stage_noise(_cfg(tmp_path, "distill.noise_max_freq=256"), rising)
+    # stage 1 trains a fresh noise encoder: the config decides
+    assert stage_noise(_cfg(tmp_path, "distill.noise_features=released"), None)["features"] == "released"
+    assert stage_noise(_cfg(tmp_path), None) == {"features": "rising", "max_freq": 256.0}
+
+
+def test_config_checks(tmp_path):
+    problems = validate(_cfg(tmp_path, f"distill.init_from_student={tmp_path / 'nope'}"))
+    assert any("distill.init_from_student" in p and "not a decoder folder" in p for p in problems)
+    problems = validate(_cfg(tmp_path, "distill.noise_max_freq=0.5"))
+    assert any("distill.noise_max_freq=0.5 must be >= 1" in p for p in problems)
+    assert not validate(_cfg(tmp_path, "distill.noise_max_freq=0.5", "distill.noise_features=released"))
+    with pytest.raises(ConfigError, match="'sideways' is not one of 'rising', 'released'"):
+        _cfg(tmp_path, "distill.noise_features=sideways")
