@@ -144,15 +144,17 @@ def test_from_kforcing_released_pflm_then_generate(tmp_path):
 def test_imported_released_pflm_continues_distilling(smoke_shards, tmp_path):
     """A released k=4 PFLM imported with from-kforcing starts stage k8: placed where the stage-4
     export is expected (at TP=2), or named by distill.init_from_student (TP=1). The k8 student keeps
-    the released noise features and the mask token, and starts from the imported weights."""
+    the released noise features and the mask token, and starts from the imported weights; with an
+    imported released AR model as the run's teacher, `evaluate` reports both stages."""
     from tests.released_parity import random_released_state_dict
 
     vocab, mask = 513, 512  # the smoke tokenizer's 512 tokens + a mask token, like the OWT release
-    torch.save({"state_dict": random_released_state_dict(vocab, 32, 4, 2, pflm=True, seed=3)},
-               tmp_path / "pflm_k4.ckpt")
     imported = tmp_path / "a" / "k4" / "export"
-    run_cli("convert", "from-kforcing", "--checkpoint", tmp_path / "pflm_k4.ckpt", "--num-heads", 4,
-            "--max-seq-len", 128, "--mask-token-id", mask, "--max-k", 4, "--out", imported)
+    for kind, out in (("pflm", imported), ("ar", tmp_path / "a" / "teacher" / "export")):
+        ckpt = tmp_path / f"{kind}.ckpt"
+        torch.save({"state_dict": random_released_state_dict(vocab, 32, 4, 2, pflm=kind == "pflm", seed=3)}, ckpt)
+        run_cli("convert", "from-kforcing", "--checkpoint", ckpt, "--num-heads", 4, "--max-seq-len", 128,
+                "--mask-token-id", mask, "--max-k", 4, "--out", out)
     common = ["-c", SMOKE, "--set", f"data.shards_dir={smoke_shards}", "--set", "distill.stages=[1,2,4,8]",
               "--set", "distill.stage_steps=[1,1,1,2]", "--set", "distill.seq_len=16",
               "--set", "distill.micro_batch_size=2", "--set", "distill.max_window_slots=16",
@@ -176,3 +178,14 @@ def test_imported_released_pflm_continues_distilling(smoke_shards, tmp_path):
         first = read_log(tmp_path / run / "k8", "train")[0]
         # slots 1..4 are the frozen k4 student's own outputs: the copy agrees with them exactly
         assert all(first[f"acc_slot{i}"] == 1.0 for i in range(1, 5)), first
+
+    # the TP=2 training checkpoint records the convention and the mask token: consolidate keeps them
+    run_cli("convert", "consolidate", "--checkpoint", tmp_path / "a" / "k8", "--out", tmp_path / "c")
+    conf = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert conf["noise"]["features"] == "released" and conf["masked_token_ids"] == [mask]
+
+    run_cli("evaluate", "-o", tmp_path / "a", *common, "--set", "eval.num_contexts=4", "--set", "eval.num_samples=2",
+            "--set", "eval.sample_len=8", "--set", "eval.speed_batches=[1]", "--set", "eval.speed_repeats=1",
+            "--set", "eval.frontier_taus=[]", "--set", "eval.lossless=false")
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert set(report["stages"]) == {"k4", "k8"} and len(report["stages"]["k8"]["slot_agreement"]) == 8
