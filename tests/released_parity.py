@@ -68,9 +68,12 @@ def _gather_vocab(logits: torch.Tensor, tp_group) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def tp_model_errors(tp_group) -> dict:
+def tp_model_errors(tp_group, build=None) -> dict:
     """Build the training models (TransformerLM, PFLM) at the group's TP size from the imported
-    weights and compare their outputs with the reference (collective over ``tp_group``)."""
+    weights and compare their outputs with the reference (collective over ``tp_group``).
+
+    ``build(model_cfg, padded, max_k, noise, masked_token_ids)`` makes a model (max_k 0: the AR
+    one); default: the TransformerLM / PFLM constructors."""
     import torch.distributed as dist
 
     from kforcing_dist.config.schema import ModelConfig
@@ -78,16 +81,22 @@ def tp_model_errors(tp_group) -> dict:
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.training.export import fit_vocab_rows
 
+    def construct(model_cfg, padded, max_k, noise, masked):
+        if not max_k:
+            return TransformerLM(model_cfg, padded, tp_group, masked_token_ids=masked)
+        return PFLM(model_cfg, padded, tp_group, max_k=max_k, noise_features=noise["features"],
+                    noise_max_freq=noise["max_freq"], masked_token_ids=masked)
+
+    build = build or construct
     ref = reference()
-    ar, pflm = imported("ar"), imported("pflm")
-    cfg = ModelConfig(**pflm["model_config"])
-    padded = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dist.get_world_size(tp_group))
-    teacher = TransformerLM(ModelConfig(**ar["model_config"]), padded, tp_group,
-                            masked_token_ids=ar["masked_token_ids"])
-    load_full_state_dict(teacher, fit_vocab_rows(ar["state_dict"], padded), tp_group)
-    student = PFLM(cfg, padded, tp_group, max_k=pflm["max_k"], noise_features=pflm["noise"]["features"],
-                   noise_max_freq=pflm["noise"]["max_freq"], masked_token_ids=pflm["masked_token_ids"])
-    load_full_state_dict(student, fit_vocab_rows(pflm["state_dict"], padded), tp_group)
+    models = []
+    for fields in (imported("ar"), imported("pflm")):
+        cfg = ModelConfig(**fields["model_config"])
+        padded = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, dist.get_world_size(tp_group))
+        model = build(cfg, padded, fields["max_k"] or 0, fields["noise"], fields["masked_token_ids"])
+        load_full_state_dict(model, fit_vocab_rows(fields["state_dict"], padded), tp_group)
+        models.append(model)
+    teacher, student = models
     ctx = ref["context"]
     b, n = ctx.shape
     with torch.no_grad():
