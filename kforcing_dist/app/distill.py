@@ -120,22 +120,6 @@ def stage_config(cfg: Config, k: int, model_cfg: dict) -> Config:
     return out
 
 
-def build_stage_model(model_cfg: ModelConfig, padded: int, groups, pp: int, max_k: int, noise: dict | None,
-                      masked_token_ids):
-    """A stage's model at this rank's layout: the AR teacher (``max_k`` 0) or a student with the
-    stage's noise features ({"features", "max_freq"}); both with the exported masked tokens."""
-    from ..model.pipeline import build_pipeline_model
-    from ..model.student import PFLM
-    from ..model.transformer import TransformerLM
-
-    kw = dict(max_k=max_k, noise_features=noise["features"], noise_max_freq=noise["max_freq"]) if max_k else {}
-    if pp > 1:
-        return build_pipeline_model(model_cfg, padded, groups, masked_token_ids=masked_token_ids, **kw)
-    if max_k:
-        return PFLM(model_cfg, padded, groups.tp_group, masked_token_ids=masked_token_ids, **kw)
-    return TransformerLM(model_cfg, padded, groups.tp_group, masked_token_ids=masked_token_ids)
-
-
 def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it.
 
@@ -163,7 +147,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     from safetensors.torch import load_file
 
     from ..distill.task import DistillTask
-    from ..model.pipeline import load_plain_state_dict
+    from ..model.pipeline import build_model, load_plain_state_dict
     from ..model.transformer import pad_vocab_size
     from ..training.export import export_decoder, fit_vocab_rows
     from ..training.trainer import LMTrainer
@@ -198,10 +182,10 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     padded = pad_vocab_size(scfg.model.vocab_size, scfg.model.make_vocab_size_divisible_by, layout.tp)
 
     def student(max_k):
-        return build_stage_model(scfg.model, padded, groups, layout.pp, max_k, noise, masked)
+        return build_model(scfg.model, padded, groups, layout.pp, max_k=max_k, noise=noise, masked_token_ids=masked)
 
     def ar_model():
-        return build_stage_model(scfg.model, padded, groups, layout.pp, 0, None, ar_conf["masked_token_ids"])
+        return build_model(scfg.model, padded, groups, layout.pp, masked_token_ids=ar_conf["masked_token_ids"])
 
     ar = _load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
     prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg, layout) if k > 1 else None

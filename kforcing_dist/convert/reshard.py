@@ -77,9 +77,8 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
     ``cfg``: the target run's config (the source's config.yaml with the new parallel settings);
     ``groups``/``layout``: the running target job's. Returns (checkpoint folder, reset reason or None).
     """
-    from ..model.pipeline import build_pipeline_model, load_plain_state_dict
-    from ..model.student import PFLM
-    from ..model.transformer import TransformerLM, pad_vocab_size
+    from ..model.pipeline import build_model, load_plain_state_dict
+    from ..model.transformer import pad_vocab_size
     from ..training.export import fit_vocab_rows
     from ..training.trainer import LMTrainer
 
@@ -103,21 +102,12 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
     torch.manual_seed(cfg.train.seed)
     k = 0 if kind == "teacher" else int(STUDENT_KIND_RE.match(kind).group(1))
     lr_scales = {"noise_encoder.": cfg.distill.noise_encoder_lr_scale} if k else None
-    masked = ck.meta.get("masked_token_ids", [])
-    kw = {}
-    if k:
-        noise = checkpoint_noise(ck)
-        if (cfg.distill.noise_features, cfg.distill.noise_max_freq) != \
-                (ck.config.distill.noise_features, ck.config.distill.noise_max_freq):
-            raise CheckpointError("the target config changes distill.noise_features / noise_max_freq; resharding "
-                                  "keeps the model: only parallel.* (and the batch split) may differ")
-        kw = dict(max_k=k, noise_features=noise["features"], noise_max_freq=noise["max_freq"])
-    if layout.pp > 1:
-        model = build_pipeline_model(cfg.model, padded, groups, masked_token_ids=masked, **kw)
-    elif k == 0:
-        model = TransformerLM(cfg.model, padded, groups.tp_group, masked_token_ids=masked)
-    else:
-        model = PFLM(cfg.model, padded, groups.tp_group, masked_token_ids=masked, **kw)
+    if k and (cfg.distill.noise_features, cfg.distill.noise_max_freq) != \
+            (ck.config.distill.noise_features, ck.config.distill.noise_max_freq):
+        raise CheckpointError("the target config changes distill.noise_features / noise_max_freq; resharding "
+                              "keeps the model: only parallel.* (and the batch split) may differ")
+    model = build_model(cfg.model, padded, groups, layout.pp, max_k=k, noise=checkpoint_noise(ck) if k else None,
+                        masked_token_ids=ck.meta.get("masked_token_ids", []))
     load_plain_state_dict(model, full, groups)
     extra = {k: v for k, v in ck.meta.items()
              if k not in ("kind", "format", "precision", "versions", "model", "layout", "resharded_from",

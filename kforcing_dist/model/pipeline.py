@@ -227,6 +227,19 @@ def build_pipeline_model(cfg: ModelConfig, padded_vocab_size: int, groups, *, ma
     return pipe
 
 
+def build_model(cfg: ModelConfig, padded_vocab_size: int, groups, pp: int, *, max_k: int = 0,
+                noise: Optional[Mapping] = None, masked_token_ids: Sequence[int] = ()):
+    """The model of a run at its layout: a pipeline module when ``pp`` > 1, else a plain
+    TransformerLM (``max_k`` 0) or PFLM with the noise-feature convention ``noise``
+    ({"features", "max_freq"}, as recorded in exports and checkpoints) and the masked tokens."""
+    kw = dict(max_k=max_k, noise_features=noise["features"], noise_max_freq=noise["max_freq"]) if max_k else {}
+    if pp > 1:
+        return build_pipeline_model(cfg, padded_vocab_size, groups, masked_token_ids=masked_token_ids, **kw)
+    if max_k:
+        return PFLM(cfg, padded_vocab_size, groups.tp_group, masked_token_ids=masked_token_ids, **kw)
+    return TransformerLM(cfg, padded_vocab_size, groups.tp_group, masked_token_ids=masked_token_ids)
+
+
 def is_pipeline(module) -> bool:
     return hasattr(module, "num_blocks") and hasattr(module, "_grid")
 

@@ -59,13 +59,13 @@ def test_tp1_training_model_matches_the_authors_outputs(groups, one_thread):
     assert err["tokens"]
 
 
-def test_distill_stage_models_match_the_authors_outputs(groups, one_thread):
-    """What `distill` builds for a stage (frozen teacher / previous student and the new student)
-    from an exported folder's noise features and masked tokens."""
-    from kforcing_dist.app.distill import build_stage_model
+def test_run_models_match_the_authors_outputs(groups, one_thread):
+    """What `distill` (frozen teacher / previous student, new student) and `reshard` build from an
+    exported folder's or checkpoint's noise features and masked tokens."""
+    from kforcing_dist.model.pipeline import build_model
 
     def build(model_cfg, padded, max_k, noise, masked):
-        return build_stage_model(model_cfg, padded, groups, 1, max_k, noise, masked)
+        return build_model(model_cfg, padded, groups, 1, max_k=max_k, noise=noise, masked_token_ids=masked)
 
     err = tp_model_errors(groups.tp_group, build)
     assert err["ar"] < TOL and err["pflm"] < TOL and err["tokens"], err
