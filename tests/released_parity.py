@@ -106,3 +106,33 @@ def tp_model_errors(tp_group, build=None) -> dict:
         slots = student.forward_windows(ctx, starts, ref["noise"][:, None, :], ref["tau"])
         pflm_logits = _gather_vocab(slots[:, 0], tp_group)
     return errors(ar_logits, pflm_logits, ref)
+
+
+def pipeline_model_errors(groups, layout) -> dict | None:
+    """The same check through the pipeline-parallel modules (``build_model`` at ``layout.pp`` > 1,
+    forward-only engines); the last stage returns the errors, the others None."""
+    from kforcing_dist.config.schema import ModelConfig
+    from kforcing_dist.model import pad_vocab_size
+    from kforcing_dist.model.pipeline import PipelineForward, build_model, load_plain_state_dict
+    from kforcing_dist.training.engine import build_frozen_pipeline_engine
+    from kforcing_dist.training.export import fit_vocab_rows
+
+    ref = reference()
+    ctx = ref["context"]
+    b, n = ctx.shape
+    starts = torch.full((b, 1), n - 1, dtype=torch.long)
+    inputs = {"ar": ctx, "pflm": (ctx, starts, ref["noise"][:, None, :], ref["tau"].double(),
+                                  ctx.new_zeros((b, 1, 0)))}
+    out = {}
+    for kind in ("ar", "pflm"):
+        fields = imported(kind)
+        cfg = ModelConfig(**fields["model_config"])
+        padded = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, layout.tp)
+        pipe = build_model(cfg, padded, groups, layout.pp, max_k=fields["max_k"] or 0, noise=fields["noise"],
+                           masked_token_ids=fields["masked_token_ids"])
+        load_plain_state_dict(pipe, fit_vocab_rows(fields["state_dict"], padded), groups)
+        logits = PipelineForward(build_frozen_pipeline_engine(pipe, layout))([inputs[kind]])
+        out[kind] = None if logits is None else logits[0]
+    if out["ar"] is None:
+        return None
+    return errors(_gather_vocab(out["ar"], groups.tp_group), _gather_vocab(out["pflm"][:, 0], groups.tp_group), ref)
