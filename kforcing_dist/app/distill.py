@@ -4,6 +4,9 @@ Run layout under ``output_dir``: ``data/`` (shards), ``teacher/``, ``k1/``, ``k2
 training run folder with ``checkpoints/`` and, once finished, ``export/`` in the decoder
 format), ``report.json`` and ``report.md``. Stages hand over through the exported folders, so
 each stage can run as its own (Slurm) job, at any parallel layout, and resumes on its own.
+Stage 2k starts from ``<run>/k{k}/export`` or from ``distill.init_from_student`` (any PFLM decoder
+folder with max_k = k, e.g. a released model imported with ``convert from-kforcing``), and keeps
+that student's noise-feature convention and masked tokens.
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ Layout of a decoder folder::
                         plus noise_encoder.* (NoiseEncoder) for a PFLM
     config.json         {"format": "kforcing-dist-decoder/1", "kind": "ar" | "pflm", "model": {...},
                          "padded_vocab_size", "max_k", "noise": {"features", "max_freq"},
-                         "cdf_order", "eos_id",
-                         "masked_token_ids", "dtype", "source", "weights_bytes"}
+                         "cdf_order", "eos_id", "masked_token_ids", "dtype", "source",
+                         "weights_bytes"}
+                        (noise: a pflm's noise-feature convention, see distill.noise; a folder
+                        without "features" was written before it existed and reads as rising)
     tokenizer/          optional, the Tokenizer.save layout (read back with load_tokenizer)
 
 :func:`save_decoder` validates everything, writes into a hidden temporary folder and renames it
