@@ -24,7 +24,7 @@ from ..distill.noise import noise_section
 from ..training.checkpoint import CheckpointError
 from .safeload import load_torch_file
 
-# What the paper states for its two datasets (../shared/docs/kforcing.md): 12 heads of 64, GPT-2
+# What the paper (Tang et al. 2026) states for its two datasets: 12 heads of 64, GPT-2
 # vocabulary + one mask token at length 1024 (OWT), bert-base-uncased at length 128 (LM1B).
 PRESETS = {
     "owt": {"num_heads": 12, "max_seq_len": 1024, "mask_token_id": 50257, "vocab_size": 50258},
