@@ -311,3 +311,31 @@ def test_speed_run_reports_median_and_leaves_eos_alone():
     r = speed_run(model, mode="pflm", k=4, batch=2, prompt_len=5, new_tokens=8, repeats=3)
     assert r["steps"] == 2 and r["batch"] == 2 and len(r["all_tokens_per_second"]) == 3
     assert r["tokens_per_second"] > 0 and model.eos_id == 3
+
+
+def test_generate_command_resolves_the_penalty_for_its_k(tmp_path, capsys):
+    from kforcing_dist.cli import main
+
+    model = make_model("pflm", std=0.5)
+    tok = hf_tokenizer()
+    folder = save_decoder(tmp_path / "pf", kind="pflm", model_config=model.model_config,
+                          padded_vocab_size=128, state_dict=model.state_dict(), tokenizer=tok,
+                          max_k=4, noise={"max_freq": 64.0})
+    (tmp_path / "p.txt").write_text("w5 w17 w3\nw42\n")
+    base = ["generate", "--model", str(folder), "--prompts", str(tmp_path / "p.txt"), "--out",
+            str(tmp_path / "o.jsonl"), "--k", "2", "--set", "decode.max_new_tokens=8"]
+
+    def run(*extra):
+        assert main(base + list(extra)) == 0
+        return [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+
+    prompts = [tok.encode("w5 w17 w3"), tok.encode("w42")]
+    for extra, penalty in (((), 0.3), (("--set", "decode.frequency_penalty={2: 4.0}"), 4.0),
+                           (("--frequency-penalty", "0"), 0.0)):
+        rows = run(*extra)
+        assert [r["frequency_penalty"] for r in rows] == [penalty] * 2
+        want = generate(model, prompts, mode="pflm", k=2, max_new_tokens=8,
+                        frequency_penalty=penalty, eos_id=V - 1).tokens
+        assert [r["tokens"] for r in rows] == want
+    assert main(base + ["--frequency-penalty", "-1"]) == 2
+    assert "frequency_penalty must be a finite number >= 0" in capsys.readouterr().err
