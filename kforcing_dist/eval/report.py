@@ -66,7 +66,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     contexts = heldout_windows(shards, ev.num_contexts, ev.context_len)
     prompts = contexts[: ev.num_samples].tolist()
     report: dict = {"version": __version__, "device": device_name("cpu"), "run": str(root),
-                    "tau": dec.tau, "frequency_penalty": dec.frequency_penalty}
+                    "tau": dec.tau, "frequency_penalty": {f"k{k}": penalty_for_k(dec.frequency_penalty, k) for k in stages}}
 
     summary_path = root / "teacher" / "teacher_summary.json"
     tsum = json.loads(summary_path.read_text()) if summary_path.exists() else {}
