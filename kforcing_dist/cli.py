@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("auto", "ar", "pflm"), default="auto",
                    help="auto: pflm for a PFLM checkpoint, ar for a teacher")
     p.add_argument("--k", type=int, default=None, help="tokens per PFLM step (default decode.k, capped at max_k)")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="one penalty for this decode, AR included (default decode.frequency_penalty: "
+                        "the authors' per-k values for a PFLM, none for AR)")
     p.add_argument("--out", default="-", help="JSONL output file, or - for stdout")
     p.set_defaults(func=cmd_generate)
 

@@ -97,7 +97,8 @@ def run_bench(cfg: Config, args) -> int:
     result = bench_sweep(teacher, student, batches=batches, ks=ks, contexts=contexts,
                          new_tokens=new_tokens, repeats=repeats,
                          lossless=not args.no_lossless and student is not None,
-                         seed=cfg.decode.seed, progress=progress,
+                         seed=cfg.decode.seed, frequency_penalty=cfg.decode.frequency_penalty,
+                         progress=progress,
                          cuda_graphs=resolve_graphs(args.cuda_graphs, device))
     result["source"] = source
     paths = write_bench(result, args.output_dir)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..decode import Decoder, DecodeError
+from ..decode.penalty import penalty_for_mode
 from .runtime import setup_logging
 
 
@@ -33,16 +34,18 @@ def run_generate(cfg: Config, args) -> int:
     decoder = Decoder(args.model)
     mode = decoder.kind if args.mode == "auto" else args.mode
     k = args.k if args.k is not None else (min(dec.k, decoder.model.max_k) if mode == "pflm" else 1)
+    setting = dec.frequency_penalty if args.frequency_penalty is None else args.frequency_penalty
+    penalty = penalty_for_mode(setting, mode, k)
     prompts = read_prompts(args.prompts)
     out = sys.stdout if args.out == "-" else open(args.out, "w")
     try:
         for start in range(0, len(prompts), dec.batch_size):
             batch = prompts[start:start + dec.batch_size]
             res = decoder.generate_text(batch, mode=mode, k=k, max_new_tokens=dec.max_new_tokens, tau=dec.tau,
-                                        frequency_penalty=dec.frequency_penalty, seed=dec.seed + start)
+                                        frequency_penalty=penalty, seed=dec.seed + start)
             for prompt, text, toks, fin in zip(batch, res.texts, res.tokens, res.finished):
                 out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": toks, "finished": fin,
-                                      "mode": mode, "k": k}) + "\n")
+                                      "mode": mode, "k": k, "frequency_penalty": penalty}) + "\n")
             out.flush()
     finally:
         if out is not sys.stdout:

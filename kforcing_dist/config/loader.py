@@ -7,6 +7,7 @@ a config in one pass instead of one error per run.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -29,13 +30,63 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _type_name(tp) -> str:
-    return str(tp) if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
+NONE_SPELLINGS = ("null", "Null", "NULL", "~", "None", "none")  # --set x=null arrives as text
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def type_name(tp) -> str:
+    """A readable annotation: ``int``, ``list[str]``, ``float, dict[int, float] or None``."""
+    if tp is type(None):
+        return "None"
+    if _is_union(tp):
+        names = [type_name(a) for a in typing.get_args(tp)]
+        return ", ".join(names[:-1]) + " or " + names[-1]
+    if typing.get_origin(tp) is not None:
+        args = ", ".join(type_name(a) for a in typing.get_args(tp))
+        return f"{typing.get_origin(tp).__name__}[{args}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce_union(value: Any, tp, path: str, problems: list[str]) -> Any:
+    """The first member of the union ``tp`` that accepts ``value``; a mapping given where a dict
+    member exists reports that member's precise problems (a bad key or value)."""
+    members = typing.get_args(tp)
+    if type(None) in members and (value is None or value in NONE_SPELLINGS):
+        return None
+    attempts = []
+    for member in members:
+        if member is type(None):
+            continue
+        trial: list[str] = []
+        out = _coerce(value, member, path, trial)
+        if not trial:
+            return out
+        attempts.append((member, trial))
+    for member, trial in attempts:
+        if typing.get_origin(member) is dict and isinstance(value, dict):
+            problems.extend(trial)
+            return value
+    problems.append(f"{path}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce_key(key: Any, tp) -> tuple[bool, Any]:
+    """(ok, key) for a mapping key of type ``tp``; int keys may come as digit strings (JSON)."""
+    if tp is int and isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return True, int(key)
+    if tp is int:
+        return isinstance(key, int) and not isinstance(key, bool), key
+    return isinstance(key, tp), key
 
 
 def _coerce(value: Any, tp, path: str, problems: list[str], choices=None) -> Any:
     """Check ``value`` against annotation ``tp``; ints are accepted where floats are expected."""
     ok = True
+    if _is_union(tp):
+        return _coerce_union(value, tp, path, problems)
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:
@@ -57,8 +108,21 @@ def _coerce(value: Any, tp, path: str, problems: list[str], choices=None) -> Any
         if ok and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             problems.append(f"{path}: expected a list of {item.__name__}, got {value!r}")
             return value
+    elif typing.get_origin(tp) is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        ok = isinstance(value, dict)
+        if ok:
+            out = {}
+            for key, item in value.items():
+                key_ok, key = _coerce_key(key, key_tp)
+                if not key_ok:
+                    problems.append(f"{path}: keys must be {type_name(key_tp)}, got {key!r} "
+                                    f"(e.g. {{2: 0.3, 4: 0.5}})")
+                    continue
+                out[key] = _coerce(item, item_tp, f"{path}[{key!r}]", problems)
+            value = out
     if not ok:
-        problems.append(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        problems.append(f"{path}: expected {type_name(tp)}, got {type(value).__name__} {value!r}")
         return value
     if choices is not None and value not in choices:
         problems.append(f"{path}: {value!r} is not one of {', '.join(map(repr, choices))}")

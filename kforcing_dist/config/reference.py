@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
+from .loader import type_name
 from .schema import Config
 
 BEGIN = "<!-- BEGIN CONFIG REFERENCE (generated: make config-docs) -->"
@@ -29,8 +30,7 @@ def _rows(cls, prefix: str):
         doc = f.metadata.get("doc", "")
         if choices:
             doc += " One of: " + ", ".join(f"`{c}`" for c in choices) + "."
-        type_name = str(tp) if typing.get_origin(tp) else tp.__name__
-        yield f"| `{prefix}{f.name}` | {type_name} | `{default!r}` | {doc} |"
+        yield f"| `{prefix}{f.name}` | {type_name(tp)} | `{default!r}` | {doc} |"
 
 
 def reference_markdown() -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional, Union
 
 
 def doc_field(default: Any, doc: str, choices: tuple | None = None):
@@ -180,8 +180,13 @@ class DecodeConfig:
     k: int = doc_field(4, "Tokens per PFLM step (<= the trained k).")
     tau: float = doc_field(1.0, "Sampling temperature.")
     max_new_tokens: int = doc_field(64, "Tokens to generate per prompt.")
-    frequency_penalty: float = doc_field(0.0, "Subtract this times the count of each emitted token from the "
-                                              "PFLM logits before argmax (against repetition).")
+    frequency_penalty: Optional[Union[float, dict[int, float]]] = doc_field(
+        None, "PFLM repetition penalty, the authors' rule: slot j of a block takes argmax(logits - "
+              "penalty x counts), counts = this sequence's tokens so far (prompt excluded) including "
+              "slots 1..j-1 of the same block. null: the authors' values, 0.3 / 0.5 / 0.5 for "
+              "k = 2 / 3 / 4 and 0.5 for other k; a map {k: penalty}, e.g. {2: 0.3, 4: 0.5} (a k it "
+              "leaves out takes the authors' value); a number: every k, and AR sampling too (AR is "
+              "unpenalised otherwise); 0 turns it off.")
     batch_size: int = doc_field(8, "Prompts decoded together.")
     seed: int = doc_field(0, "Seed of the noise.")
 

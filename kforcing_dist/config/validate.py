@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from .loader import ConfigError
@@ -193,14 +194,29 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
         out.append(f"distill: context {seq} + k {max(st or [1])} exceeds model.max_seq_len={cfg.model.max_seq_len} "
                    f"(learned positions); lower distill.seq_len")
     dec, ev = cfg.decode, cfg.eval
-    if dec.k < 1 or dec.tau <= 0 or dec.max_new_tokens < 1 or dec.batch_size < 1 or dec.frequency_penalty < 0:
-        out.append("decode: need k >= 1, tau > 0, max_new_tokens >= 1, batch_size >= 1, frequency_penalty >= 0")
+    if dec.k < 1 or dec.tau <= 0 or dec.max_new_tokens < 1 or dec.batch_size < 1:
+        out.append("decode: need k >= 1, tau > 0, max_new_tokens >= 1, batch_size >= 1")
+    out += _penalty_problems(dec.frequency_penalty)
     if min(ev.num_contexts, ev.context_len, ev.num_samples, ev.sample_len, ev.speed_new_tokens,
            ev.speed_context, ev.speed_repeats) < 1 or not ev.speed_batches or min(ev.speed_batches) < 1:
         out.append("eval: every count and length must be >= 1 and speed_batches non-empty")
     if any(t <= 0 for t in ev.frontier_taus):
         out.append(f"eval.frontier_taus must all be > 0, got {ev.frontier_taus}")
     return out
+
+
+def _penalty_problems(setting) -> list[str]:
+    """decode.frequency_penalty: None, a number or a {k: penalty} map, penalties finite >= 0."""
+    fix = ("give a finite number >= 0 (every k), a map {k: penalty} with k >= 1 and penalties "
+           ">= 0 (e.g. {2: 0.3, 4: 0.5}), or null for the authors' values")
+    if setting is None:
+        return []
+    if not isinstance(setting, dict):
+        if math.isfinite(setting) and setting >= 0:
+            return []
+        return [f"decode.frequency_penalty={setting!r}: {fix}"]
+    bad = {k: v for k, v in setting.items() if k < 1 or not math.isfinite(v) or v < 0}
+    return [f"decode.frequency_penalty: bad entries {bad!r}; {fix}"] if bad else []
 
 
 def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> list[str]:

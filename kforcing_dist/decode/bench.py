@@ -27,6 +27,7 @@ from .errors import DecodeError
 from .format import FORMAT_VERSION, MODEL_FIELDS
 from .generate import generate, generate_lossless
 from .model import DecoderLM
+from .penalty import PenaltySetting, penalty_for_mode
 
 BENCH_MODES = ("ar", "pflm", "lossless")
 ROW_FIELDS = ("device", "mode", "k", "batch", "context", "tokens_per_s", "tokens_per_s_min",
@@ -71,15 +72,18 @@ def _sync(device: torch.device) -> None:
 def speed_run(model: DecoderLM, *, mode: str, k: int = 1, batch: int = 1, prompt_len: int = 32,
               new_tokens: int = 64, repeats: int = 3, seed: int = 0,
               prompts: Optional[list[list[int]]] = None,
-              teacher: Optional[DecoderLM] = None, cuda_graphs: bool = False) -> dict:
+              teacher: Optional[DecoderLM] = None, cuda_graphs: bool = False,
+              frequency_penalty: float = 0.0) -> dict:
     """Median decode tokens/s (prefill excluded) over ``repeats`` timed runs, with the details.
 
     mode "ar" / "pflm" as ``generate``; "lossless": ``model`` drafts, ``teacher`` verifies.
     ``tokens_per_second_e2e`` includes the prefill. ``cuda_graphs``: see ``generate``.
+    ``frequency_penalty``: the (resolved) penalty of this cell's decode (lossless: the draft's).
     """
     _check_repeats(repeats)
     prompts = prompts or random_prompts(batch, prompt_len, model.vocab_size, seed)
-    run = _runner(model, mode, k, prompts, new_tokens, seed, teacher, cuda_graphs)
+    run = _runner(model, mode, k, prompts, new_tokens, seed, teacher, cuda_graphs,
+                  frequency_penalty)
     run()
     return _summarise(mode, k, prompts, new_tokens, [run() for _ in range(repeats)])
 
@@ -89,12 +93,12 @@ def _check_repeats(repeats) -> None:
         raise DecodeError(f"repeats must be a positive integer, got {repeats!r}")
 
 
-def _runner(model, mode, k, prompts, new_tokens, seed, teacher, cuda_graphs):
+def _runner(model, mode, k, prompts, new_tokens, seed, teacher, cuda_graphs, frequency_penalty):
     """A no-argument function running one generation of the cell (EOS ignored)."""
     if mode not in BENCH_MODES:
         raise DecodeError(f"mode must be one of {BENCH_MODES}, got {mode!r}")
     kw = dict(k=k, max_new_tokens=new_tokens, seed=seed, ignore_eos=True,  # exactly new_tokens
-              cuda_graphs=cuda_graphs)
+              cuda_graphs=cuda_graphs, frequency_penalty=frequency_penalty)
     if mode == "lossless":
         if teacher is None:
             raise DecodeError("mode 'lossless' needs the AR teacher (teacher=)")
@@ -174,12 +178,17 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
                 ks: Sequence[int], contexts: Sequence[int], new_tokens: int, repeats: int,
                 lossless: bool = True, seed: int = 0, cuda_graphs: bool = False,
                 progress: Optional[Callable[[dict], None]] = None,
-                deadline: Optional[float] = None) -> dict:
+                deadline: Optional[float] = None,
+                frequency_penalty: PenaltySetting = 0.0) -> dict:
     """Every cell of batch x context x (AR, PFLM k for k in ``ks``, lossless k): one dict with
     ``rows`` (the fields of ROW_FIELDS and more) and the settings. ``progress`` gets each row.
+    ``frequency_penalty``: a ``decode.frequency_penalty`` setting, resolved per cell as
+    ``generate`` decodes (:func:`.penalty.penalty_for_mode`; lossless: the draft's penalty).
     ``deadline`` (a time.time() value): cells not started by then are listed in ``skipped``
     instead of run, so a time-limited job still writes what it measured."""
     _check_sweep(ar_model, pflm_model, batches, ks, contexts, new_tokens, repeats)
+    penalties = {(mode, k): penalty_for_mode(frequency_penalty, mode, k)
+                 for mode, k in [("ar", 1)] + [(m, k) for m in ("pflm", "lossless") for k in ks]}
     dev = ar_model.device
     name = device_name(dev)
     peak = peak_bandwidth(dev)
@@ -203,7 +212,7 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
                 model = ar_model if mode == "ar" else pflm_model
                 runners[(mode, k)] = _runner(model, mode, k, prompts, new_tokens, seed,
                                              ar_model if mode == "lossless" else None,
-                                             cuda_graphs)
+                                             cuda_graphs, penalties[(mode, k)])
                 runners[(mode, k)]()
             timed = {cell: [] for cell in runners}
             for _ in range(repeats):
@@ -230,7 +239,8 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
                        "achieved_bandwidth_gb_s": None if bandwidth is None else bandwidth / 1e9,
                        "bandwidth_fraction_of_peak": None if bandwidth is None or peak is None
                        else bandwidth / peak,
-                       "acceptance_length": run.get("acceptance_length")}
+                       "acceptance_length": run.get("acceptance_length"),
+                       "frequency_penalty": penalties[(mode, k)]}
                 rows.append(row)
                 if progress is not None:
                     progress(row)
@@ -239,7 +249,8 @@ def bench_sweep(ar_model: DecoderLM, pflm_model: Optional[DecoderLM], *, batches
             "peak_bandwidth_gb_s": None if peak is None else peak / 1e9,
             "settings": {"batches": list(batches), "ks": list(ks), "contexts": list(contexts),
                          "new_tokens": new_tokens, "repeats": repeats, "lossless": lossless,
-                         "seed": seed, "cuda_graphs": cuda_graphs},
+                         "seed": seed, "cuda_graphs": cuda_graphs,
+                         "frequency_penalty": frequency_penalty},
             "models": {"ar": _describe(ar_model),
                        "pflm": None if pflm_model is None else _describe(pflm_model)},
             "seconds": time.time() - t0, "rows": rows, "skipped": skipped}
@@ -327,7 +338,7 @@ def render_bench_markdown(result: dict) -> str:
              f"brackets); decode-only tokens/s, end-to-end (with prefill) in the e2e column. "
              f"Same engine for every mode: static KV cache"
              f"{', CUDA graphs' if s.get('cuda_graphs') else ''}; AR samples with "
-             f"torch.multinomial.",
+             f"torch.multinomial.{_penalty_sentence(result['rows'])}",
              ""]
     for name, d in result["models"].items():
         if d:
@@ -349,6 +360,18 @@ def render_bench_markdown(result: dict) -> str:
                      f"{bw} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _penalty_sentence(rows: list[dict]) -> str:
+    """' Frequency penalty ...: AR 0, k2 0.3, ...' from the rows (lossless drafts as pflm)."""
+    seen = {}
+    for r in rows:
+        if r.get("frequency_penalty") is not None and r["mode"] != "lossless":
+            seen.setdefault("AR" if r["mode"] == "ar" else f"k{r['k']}", r["frequency_penalty"])
+    if not seen:
+        return ""
+    return (" Frequency penalty (per slot, counted within a block; lossless drafts with the "
+            "PFLM's): " + ", ".join(f"{name} {p:g}" for name, p in seen.items()) + ".")
 
 
 def _series(rows: list[dict], context: int) -> dict[str, list[dict]]:

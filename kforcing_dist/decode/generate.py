@@ -21,11 +21,18 @@ teacher runs [last token, draft] in one cached pass, computes its own G(x y_<j, 
 k+1 positions, accepts the longest prefix where the draft agrees and appends its own token at
 the first disagreement (or a bonus token when all k agree). The output is the teacher's own
 inverse-CDF sample for that noise, token for token.
+
+Frequency penalty (:mod:`.penalty`): counts of the tokens each sequence emitted, starting at zero
+(prompt tokens are not counted). AR subtracts ``penalty * counts`` from each step's logits; a
+PFLM block takes slot j's argmax after slots 1..j-1 of the same block were counted (the
+authors' rule, :func:`.penalty.block_argmax`); lossless drafts the same way, the teacher's
+verification ignores the penalty.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,6 +43,7 @@ from ..distill.inverse_cdf import ORDERS, inverse_cdf_sample
 from .errors import DecodeError
 from .format import DTYPES, load_decoder_tokenizer, load_decoder_weights, read_decoder_config
 from .model import DecoderLM
+from .penalty import block_argmax, penalty_for_mode
 
 MODES = ("ar", "pflm")
 SAMPLINGS = ("multinomial", "inverse_cdf")
@@ -116,9 +124,10 @@ def _check_request(model: DecoderLM, prompts, mode: str, k: int, max_new_tokens:
         raise DecodeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not (isinstance(tau, (int, float)) and tau > 0 and tau != float("inf")):
         raise DecodeError(f"tau must be a positive finite temperature, got {tau!r}")
-    if not isinstance(frequency_penalty, (int, float)) or frequency_penalty != frequency_penalty \
-            or abs(frequency_penalty) == float("inf"):
-        raise DecodeError(f"frequency_penalty must be a finite number, got {frequency_penalty!r}")
+    if isinstance(frequency_penalty, bool) or not isinstance(frequency_penalty, (int, float)) \
+            or not math.isfinite(frequency_penalty) or frequency_penalty < 0:
+        raise DecodeError(f"frequency_penalty must be a finite number >= 0 (resolve a per-k "
+                          f"setting with decode.penalty.penalty_for_k), got {frequency_penalty!r}")
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
                                or not 0 <= eos_id < model.vocab_size):
         raise DecodeError(f"eos_id must be None or a token id in [0, {model.vocab_size}), "
@@ -191,8 +200,9 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
     counts) / tau) with ``torch.multinomial``; ``sampling="inverse_cdf"`` takes G(that, u[b, i])
     with the noise table and ``cdf_order`` (None: the checkpoint's, else "vocab"): the teacher's
     sample that a PFLM and the lossless mode reproduce. mode 'pflm': per step, k noise slots
-    (the next k entries of the noise table) conditioned on tau; y_i = argmax(logits_i -
-    frequency_penalty * counts), counts = the tokens this sequence emitted before the step.
+    (the next k entries of the noise table) conditioned on tau; y_j = argmax(logits_j -
+    frequency_penalty * counts), counts = the tokens this sequence emitted before slot j, the
+    block's slots 1..j-1 included (the authors' rule; prompt tokens are not counted).
     ``eos_id`` None takes the checkpoint's (``ignore_eos``: none, so every sequence runs
     max_new_tokens, as speed measurements need); a sequence stops after its EOS while the batch
     goes on until every sequence is done or has max_new_tokens tokens. ``device``: None or the
@@ -243,14 +253,12 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
             # sees later slots, so the kept tokens are unchanged) to stay inside max_seq_len.
             m = min(k, N - produced)
             logits = step(pending, None, u[:, produced:produced + m], "noise")[..., :V]
-            if counts is not None:
-                logits = logits - frequency_penalty * counts[:, None]
-            new = logits.argmax(-1)  # [b, m]
+            new = block_argmax(logits, counts, frequency_penalty)  # [b, m]; counts them
         steps += 1
         w = new.shape[1]
         out[:, produced:produced + w] = new
         produced += w
-        if counts is not None:
+        if counts is not None and mode == "ar":
             counts.scatter_add_(1, new, torch.ones(new.shape, device=dev))
         if eos_id is not None:
             done |= (new == eos_id).any(1)
@@ -307,8 +315,8 @@ def _check_pair(student: DecoderLM, teacher: DecoderLM, k: int) -> None:
 def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[Sequence[int]], *,
                       k: int, max_new_tokens: int, tau: float = 1.0, seed: int = 0,
                       eos_id: Optional[int] = None, ignore_eos: bool = False,
-                      cdf_order: Optional[str] = None, cuda_graphs: bool = False
-                      ) -> GenerationResult:
+                      cdf_order: Optional[str] = None, cuda_graphs: bool = False,
+                      frequency_penalty: float = 0.0) -> GenerationResult:
     """The teacher's inverse-CDF sample for the noise table of ``seed``, drafted k tokens at a
     time by ``student`` and verified by ``teacher`` in one parallel pass per block.
 
@@ -316,15 +324,18 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
     seed, tau and cdf_order (None: the student's, the G it was distilled against), token for
     token (up to float round-off between a one-token and a (k+1)-token pass, which can only
     matter when u falls within ~1e-7 of a CDF boundary). ``steps`` counts teacher passes;
-    ``acceptance_length`` the mean tokens kept per pass. No frequency penalty: the teacher's
-    distribution is the target. ``cuda_graphs`` as in :func:`generate` (both models).
+    ``acceptance_length`` the mean tokens kept per pass. ``frequency_penalty`` applies to the
+    draft only (the student drafts as :func:`generate` decodes, counting the kept tokens and the
+    block's earlier draft slots): it changes acceptance, never the output, which stays the
+    teacher's sample. ``cuda_graphs`` as in :func:`generate` (both models).
     """
     if eos_id is None and not ignore_eos:
         eos_id = teacher.eos_id if isinstance(teacher, DecoderLM) else None
         if eos_id is None and isinstance(student, DecoderLM):
             eos_id = student.eos_id
     _check_pair(student, teacher, k)
-    prompts = _check_request(student, prompts, "pflm", k, max_new_tokens, tau, 0.0, eos_id)
+    prompts = _check_request(student, prompts, "pflm", k, max_new_tokens, tau, frequency_penalty,
+                             eos_id)
     order = _resolve_order(student, cdf_order)
     dev = student.device
     b, N, V = len(prompts), max_new_tokens, student.vocab_size
@@ -343,6 +354,7 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
     t_cache, t_step = _session(teacher, b, room, tau, cuda_graphs)
     out = torch.zeros(b, N + k + 1, dtype=torch.long, device=dev)
     ar_k = torch.arange(k + 1, device=dev)
+    counts = torch.zeros(b, V, device=dev) if frequency_penalty else None  # kept tokens
 
     _sync(dev)
     t0 = time.perf_counter()
@@ -363,7 +375,8 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
         idx = start[:, None] + ar_k  # [b, k+1] noise index of each verified position
         u_blk = u.gather(1, idx)
         c = max(int(s_new.max()), 1)
-        draft = s_step(s_pending[:, :c], s_new, u_blk[:, :k], "noise")[..., :V].argmax(-1)
+        draft = block_argmax(s_step(s_pending[:, :c], s_new, u_blk[:, :k], "noise")[..., :V],
+                             None if counts is None else counts.clone(), frequency_penalty)
         logits = t_step(torch.cat([t_pending, draft], dim=1), None, None,
                         "all")[..., :V]  # [b, k+1, V]
         own = inverse_cdf_sample(logits, u_blk, tau, order)  # the teacher's G at every position
@@ -386,6 +399,8 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
         # the teacher cached [pending, draft]: keep pending + the accepted keep-1 draft tokens
         t_cache.rewind(k + 1 - keep)
         keep_dev = keep.to(dev)
+        if counts is not None:
+            counts.scatter_add_(1, own, (ar_k[None, :] < keep_dev[:, None]).to(counts.dtype))
         last = own.gather(1, (keep_dev - 1).clamp(min=0)[:, None])
         t_pending = torch.where(keep_dev[:, None] > 0, last, t_pending)
         s_pending, s_new = own, keep
@@ -464,7 +479,10 @@ class Decoder:
 
 
 def decode_kwargs(decode_cfg, mode: str) -> dict:
-    """generate() keyword arguments from a DecodeConfig (k only applies to mode 'pflm')."""
-    return {"mode": mode, "k": decode_cfg.k if mode == "pflm" else 1, "tau": decode_cfg.tau,
+    """generate() keyword arguments from a DecodeConfig (k only applies to mode 'pflm'; the
+    frequency penalty resolved for that mode and k: :func:`.penalty.penalty_for_mode`)."""
+    k = decode_cfg.k if mode == "pflm" else 1
+    return {"mode": mode, "k": k, "tau": decode_cfg.tau,
             "max_new_tokens": decode_cfg.max_new_tokens,
-            "frequency_penalty": decode_cfg.frequency_penalty, "seed": decode_cfg.seed}
+            "frequency_penalty": penalty_for_mode(decode_cfg.frequency_penalty, mode, k),
+            "seed": decode_cfg.seed}

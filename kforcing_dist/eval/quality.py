@@ -20,6 +20,7 @@ import torch
 from ..decode.bench import speed_run
 from ..decode.errors import DecodeError
 from ..decode.generate import generate, generate_lossless
+from ..decode.penalty import penalty_for_k
 from .metrics import sample_stats, teacher_nll
 
 
@@ -67,7 +68,7 @@ def quality_frontier(teacher, students: dict, prompts: list[list[int]], taus: li
         for name, (model, k) in students.items():
             samples[name] = generate(model, prompts, mode="pflm", k=k, max_new_tokens=sample_len,
                                      tau=tau, seed=seed,
-                                     frequency_penalty=frequency_penalty).tokens
+                                     frequency_penalty=penalty_for_k(frequency_penalty, k)).tokens
         for name, toks in samples.items():
             row = {"tau": tau, **sample_stats(teacher, prompts, toks)}
             if judge is not None:

@@ -19,6 +19,7 @@ from ..config import Config
 from ..decode.errors import DecodeError
 from ..decode.format import read_decoder_config
 from ..decode.generate import generate, load_decoder
+from ..decode.penalty import penalty_for_k
 from .metrics import agreement, sample_stats
 from .quality import (Judge, frontier_markdown, lossless_markdown, lossless_summary, plot_frontier,
                       quality_frontier)
@@ -65,7 +66,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     contexts = heldout_windows(shards, ev.num_contexts, ev.context_len)
     prompts = contexts[: ev.num_samples].tolist()
     report: dict = {"version": __version__, "device": device_name("cpu"), "run": str(root),
-                    "tau": dec.tau, "frequency_penalty": dec.frequency_penalty}
+                    "tau": dec.tau, "frequency_penalty": {f"k{k}": penalty_for_k(dec.frequency_penalty, k) for k in stages}}
 
     summary_path = root / "teacher" / "teacher_summary.json"
     tsum = json.loads(summary_path.read_text()) if summary_path.exists() else {}
@@ -88,7 +89,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
         report["stages"][f"k{k}"] = {**agreement(teacher, student, contexts, k, dec.tau, order, seed=dec.seed),
                                      "cdf_order": order}
         samples = generate(student, prompts, mode="pflm", k=k, max_new_tokens=ev.sample_len, tau=dec.tau,
-                           frequency_penalty=dec.frequency_penalty, seed=dec.seed).tokens
+                           frequency_penalty=penalty_for_k(dec.frequency_penalty, k), seed=dec.seed).tokens
         report["samples"][f"k{k}"] = sample_stats(teacher, prompts, samples)
         sample_tokens[f"k{k}"] = samples
         report["samples"][f"k{k}"]["example"] = _decode_text(path, prompts[0], samples[0])

@@ -115,3 +115,49 @@ def test_pipeline_layouts_accepted_and_unsafe_combinations_refused():
     assert "noise_inversion_weight=0.5 with parallel.pp=2" in text
     cfg, _ = load_config(None, ["parallel.pp=2", "parallel.zero_stage=0", "train.grad_clip=0"])
     check(cfg, world_size=2)  # without clipping ZeRO-0 is exact
+
+
+def test_frequency_penalty_is_a_number_a_map_or_null(tmp_path):
+    from kforcing_dist.config import config_to_yaml
+    from kforcing_dist.decode.penalty import AUTHORS_PER_K, penalty_for_k
+
+    cfg, _ = load_config(None)
+    assert cfg.decode.frequency_penalty is None  # the authors' values
+    assert [penalty_for_k(cfg.decode.frequency_penalty, k) for k in (2, 3, 4)] == \
+        [AUTHORS_PER_K[k] for k in (2, 3, 4)]
+    cfg, _ = load_config(write(tmp_path, "decode:\n  frequency_penalty: {2: 0.3, 4: 1}\n"))
+    assert cfg.decode.frequency_penalty == {2: 0.3, 4: 1.0} and validate(cfg, check_files=False) == []
+    # the typed config round-trips through YAML (checkpoints store it)
+    again, _ = load_config(write(tmp_path, config_to_yaml(cfg)))
+    assert again.decode.frequency_penalty == {2: 0.3, 4: 1.0}
+    for override, want in (("0", 0.0), ("0.7", 0.7), ("{2: 0.2, 4: 0.4}", {2: 0.2, 4: 0.4}),
+                           ('{"2": 2e-1}', {2: 0.2}), ("null", None)):
+        cfg, _ = load_config(None, [f"decode.frequency_penalty={override}"])
+        assert cfg.decode.frequency_penalty == want, override
+        assert validate(cfg, check_files=False) == []
+
+
+@pytest.mark.parametrize("value, match", [
+    ("{0: 0.3, 4: 0.5}", r"decode.frequency_penalty: bad entries \{0: 0.3\}"),
+    ("{2: -0.1}", r"bad entries \{2: -0.1\}"),
+    ("{2: .nan}", r"bad entries \{2: nan\}"),
+    ("-1", r"decode.frequency_penalty=-1.0: give a finite number >= 0"),
+    (".inf", r"decode.frequency_penalty=inf"),
+    ("{k2: 0.3}", r"decode.frequency_penalty: keys must be int, got 'k2'"),
+    ("{2: lots}", r"decode.frequency_penalty\[2\]: expected float, got str 'lots'"),
+    ("[0.3, 0.5]", r"expected float, dict\[int, float\] or None, got list"),
+    ("true", r"expected float, dict\[int, float\] or None, got bool"),
+])
+def test_frequency_penalty_errors_are_one_clear_line(value, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        check(load_config(None, [f"decode.frequency_penalty={value}"])[0], check_files=False)
+    assert len(e.value.problems) == 1
+
+
+def test_frequency_penalty_doc_states_the_authors_values():
+    from kforcing_dist.decode.penalty import AUTHORS_DEFAULT, AUTHORS_PER_K
+
+    ks = sorted(AUTHORS_PER_K)
+    said = (" / ".join(f"{AUTHORS_PER_K[k]:g}" for k in ks) + " for k = "
+            + " / ".join(map(str, ks)) + f" and {AUTHORS_DEFAULT:g} for other k")
+    assert said in reference_markdown()

@@ -59,6 +59,34 @@ def test_sweep_rows_have_every_field_and_ratios_against_ar(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_sweep_decodes_every_cell_with_its_resolved_penalty(monkeypatch):
+    import kforcing_dist.decode.bench as bench
+
+    seen = []
+
+    def recording(real):
+        def call(*args, **kw):
+            seen.append((kw.get("mode", "lossless"), kw["k"], kw["frequency_penalty"]))
+            return real(*args, **kw)
+        return call
+
+    monkeypatch.setattr(bench, "generate", recording(bench.generate))
+    monkeypatch.setattr(bench, "generate_lossless", recording(bench.generate_lossless))
+    ar, pflm = tiny_pair()
+    result = bench_sweep(ar, pflm, batches=[2], ks=[2, 4], contexts=[3], new_tokens=4, repeats=1,
+                         frequency_penalty={2: 0.2})
+    want = {("ar", 1): 0.0, ("pflm", 2): 0.2, ("pflm", 4): 0.5, ("lossless", 2): 0.2,
+            ("lossless", 4): 0.5}
+    assert {(m, k): p for m, k, p in seen} == want and len(seen) == 2 * len(want)
+    assert {(r["mode"], r["k"]): r["frequency_penalty"] for r in result["rows"]} == want
+    assert result["settings"]["frequency_penalty"] == {2: 0.2}
+    # one number is for every decode, the AR teacher included
+    seen.clear()
+    bench_sweep(ar, pflm, batches=[1], ks=[2], contexts=[3], new_tokens=2, repeats=1,
+                lossless=False, frequency_penalty=0.7)
+    assert {p for _, _, p in seen} == {0.7}
+
+
 def test_cost_model_counts_positions_per_token():
     ar, pflm = tiny_pair()
     a = cost_model("ar", 1, 2, 10, 10, ar)["flops_per_token"]
@@ -109,6 +137,11 @@ def test_bench_cli_end_to_end_on_a_tiny_random_model(tmp_path):
     assert all(set(ROW_FIELDS) <= set(r) for r in data["rows"])
     assert data["device"] in proc.stdout
     assert (out / "speedup_vs_batch.png").exists()
+    # decode.frequency_penalty's default: the authors' per-k values for the PFLM and its drafts
+    pen = {(r["mode"], r["k"]): r["frequency_penalty"] for r in data["rows"]}
+    assert pen == {("ar", 1): 0.0, ("pflm", 1): 0.5, ("pflm", 2): 0.3, ("lossless", 1): 0.5,
+                   ("lossless", 2): 0.3}
+    assert "Frequency penalty" in (out / "bench.md").read_text()
 
 
 def test_bench_cli_refusals(tmp_path, capsys):

@@ -49,7 +49,9 @@ def reference_ar(model, prompts, n, tau, seed, penalty=0.0):
 
 
 def reference_pflm(model, prompts, n, k, tau, seed, penalty=0.0):
-    """Block by block without a cache; new token i of sequence b uses u[b, i] of one table."""
+    """Block by block without a cache; new token i of sequence b uses u[b, i] of one table.
+    The penalty follows the authors' rule, one sequence and one slot at a time: slot j's argmax
+    is taken on logits_j - penalty * counts with slots 1..j-1 of its block already counted."""
     u_all = torch.rand((len(prompts), n), generator=torch.Generator().manual_seed(seed),
                        dtype=torch.float64)
     seqs = [list(p) for p in prompts]
@@ -60,9 +62,9 @@ def reference_pflm(model, prompts, n, k, tau, seed, penalty=0.0):
         m = min(k, n - done)
         for b, s in enumerate(seqs):
             logits = model.pflm_logits(torch.tensor([s]), u[b:b + 1, :m], tau)[0, :, :V]
-            new = (logits - penalty * counts[b]).argmax(-1).tolist()
-            s.extend(new)
-            for t in new:
+            for j in range(m):
+                t = int((logits[j] - penalty * counts[b]).argmax())
+                s.append(t)
                 counts[b, t] += 1
         done += m
     return [s[len(p):] for s, p in zip(seqs, prompts)]
@@ -102,6 +104,49 @@ def test_pflm_frequency_penalty_and_seed():
     assert pen.tokens != plain.tokens
     assert generate(model, PROMPTS, mode="pflm", k=4, max_new_tokens=12, seed=2).tokens == plain.tokens
     assert generate(model, PROMPTS, mode="pflm", k=4, max_new_tokens=12, seed=9).tokens != plain.tokens
+
+
+def biased(model, token: int, bias: float):
+    """Make ``token`` likely (the head bias adds to every context's logits)."""
+    with torch.no_grad():
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[token] = bias
+    return model
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # True on a CPU: the static-shape steps
+def test_pflm_penalty_counts_earlier_slots_of_the_same_block(k, cuda_graphs):
+    # token 7 wins every slot without a penalty (bias 10 against logits of about +-1); with
+    # penalty 20 the authors' rule lets it win slot 1 of the first block only: from slot 2 on it
+    # is counted, 10 - 20 < the rest. Counting once per block would repeat it k times.
+    model = biased(make_model("pflm", std=0.3, lm_head_bias=True), 7, 10.0)
+    kw = dict(mode="pflm", k=k, max_new_tokens=10, tau=0.9, seed=6, cuda_graphs=cuda_graphs)
+    plain = generate(model, PROMPTS, **kw).tokens
+    assert all(row == [7] * 10 for row in plain)
+    res = generate(model, PROMPTS, frequency_penalty=20.0, **kw)
+    assert res.tokens == reference_pflm(model, PROMPTS, 10, k, 0.9, 6, penalty=20.0)
+    assert all(row[0] == 7 and row.count(7) == 1 for row in res.tokens)
+    # a moderate penalty on the unbiased model: still the slot-by-slot reference, batch-wide
+    model = make_model("pflm", std=0.5)
+    for penalty in (0.5, 3.0):
+        got = generate(model, PROMPTS, frequency_penalty=penalty, **{**kw, "max_new_tokens": 11})
+        assert got.tokens == reference_pflm(model, PROMPTS, 11, k, 0.9, 6, penalty=penalty)
+
+
+def test_pflm_penalty_fast_and_plain_steps_agree():
+    model = make_model("pflm", std=0.5)
+    kw = dict(mode="pflm", k=4, max_new_tokens=12, seed=2, frequency_penalty=2.0)
+    fast = generate(model, PROMPTS, **kw).tokens
+    model.fast = False
+    assert generate(model, PROMPTS, **kw).tokens == fast
+
+
+@pytest.mark.parametrize("penalty", [-0.5, float("nan"), float("inf"), True, {2: 0.3}])
+def test_generate_refuses_bad_penalties(penalty):
+    with pytest.raises(DecodeError, match="frequency_penalty must be a finite number >= 0"):
+        generate(make_model("pflm"), PROMPTS, mode="pflm", k=2, max_new_tokens=2,
+                 frequency_penalty=penalty)
 
 
 def test_learned_positions_reach_max_seq_len():
@@ -249,6 +294,14 @@ def test_decode_kwargs_from_config():
     res = generate(model, PROMPTS, **decode_kwargs(cfg, "pflm"))
     assert res.k == 2 and all(len(t) == 5 for t in res.tokens)
     assert decode_kwargs(cfg, "ar")["k"] == 1
+    # the penalty is resolved for the mode and k: a number is for every decode, AR included;
+    # a per-k map or null (the authors' values) is for the PFLM only
+    assert decode_kwargs(cfg, "ar")["frequency_penalty"] == 0.5
+    for setting, pflm, ar in ((None, 0.3, 0.0), ({2: 0.2, 4: 0.4}, 0.2, 0.0), ({4: 0.4}, 0.3, 0.0),
+                              (0, 0.0, 0.0)):
+        cfg = DecodeConfig(k=2, frequency_penalty=setting)
+        assert decode_kwargs(cfg, "pflm")["frequency_penalty"] == pflm
+        assert decode_kwargs(cfg, "ar")["frequency_penalty"] == ar
 
 
 def test_speed_run_reports_median_and_leaves_eos_alone():
@@ -258,3 +311,31 @@ def test_speed_run_reports_median_and_leaves_eos_alone():
     r = speed_run(model, mode="pflm", k=4, batch=2, prompt_len=5, new_tokens=8, repeats=3)
     assert r["steps"] == 2 and r["batch"] == 2 and len(r["all_tokens_per_second"]) == 3
     assert r["tokens_per_second"] > 0 and model.eos_id == 3
+
+
+def test_generate_command_resolves_the_penalty_for_its_k(tmp_path, capsys):
+    from kforcing_dist.cli import main
+
+    model = make_model("pflm", std=0.5)
+    tok = hf_tokenizer()
+    folder = save_decoder(tmp_path / "pf", kind="pflm", model_config=model.model_config,
+                          padded_vocab_size=128, state_dict=model.state_dict(), tokenizer=tok,
+                          max_k=4, noise={"max_freq": 64.0})
+    (tmp_path / "p.txt").write_text("w5 w17 w3\nw42\n")
+    base = ["generate", "--model", str(folder), "--prompts", str(tmp_path / "p.txt"), "--out",
+            str(tmp_path / "o.jsonl"), "--k", "2", "--set", "decode.max_new_tokens=8"]
+
+    def run(*extra):
+        assert main(base + list(extra)) == 0
+        return [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+
+    prompts = [tok.encode("w5 w17 w3"), tok.encode("w42")]
+    for extra, penalty in (((), 0.3), (("--set", "decode.frequency_penalty={2: 4.0}"), 4.0),
+                           (("--frequency-penalty", "0"), 0.0)):
+        rows = run(*extra)
+        assert [r["frequency_penalty"] for r in rows] == [penalty] * 2
+        want = generate(model, prompts, mode="pflm", k=2, max_new_tokens=8,
+                        frequency_penalty=penalty, eos_id=V - 1).tokens
+        assert [r["tokens"] for r in rows] == want
+    assert main(base + ["--frequency-penalty", "-1"]) == 2
+    assert "frequency_penalty must be a finite number >= 0" in capsys.readouterr().err

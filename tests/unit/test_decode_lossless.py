@@ -8,7 +8,7 @@ import torch
 
 from kforcing_dist.decode import DecodeError, generate, generate_lossless, noise_table
 from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
-from tests.unit.test_decode_generate import PROMPTS, V, make_model
+from tests.unit.test_decode_generate import PROMPTS, V, biased, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -24,14 +24,6 @@ def teacher_reference(teacher, prompts, n, tau, seed, order):
             seq.append(int(inverse_cdf_sample(logits, u[b, i], tau, order)))
         out.append(seq[len(p):])
     return out
-
-
-def biased(model, token: int, bias: float):
-    """Make ``token`` likely (the head bias adds to every context's logits)."""
-    with torch.no_grad():
-        model.lm_head.bias.zero_()
-        model.lm_head.bias[token] = bias
-    return model
 
 
 @pytest.mark.parametrize("k, tau, order", [(1, 1.0, "vocab"), (2, 0.7, "sorted"), (4, 1.3, "vocab"),
@@ -74,6 +66,37 @@ def test_lossless_accepts_whole_blocks_and_the_bonus_token():
     assert res.acceptance_length == pytest.approx(12 / 3)
 
 
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # True on a CPU: the static-shape steps
+def test_lossless_output_ignores_the_frequency_penalty(cuda_graphs):
+    # the student drafts 7 (bias 3) unless penalised; the teacher emits 7 about 60% of the time
+    teacher = biased(make_model("ar", seed=1, std=0.3, lm_head_bias=True), 7, 5.0)
+    student = biased(make_model("pflm", seed=2, std=0.3, lm_head_bias=True), 7, 3.0)
+    kw = dict(k=4, max_new_tokens=13, tau=1.0, seed=3, cuda_graphs=cuda_graphs)
+    ref = teacher_reference(teacher, PROMPTS, 13, 1.0, 3, "vocab")
+    runs = {p: generate_lossless(student, teacher, PROMPTS, frequency_penalty=p, **kw)
+            for p in (0.0, 0.5, 20.0)}
+    for res in runs.values():
+        assert res.tokens == ref
+    # a penalty that stops the student drafting 7 after its first use costs acceptance
+    assert runs[20.0].acceptance_length < runs[0.0].acceptance_length
+
+
+def test_lossless_draft_counts_kept_tokens_and_earlier_slots():
+    # The teacher always emits 9; the student drafts 9 (bias 10) unless penalised (20 per count).
+    # Round 1: counts are zero, so slot 1 drafts 9 and slot 2 (9 counted once: 10 - 20) does
+    # not: 1 accepted + the teacher's token. Every later round: the two kept 9s are counted, slot
+    # 1 drafts another token: the teacher's token only. 12 tokens = 2 + 10 x 1: 11 passes.
+    # (Not counting within the block: 5 + 7 x 1, 8 passes; not counting kept tokens: 6 x 2.)
+    teacher = biased(make_model("ar", seed=1, lm_head_bias=True), 9, 60.0)
+    student = biased(make_model("pflm", seed=2, std=0.3, lm_head_bias=True), 9, 10.0)
+    plain = generate_lossless(student, teacher, PROMPTS, k=4, max_new_tokens=12, seed=0)
+    assert plain.steps == 3  # unpenalised, every draft is accepted
+    res = generate_lossless(student, teacher, PROMPTS, k=4, max_new_tokens=12, seed=0,
+                            frequency_penalty=20.0)
+    assert res.tokens == [[9] * 12] * len(PROMPTS)
+    assert res.steps == 11 and res.acceptance_length == pytest.approx(12 / 11)
+
+
 def test_lossless_stops_sequences_at_eos_like_the_teacher():
     teacher = biased(make_model("ar", seed=1, std=0.3, lm_head_bias=True, eos_id=3), 7, 4.0)
     student = biased(make_model("pflm", seed=2, std=0.3, lm_head_bias=True, eos_id=3), 7, 50.0)
@@ -99,6 +122,8 @@ def test_lossless_request_errors():
     learned_s = make_model("pflm", position="learned", max_seq_len=16)
     with pytest.raises(DecodeError, match="learned max_seq_len=16"):
         generate_lossless(learned_s, learned_t, [[1] * 5], k=4, max_new_tokens=10)
+    with pytest.raises(DecodeError, match="frequency_penalty must be a finite number >= 0"):
+        generate_lossless(student, teacher, PROMPTS, k=2, max_new_tokens=4, frequency_penalty=-1)
     with pytest.raises(DecodeError, match="sampling must be one of"):
         generate(teacher, PROMPTS, mode="ar", max_new_tokens=2, sampling="greedy")
 

@@ -29,12 +29,12 @@ def test_cuda_generation_runs_with_cache_and_counts_tokens():
     assert res.new_tokens == 8 * len(PROMPTS) and res.steps == 2
 
 
-@pytest.mark.parametrize("mode, k", [("ar", 1), ("pflm", 4)])
-def test_cuda_graphs_equal_eager_steps(mode, k):
+@pytest.mark.parametrize("mode, k, penalty", [("ar", 1, 0.0), ("pflm", 4, 0.0), ("pflm", 4, 2.0)])
+def test_cuda_graphs_equal_eager_steps(mode, k, penalty):
     from kforcing_dist.decode import generate
 
     model = make_model(mode, seed=3).to("cuda")  # fp32: same kernels, tokens must agree
-    kw = dict(mode=mode, k=k, max_new_tokens=12, seed=2)
+    kw = dict(mode=mode, k=k, max_new_tokens=12, seed=2, frequency_penalty=penalty)
     if mode == "ar":
         kw["sampling"] = "inverse_cdf"
     eager = generate(model, PROMPTS, **kw)
@@ -48,9 +48,10 @@ def test_cuda_lossless_equals_teacher_with_and_without_graphs():
     teacher, student = make_model("ar", seed=1).to("cuda"), make_model("pflm", seed=2).to("cuda")
     ref = generate(teacher, PROMPTS, mode="ar", sampling="inverse_cdf", max_new_tokens=10, seed=5)
     for graphs in (False, True):
-        res = generate_lossless(student, teacher, PROMPTS, k=4, max_new_tokens=10, seed=5,
-                                cuda_graphs=graphs)
-        assert res.tokens == ref.tokens
+        for penalty in (0.0, 0.5):  # the penalty changes the drafts, never the output
+            res = generate_lossless(student, teacher, PROMPTS, k=4, max_new_tokens=10, seed=5,
+                                    cuda_graphs=graphs, frequency_penalty=penalty)
+            assert res.tokens == ref.tokens
 
 
 def test_bench_sweep_on_cuda_reports_bandwidth(tmp_path):
