@@ -79,7 +79,8 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it.
 
     A pipeline model comes back as a forward-only :class:`PipelineForward` on its own
-    optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` says.
+    optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` and
+    ``distill.frozen_precision`` say (:func:`~kforcing_dist.distill.frozen.freeze`).
     """
     from safetensors.torch import load_file
 
@@ -94,7 +95,7 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     if is_pipeline(model):
         return PipelineForward(build_frozen_pipeline_engine(model, layout))
     return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage),
-                  cfg.distill.partition_frozen)
+                  cfg.distill.partition_frozen, cfg.distill.frozen_precision)
 
 
 def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
