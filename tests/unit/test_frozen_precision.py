@@ -105,7 +105,7 @@ def test_bf16_frozen_student_self_forcing_logits_are_float32(groups, one_thread)
 
     cfg = small_cfg(**CONFIGS["learned-tied"])
     reference = build_student(groups, cfg, max_k=2, seed=3)
-    frozen = freeze(build_student(groups, cfg, max_k=2, seed=3), groups, "bf16", False)
+    frozen = freeze(build_student(groups, cfg, max_k=2, seed=3), groups, "bf16", False, "auto")
     body = build_student(groups, cfg, max_k=2, seed=3).to(torch.bfloat16)
     ids = ids_of(batch=2, seq=SEQ)
     starts = torch.tensor([[0, 5, 15], [2, 9, 11]])
