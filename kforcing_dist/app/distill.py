@@ -163,8 +163,8 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     result = train_then_export(trainer, lambda res: export_decoder(
         trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model, padded_vocab_size=padded,
         zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise={"max_freq": d.noise_max_freq},
-        cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
-                                       "teacher": str(ar_path if k == 1 else prev_path)}))
+        tau_range=(d.tau_min, d.tau_max), cdf_order=d.cdf_order,
+        source={"checkpoint": str(res.checkpoint), "step": res.step, "teacher": str(ar_path if k == 1 else prev_path)}))
     if groups.is_logging_rank:
         write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
         log.info("stage k%d: step %d, %s", k, result.step,

@@ -39,7 +39,7 @@ def full_weights(module: torch.nn.Module, groups: ParallelGroups, zero_stage: in
 def export_decoder(module: torch.nn.Module, groups: ParallelGroups, folder: Path, *, kind: str,
                    model_cfg: ModelConfig, padded_vocab_size: int, zero_stage: int, tokenizer=None,
                    max_k: int | None = None, noise: dict | None = None, cdf_order: str = "vocab",
-                   source: dict | None = None) -> Path:
+                   source: dict | None = None, tau_range: tuple[float, float] | None = None) -> Path:
     """Write ``folder`` (model.safetensors + config.json + tokenizer/); collective over all ranks.
 
     An existing export of the same checkpoint (``source``) is kept; any other is replaced
@@ -54,7 +54,7 @@ def export_decoder(module: torch.nn.Module, groups: ParallelGroups, folder: Path
     if groups.world_rank == 0:
         save_decoder(folder, kind=kind, model_config=dataclasses.asdict(model_cfg),
                      padded_vocab_size=padded_vocab_size, state_dict=weights, tokenizer=tokenizer,
-                     max_k=max_k, noise=noise, cdf_order=cdf_order,
+                     max_k=max_k, noise=noise, cdf_order=cdf_order, tau_range=tau_range,
                      eos_id=getattr(tokenizer, "eos_id", None), source=source or {}, overwrite=True)
     dist.barrier()
     return folder
