@@ -127,7 +127,8 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it.
 
     A pipeline model comes back as a forward-only :class:`PipelineForward` on its own
-    optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` says.
+    optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` and
+    ``distill.frozen_precision`` say (:func:`~kforcing_dist.distill.frozen.freeze`).
     """
     from safetensors.torch import load_file
 
@@ -142,7 +143,7 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     if is_pipeline(model):
         return PipelineForward(build_frozen_pipeline_engine(model, layout))
     return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage),
-                  cfg.distill.partition_frozen)
+                  cfg.distill.partition_frozen, cfg.distill.frozen_precision)
 
 
 def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
@@ -214,7 +215,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     result = train_then_export(trainer, lambda res: export_decoder(
         trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model, padded_vocab_size=padded,
         zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise=noise,
-        masked_token_ids=masked,
+        masked_token_ids=masked, tau_range=(d.tau_min, d.tau_max),
         cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
                                        "teacher": str(ar_path if k == 1 else prev_path)}))
     if groups.is_logging_rank:

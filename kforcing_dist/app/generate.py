@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from ..config import Config
-from ..decode import Decoder, DecodeError
+from ..decode import Decoder, DecodeError, TauRangeWarning, tau_range_message
 from ..decode.penalty import penalty_for_mode
 from .runtime import setup_logging
 
@@ -37,16 +38,21 @@ def run_generate(cfg: Config, args) -> int:
     setting = dec.frequency_penalty if args.frequency_penalty is None else args.frequency_penalty
     penalty = penalty_for_mode(setting, mode, k)
     prompts = read_prompts(args.prompts)
+    untested = tau_range_message(decoder.model, dec.tau) if mode == "pflm" else None
+    if untested:  # once, as one line (the library's warning would add its source line)
+        print(f"warning: {untested}", file=sys.stderr)
     out = sys.stdout if args.out == "-" else open(args.out, "w")
     try:
-        for start in range(0, len(prompts), dec.batch_size):
-            batch = prompts[start:start + dec.batch_size]
-            res = decoder.generate_text(batch, mode=mode, k=k, max_new_tokens=dec.max_new_tokens, tau=dec.tau,
-                                        frequency_penalty=penalty, seed=dec.seed + start)
-            for prompt, text, toks, fin in zip(batch, res.texts, res.tokens, res.finished):
-                out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": toks, "finished": fin,
-                                      "mode": mode, "k": k, "frequency_penalty": penalty}) + "\n")
-            out.flush()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TauRangeWarning)  # printed above
+            for start in range(0, len(prompts), dec.batch_size):
+                batch = prompts[start:start + dec.batch_size]
+                res = decoder.generate_text(batch, mode=mode, k=k, max_new_tokens=dec.max_new_tokens, tau=dec.tau,
+                                            frequency_penalty=penalty, seed=dec.seed + start)
+                for prompt, text, toks, fin in zip(batch, res.texts, res.tokens, res.finished):
+                    out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": toks, "finished": fin,
+                                          "mode": mode, "k": k, "frequency_penalty": penalty}) + "\n")
+                out.flush()
     finally:
         if out is not sys.stdout:
             out.close()

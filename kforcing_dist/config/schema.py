@@ -173,6 +173,9 @@ class DistillConfig:
     partition_frozen: bool = doc_field(
         False, "Partition the frozen teacher / previous student over data-parallel ranks with ZeRO-3 "
                "(no optimizer state), for teachers too big to replicate; needs parallel.pp = 1.")
+    frozen_precision: str = doc_field(
+        "fp32", "Frozen models' precision: fp32 = all float32 (always so with parallel.pp > 1); auto = the training "
+                "precision but a float32 final norm + LM head (float32 logits of a bf16 body).", ("auto", "fp32"))
 
 
 @dataclass

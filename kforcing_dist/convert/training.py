@@ -209,7 +209,8 @@ def decoder_fields(ck: TrainingCheckpoint) -> dict:
     if kind == "pflm":
         if not isinstance(meta.get("k"), int):
             raise CheckpointError(f"{ck.path}/metadata.json of a student has no k (the stage's slots per window)")
-        out.update(max_k=meta["k"], noise=checkpoint_noise(ck))
+        out.update(max_k=meta["k"], noise=checkpoint_noise(ck),
+                   tau_range=(cfg.distill.tau_min, cfg.distill.tau_max))
     return out
 
 

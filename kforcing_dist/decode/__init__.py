@@ -10,13 +10,14 @@ from .errors import DecodeError
 from .format import (FORMAT_VERSION, expected_weight_shapes, load_decoder_tokenizer,
                      load_decoder_weights, read_decoder_config, save_decoder,
                      validate_decoder_config)
-from .generate import (Decoder, GenerationResult, decode_kwargs, generate, generate_lossless,
-                       generate_text, load_decoder, noise_table)
+from .generate import (Decoder, GenerationResult, TauRangeWarning, decode_kwargs, generate, generate_lossless,
+                       generate_text, load_decoder, noise_table, tau_range_message)
 from .model import MASKED_LOGIT_VALUE, PADDED_LOGIT_VALUE, DecoderLM, KVCache
 
 __all__ = [
     "FORMAT_VERSION", "MASKED_LOGIT_VALUE", "PADDED_LOGIT_VALUE", "DecodeError", "Decoder",
-    "DecoderLM", "GenerationResult", "KVCache", "decode_kwargs", "expected_weight_shapes",
+    "DecoderLM", "GenerationResult", "KVCache", "TauRangeWarning", "decode_kwargs", "expected_weight_shapes",
     "generate", "generate_lossless", "generate_text", "load_decoder", "load_decoder_tokenizer",
-    "load_decoder_weights", "noise_table", "read_decoder_config", "save_decoder", "validate_decoder_config",
+    "load_decoder_weights", "noise_table", "read_decoder_config", "save_decoder", "tau_range_message",
+    "validate_decoder_config",
 ]

@@ -7,9 +7,11 @@ Layout of a decoder folder::
     config.json         {"format": "kforcing-dist-decoder/1", "kind": "ar" | "pflm", "model": {...},
                          "padded_vocab_size", "max_k", "noise": {"features", "max_freq"},
                          "cdf_order", "eos_id", "masked_token_ids", "dtype", "source",
-                         "weights_bytes"}
+                         "weights_bytes", "tau_range"}
                         (noise: a pflm's noise-feature convention, see distill.noise; a folder
                         without "features" was written before it existed and reads as rising)
+                        tau_range: [min, max], the temperatures a PFLM was trained on (optional:
+                        null for an AR model and in folders written before it existed)
     tokenizer/          optional, the Tokenizer.save layout (read back with load_tokenizer)
 
 :func:`save_decoder` validates everything, writes into a hidden temporary folder and renames it
@@ -139,6 +141,17 @@ def _check_noise_section(noise: Any, where: str) -> dict:
     return noise_section(features, max_freq)
 
 
+def _check_tau_range(tau_range: Any, where: str) -> Optional[list[float]]:
+    """A PFLM's trained temperature range: None (not recorded) or [min, max], 0 < min <= max."""
+    if tau_range is None:
+        return None
+    if not isinstance(tau_range, (list, tuple)) or len(tau_range) != 2 or not all(map(_is_number, tau_range)) \
+            or not 0 < tau_range[0] <= tau_range[1] < math.inf:
+        raise DecodeError(f"{where}: tau_range must be [min, max] with 0 < min <= max (distill.tau_min and "
+                          f"distill.tau_max of the training run), got {tau_range!r}")
+    return [float(tau_range[0]), float(tau_range[1])]
+
+
 def validate_decoder_config(cfg: Any, where: str = "decoder config") -> dict:
     """Check a decoder config dict (the content of config.json) and return a normalised copy.
 
@@ -170,12 +183,16 @@ def validate_decoder_config(cfg: Any, where: str = "decoder config") -> dict:
             raise DecodeError(f"{where}: the noise encoder needs an even hidden size, "
                               f"got {model['hidden_size']}")
         out["max_k"] = max_k
+        out["tau_range"] = _check_tau_range(cfg.get("tau_range"), where)
     else:
         if max_k is not None or noise is not None:
             raise DecodeError(f"{where}: max_k and noise belong to pflm checkpoints; an 'ar' "
                               f"checkpoint must have them null (got max_k={max_k!r}, "
                               f"noise={noise!r})")
-        out["max_k"] = out["noise"] = None
+        if cfg.get("tau_range") is not None:
+            raise DecodeError(f"{where}: tau_range belongs to pflm checkpoints (the temperatures a student "
+                              f"was trained on); an 'ar' checkpoint must have it null")
+        out["max_k"] = out["noise"] = out["tau_range"] = None
     order = cfg.get("cdf_order", "vocab")
     if order not in CDF_ORDERS:
         raise DecodeError(f"{where}: cdf_order must be one of {CDF_ORDERS}, got {order!r}")
@@ -295,7 +312,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
                  state_dict: Mapping[str, torch.Tensor], tokenizer=None, max_k: Optional[int] = None,
                  noise: Optional[Mapping[str, float]] = None, cdf_order: str = "vocab",
                  eos_id: Optional[int] = None, masked_token_ids=(), source: Optional[dict] = None,
-                 dtype=None, overwrite: bool = False) -> Path:
+                 dtype=None, overwrite: bool = False, tau_range=None) -> Path:
     """Write a decoder folder atomically and return its path.
 
     ``model_config``: a ModelConfig or a dict of its fields (missing fields take the ModelConfig
@@ -304,6 +321,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
     with ``.save(dir)`` (kforcing_dist.data.tokenizer.Tokenizer); its eos_id is the default
     ``eos_id``. ``noise``: {"features": "rising" | "released", "max_freq": float for rising features,
     else None} for a PFLM (default: NoiseEncoder's, rising up to 256; see distill.noise).
+    ``tau_range``: (min, max) temperatures a PFLM was trained on (None: not recorded).
     ``dtype``: "float32" / "bfloat16" (or the torch dtype) to store the weights in; None keeps
     the state dict's dtype. An existing ``folder`` is refused unless ``overwrite``.
     """
@@ -341,6 +359,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
         "format": FORMAT_VERSION, "kind": kind, "model": model,
         "padded_vocab_size": padded_vocab_size,
         "max_k": max_k, "noise": dict(noise) if noise is not None else None,
+        "tau_range": list(tau_range) if isinstance(tau_range, tuple) else tau_range,
         "cdf_order": cdf_order, "eos_id": eos_id,
         "masked_token_ids": [int(t) for t in masked_token_ids],
         "dtype": dtype, "source": dict(source or {}),

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -90,6 +91,27 @@ def noise_table(batch: int, max_new_tokens: int, seed: int, device) -> torch.Ten
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(int(seed))
     return torch.rand((batch, max_new_tokens), generator=gen, device=device, dtype=torch.float64)
+
+
+class TauRangeWarning(UserWarning):
+    """A PFLM decodes at a temperature outside the range it was trained on."""
+
+
+def tau_range_message(model: DecoderLM, tau: float) -> Optional[str]:
+    """Why decoding ``model`` (a PFLM) at ``tau`` is untested, or None: inside the ``tau_range``
+    of its config.json, or no range recorded (an AR model, a folder exported before the key)."""
+    tau_range = model.config.get("tau_range")
+    if tau_range is None or tau_range[0] <= tau <= tau_range[1]:
+        return None
+    return (f"tau {tau:g} is outside the range [{tau_range[0]:g}, {tau_range[1]:g}] this student was "
+            f"trained on; quality there is untested")
+
+
+def _warn_tau_range(model: DecoderLM, tau: float) -> None:
+    """Once per call, before decoding (never per step); Python shows a repeated one once."""
+    message = tau_range_message(model, tau)
+    if message:
+        warnings.warn(message, TauRangeWarning, stacklevel=3)
 
 
 def _resolve_order(model: DecoderLM, cdf_order: Optional[str]) -> str:
@@ -214,6 +236,8 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
         eos_id = model.eos_id if isinstance(model, DecoderLM) else None
     prompts = _check_request(model, prompts, mode, k, max_new_tokens, tau, frequency_penalty,
                              eos_id)
+    if mode == "pflm":
+        _warn_tau_range(model, tau)
     if sampling not in SAMPLINGS:
         raise DecodeError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     dev = model.device
@@ -336,6 +360,7 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
     _check_pair(student, teacher, k)
     prompts = _check_request(student, prompts, "pflm", k, max_new_tokens, tau, frequency_penalty,
                              eos_id)
+    _warn_tau_range(student, tau)
     order = _resolve_order(student, cdf_order)
     dev = student.device
     b, N, V = len(prompts), max_new_tokens, student.vocab_size

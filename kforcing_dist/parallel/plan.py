@@ -46,8 +46,11 @@ ASSUMPTIONS = (
     "the optimizer steps on; ZeRO-2/3 only the partition (model dtype) plus its fp32 copy; ZeRO-2/3 add "
     "a reduce bucket of min(5e8, n) elements (buffers).",
     "Frozen teacher (stage k1: the AR teacher; stage 2k: the stage-k student): same stage/TP split, "
-    "weights only, in the training precision (app/distill.py casts the frozen models to bf16 under bf16); "
-    "with distill.partition_frozen (ZeRO-3, no optimizer) a rank holds 1/dp of them at rest.",
+    "weights only, in float32 with distill.frozen_precision fp32 or parallel.pp > 1 (the frozen pipeline "
+    "engine is float32), else in the training precision; a bf16 frozen model keeps its final norm and LM "
+    "head (with tied embeddings: a copy of the embedding) in float32 on every rank (frozen_fp32_head), "
+    "never partitioned; with distill.partition_frozen (ZeRO-3, no optimizer) a rank holds 1/dp of the "
+    "rest at rest.",
     "Activations (estimate, bytes, NO activation checkpointing, no sequence parallelism; e = bytes of the "
     "model dtype, t = tp, F = MLP width, b = micro-batch, L = N + W*k packed length, S = W*k slots): per "
     "block b*L*(2e*H [q/k/v input] + 2e*H [MLP input] + 16*H [two norms computed in fp32] + 5e*H/t "
@@ -312,9 +315,9 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     """Validate ``cfg`` for ``nodes x gpus_per_node`` ranks and size one stage's job per rank.
 
     ``stage``: teacher (pretraining, no frozen model) or k1/k2/... (a distillation stage, with
-    the distill.* batch and sequence settings). ``frozen_dtype``: auto (the training precision, as
-    ``app.distill`` holds the frozen models), or fp32 / bf16 to size another choice. Raises ConfigError naming
-    every problem.
+    the distill.* batch and sequence settings). ``frozen_dtype``: auto (as ``app.distill`` holds the
+    frozen models: distill.frozen_precision, float32 with a pipeline), or fp32 / bf16 to size another
+    choice of the frozen body (a bf16 one with its float32 head). Raises ConfigError naming every problem.
     """
     problems = []
     if nodes < 1 or gpus_per_node < 1:
@@ -339,7 +342,12 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     precision = scfg.train.precision
     if precision == "auto":
         precision = "bf16" if scfg.parallel.zero_stage >= 1 else "fp32"
-    frozen = precision if frozen_dtype == "auto" else frozen_dtype
+    if frozen_dtype != "auto":
+        frozen = frozen_dtype
+    elif scfg.distill.frozen_precision == "fp32" or scfg.parallel.pp > 1:
+        frozen = "fp32"
+    else:
+        frozen = precision
     e, ef = DTYPE_BYTES[precision], DTYPE_BYTES[frozen]
     warnings = []
     if scfg.train.precision == "auto" and zero == 0:
@@ -402,10 +410,14 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
             block_params = sum(p.numel for p in mine if p.part == "layer" and p.layer == s * blocks)
             buffers += (block_params + min(ZERO3_PREFETCH_BUCKET, block_params)) * e
         mem["engine_buffers"] = buffers
-        frozen_elems = sum(p.numel for p in frozen_mine)
+        # a bf16 frozen model holds its final norm and head (tied: an embedding copy) in float32
+        fp32_head = [p for p in frozen_mine if p.part == "head"
+                     or (scfg.model.tie_embeddings and p.name == "embed_tokens.weight")] if frozen == "bf16" else []
+        frozen_elems = sum(p.numel for p in frozen_mine if p.part != "head" or frozen != "bf16")
         if scfg.distill.partition_frozen and k:
             frozen_elems = -(-frozen_elems // dp)
         mem["frozen_model"] = frozen_elems * ef
+        mem["frozen_fp32_head"] = sum(p.numel for p in fp32_head) * 4
         in_flight = min(pp - s, accum)
         mem["activations"] = in_flight * activation_bytes(
             scfg.model, tp, e, b, L, S, V_pad // tp, blocks, first, last, noise=k > 0)

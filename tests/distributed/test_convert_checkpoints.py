@@ -56,6 +56,7 @@ def test_zero3_bf16_student_keeps_the_engine_weights(tmp_path):
         assert torch.equal(w.to(torch.bfloat16).float(), torch.from_numpy(res["weights"][name])), name
     conf = json.loads((consolidate(res["path"], tmp_path / "dec") / "config.json").read_text())
     assert conf["kind"] == "pflm" and conf["max_k"] == 2
+    assert conf["tau_range"] == [ck.config.distill.tau_min, ck.config.distill.tau_max]  # trained range
 
 
 def test_pipeline_files_in_the_shared_convention_are_read(tp2, tmp_path):

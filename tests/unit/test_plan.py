@@ -177,3 +177,38 @@ def test_activation_estimate_matches_saved_tensors(groups, one_thread, activatio
     teacher = _saved_bytes(lambda: lm_loss(model(ids[:, :N]), ids[:, 1:], groups.tp_group))
     planned = activation_bytes(cfg, 1, 2, b, N, N, 1024, 2, True, True, noise=False)
     assert planned == pytest.approx(teacher, rel=0.05)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_frozen_precision_costs(tied):
+    """fp32 (the default): every frozen weight at 4 bytes; auto under bf16: 2 bytes, plus the final
+    norm and head (tied: a copy of the embedding) in float32 on every rank, never partitioned."""
+    extra = ["model.tie_embeddings=true"] if tied else []
+    V, H = 32000, 2048  # llama-1b: its vocabulary (a multiple of 64 already) and hidden size
+    head_elems = V * H + H  # the head (or the embedding copy) and the final norm's weight
+    cfg, _ = load_config(str(LLAMA_1B), extra)
+    fp32 = make_plan(cfg, 1, 8, "k1")
+    assert fp32.frozen_dtype == "fp32" and fp32.stages[0].memory["frozen_fp32_head"] == 0
+    cfg, _ = load_config(str(LLAMA_1B), extra + ["distill.frozen_precision=auto"])
+    auto = make_plan(cfg, 1, 8, "k1")
+    assert auto.frozen_dtype == "bf16"
+    assert auto.padded_vocab_size == V and auto.stages[0].frozen_params == fp32.stages[0].frozen_params
+    n = auto.stages[0].frozen_params
+    assert auto.stages[0].memory["frozen_fp32_head"] == head_elems * 4
+    assert fp32.stages[0].memory["frozen_model"] == n * 4
+    body = n - (H if tied else head_elems)  # tied: the embedding stays in the bf16 body, the norm moves
+    assert auto.stages[0].memory["frozen_model"] == body * 2
+    cfg, _ = load_config(str(LLAMA_1B), extra + ["distill.frozen_precision=auto", "distill.partition_frozen=true"])
+    part = make_plan(cfg, 1, 8, "k1").stages[0].memory
+    assert part["frozen_fp32_head"] == head_elems * 4
+    assert part["frozen_model"] == pytest.approx(body * 2 / 8, rel=1e-3)
+
+
+def test_pipeline_frozen_model_is_float32():
+    """The frozen pipeline engine runs in float32 whatever distill.frozen_precision says."""
+    cfg, _ = load_config(str(LLAMA_7B), ["distill.frozen_precision=auto"])
+    plan = make_plan(cfg, 1, 8, "k1")
+    assert plan.layout.pp > 1 and plan.precision == "bf16" and plan.frozen_dtype == "fp32"
+    for stage in plan.stages:
+        assert stage.memory["frozen_model"] == stage.frozen_params * 4
+        assert stage.memory["frozen_fp32_head"] == 0
