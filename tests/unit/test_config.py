@@ -115,3 +115,19 @@ def test_pipeline_layouts_accepted_and_unsafe_combinations_refused():
     assert "noise_inversion_weight=0.5 with parallel.pp=2" in text
     cfg, _ = load_config(None, ["parallel.pp=2", "parallel.zero_stage=0", "train.grad_clip=0"])
     check(cfg, world_size=2)  # without clipping ZeRO-0 is exact
+
+
+def test_higher_stage_targets_choices_and_pipeline_refusal():
+    assert load_config(None, [])[0].distill.higher_stage_targets == "self_forcing"
+    cfg, _ = load_config(None, ["distill.higher_stage_targets=teacher_chain"])
+    check(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="teacher_chain"):
+        load_config(None, ["distill.higher_stage_targets=chain"])
+    cfg.distill.higher_stage_targets = "chain"  # set in code, past the loader
+    assert any("higher_stage_targets='chain'" in p for p in validate(cfg, world_size=1))
+    cfg, _ = load_config(None, ["parallel.pp=2", "parallel.zero_stage=1",
+                                "distill.higher_stage_targets=teacher_chain"])
+    text = "\n".join(validate(cfg, world_size=2))
+    assert "teacher_chain with parallel.pp=2" in text and "use self_forcing or parallel.pp: 1" in text
+    cfg.distill.stages = [1]  # no stage past the first: nothing to refuse
+    check(cfg, world_size=2)
