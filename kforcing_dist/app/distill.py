@@ -160,13 +160,16 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     if k not in d.stages:
         raise ConfigError([f"stage k{k} is not in distill.stages={d.stages}"], "command line")
     ar_path = teacher_export(cfg)
-    need_ar = k == 1 or d.noise_inversion_weight > 0
+    # teacher_chain: stage 2k's targets come from the AR teacher, the frozen stage k is not needed
+    chain = k > 1 and d.higher_stage_targets == "teacher_chain"
+    need_ar = k == 1 or chain or d.noise_inversion_weight > 0
     ar_conf = _require_export(ar_path, "the AR teacher export", "train it first (`kforcing-dist train-teacher "
                               f"-o {run_root(cfg) / 'teacher'}`) or set distill.teacher", "ar") if need_ar else None
     if k == 1 and d.init_from_student:
         raise ConfigError([f"distill.init_from_student={d.init_from_student}: stage k1 starts from the AR teacher; "
                            f"the folder starts the stage k = 2 x its max_k (run that --stage)"], "the config")
     prev_path, prev_conf = previous_student(cfg, k) if k > 1 else (None, None)
+    targets_from = ar_path if k == 1 or chain else prev_path
     arch = (ar_conf or prev_conf)["model"]
     noise = stage_noise(cfg, prev_conf)
     # a released model's mask token stays masked in every model of the stage (and in its export)
@@ -192,7 +195,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
         return build_model(scfg.model, padded, groups, layout.pp, masked_token_ids=ar_conf["masked_token_ids"])
 
     ar = _load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
-    prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg, layout) if k > 1 else None
+    prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg, layout) if k > 1 and not chain else None
     torch.manual_seed(d.seed)
     model = student(k)
     # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
@@ -209,7 +212,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     trainer = LMTrainer(
         scfg, original_yaml, groups, layout, model, task, sampler, valid, out,
         extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
-                        "cdf_order": d.cdf_order, "teacher": str(ar_path if k == 1 else prev_path),
+                        "cdf_order": d.cdf_order, "teacher": str(targets_from),
                         "noise": noise, "masked_token_ids": list(masked)},
         save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
     result = train_then_export(trainer, lambda res: export_decoder(
@@ -217,7 +220,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
         zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise=noise,
         masked_token_ids=masked, tau_range=(d.tau_min, d.tau_max),
         cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
-                                       "teacher": str(ar_path if k == 1 else prev_path)}))
+                                       "teacher": str(targets_from)}))
     if groups.is_logging_rank:
         write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
         log.info("stage k%d: step %d, %s", k, result.step,

@@ -132,11 +132,18 @@ class LoggingConfig:
     progress_bar: bool = doc_field(True, "Show a progress bar with tokens/s and ETA on rank 0.")
 
 
+# distill.higher_stage_targets: where the targets of stages k >= 2 come from
+HIGHER_STAGE_TARGETS = ("self_forcing", "teacher_chain")
+
+
 @dataclass
 class DistillConfig:
     stages: list[int] = doc_field([1, 2, 4], "Progressive stages (k per stage): 1 from the AR teacher, each next "
-                                        "doubling k by self-forcing from the previous stage.")
+                                        "doubling k, initialised from the previous stage.")
     cdf_order: str = doc_field("vocab", "Vocabulary order of the inverse-CDF map G(x, u).", ("vocab", "sorted"))
+    higher_stage_targets: str = doc_field(
+        "self_forcing", "Targets of stages k >= 2: the frozen previous student run twice, or the AR teacher "
+                        "chained k times with the same noise (its exact joint sample).", HIGHER_STAGE_TARGETS)
     tau_min: float = doc_field(1.0, "Lowest temperature sampled per training sequence.")
     tau_max: float = doc_field(1.0, "Highest temperature sampled per training sequence.")
     max_window_slots: int = doc_field(

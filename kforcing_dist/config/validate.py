@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from .loader import ConfigError
-from .schema import Config
+from .schema import HIGHER_STAGE_TARGETS, Config
 
 DATA_EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
@@ -188,6 +188,13 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
     if d.partition_frozen and cfg.parallel.pp > 1:
         out.append("distill.partition_frozen (ZeRO-3 frozen models) needs parallel.pp = 1: with a pipeline "
                    "the frozen models are already split by stage; set distill.partition_frozen=false")
+    if d.higher_stage_targets not in HIGHER_STAGE_TARGETS:
+        out.append(f"distill.higher_stage_targets={d.higher_stage_targets!r}: use one of "
+                   f"{', '.join(HIGHER_STAGE_TARGETS)}")
+    if d.higher_stage_targets == "teacher_chain" and cfg.parallel.pp > 1 and max(st or [1]) > 1:
+        out.append(f"distill.higher_stage_targets=teacher_chain with parallel.pp={cfg.parallel.pp}: the pipelined "
+                   f"AR teacher runs only plain causal passes, not the chain's windows; use self_forcing "
+                   f"or parallel.pp: 1")
     seq = d.seq_len or cfg.train.seq_len
     if cfg.model.position == "learned" and seq + max(st or [1]) > cfg.model.max_seq_len:
         # slot i of the last window sits at position seq_len - 1 + i: a learned table must hold it

@@ -3,6 +3,8 @@
 - ``stage1_targets``: the AR teacher, one pass: target(t, 1) = G(p(. | x_<=t), u).
 - ``self_forcing_targets``: the frozen stage-k student, two passes per window, gives the
   2k tokens the stage-2k student must produce in one pass.
+- ``teacher_chain_targets``: the AR teacher chained m times per window, the exact joint sample
+  of m tokens (``distill.higher_stage_targets: teacher_chain``).
 - ``noise_inversion_batch``: real data continuations as targets, with u drawn inside the
   teacher's CDF interval of each data token.
 
@@ -176,6 +178,70 @@ def self_forcing_targets_pipelined(prev_forward, draws: list[tuple], groups) -> 
         return None
     return [torch.cat([first, vocab_parallel_argmax(out, groups.tp_group)], dim=-1)
             for first, out in zip(firsts, logits)]
+
+
+@torch.no_grad()
+def teacher_chain_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_starts: torch.Tensor,
+                          u: torch.Tensor, tau, order: str, tp_group) -> torch.Tensor:
+    """Stage-m targets from the AR teacher chained m times: LongTensor [b, W, m].
+
+    y_1 = G(p(. | x_<=t), u_1), y_j = G(p(. | x_<=t, y_1..y_{j-1}), u_j): the teacher's exact
+    joint sample for the window's noise (G as in :func:`stage1_targets`, temperature tau).
+    input_ids [b, N]; window_starts [b, W] in [0, N-1]; u [b, W, m]; tau number or [b].
+
+    Pass 1 runs the context causally (y_1 of every window) and keeps each layer's input; pass j
+    runs only the W tokens y_{j-1} (at positions t+j-1), their keys and values taken from the kept
+    inputs: a window's token sees the context <= t and its own window's earlier tokens (the
+    staircase of :mod:`.layout`). Extra memory: every layer's input over N + W*(m-1) tokens.
+    """
+    _check_order(order)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
+    b, N = input_ids.shape
+    check_window_starts(window_starts, b, N)
+    W = window_starts.shape[1]
+    _check_u(u, b, W)
+    m = u.shape[2]
+    if m == 0:
+        raise ValueError("teacher chain needs at least one noise value per window, got u of shape "
+                         f"{tuple(u.shape)}")
+    device = input_ids.device
+    starts = window_starts.to(device).long()
+    if teacher.embed_positions is not None and int(starts.max()) + m - 1 >= teacher.cfg.max_seq_len:
+        raise ValueError(f"window tokens reach position {int(starts.max()) + m - 1}, beyond "
+                         f"model.max_seq_len={teacher.cfg.max_seq_len} (learned positions)")
+    tau = per_sequence_tau(tau, b, device)[:, None]
+
+    def sample(hidden: torch.Tensor, j: int) -> torch.Tensor:
+        """y_{j+1} [b, W] from the teacher's hidden states [b, W, H] of the conditioning tokens."""
+        return vp_inverse_cdf_sample(teacher.head(teacher.final_norm(hidden)), u[..., j], tau, order,
+                                     teacher.vocab_start, teacher.vocab_size, tp_group)
+
+    positions = teacher.default_position_ids(b, N, device)
+    hidden = teacher.embed(input_ids)
+    rotary = teacher.rotary_tables(positions)
+    layer_inputs = []  # per layer: its input over the context, then over each pass's window tokens
+    for layer in teacher.layers:
+        layer_inputs.append(hidden)
+        hidden = layer(hidden, rotary)
+    H = hidden.shape[-1]
+    tokens = [sample(hidden.gather(1, starts[:, :, None].expand(b, W, H)), 0)]
+
+    window = torch.arange(W, device=device)
+    sees_context = torch.arange(N, device=device) <= starts[:, :, None]           # [b, W, N]
+    for j in range(1, m):
+        new_positions = starts + j                                                # y_j sits at t+j
+        positions = torch.cat([positions, new_positions], dim=1)
+        # window-token keys come pass after pass, W per pass: a token sees its own window's
+        sees_tokens = (window.repeat(j) == window[:, None]).expand(b, W, W * j)
+        mask = torch.cat([sees_context, sees_tokens], dim=2).unsqueeze(1)         # [b, 1, W, N+W*j]
+        x = teacher.embed(tokens[-1], new_positions)
+        rotary, key_rotary = teacher.rotary_tables(new_positions), teacher.rotary_tables(positions)
+        for i, layer in enumerate(teacher.layers):
+            layer_inputs[i] = torch.cat([layer_inputs[i], x], dim=1)
+            x = layer(x, rotary, mask, kv_x=layer_inputs[i], kv_rotary=key_rotary)
+        tokens.append(sample(x, j))
+    return torch.stack(tokens, dim=-1)
 
 
 @torch.no_grad()

@@ -1,11 +1,13 @@
 """A distillation stage as a trainer task: noise, targets from the frozen teacher, slot losses.
 
 Stage k=1 takes its targets from the AR teacher by inverse-CDF; stage 2k from the frozen
-stage-k student run twice (self-forcing). The optional noise-inversion loss on real data is
-added with ``distill.noise_inversion_weight``. All noise is derived from (seed, step, global
-micro-batch index), so a resumed run draws exactly the noise it would have drawn, tensor- and
-pipeline-parallel ranks of one replica draw the same noise, and a run at another data-parallel
-size (same micro-batch size) trains on exactly the same noise as the sampler's global order.
+stage-k student run twice (self-forcing) or, with ``distill.higher_stage_targets:
+teacher_chain``, from the AR teacher chained 2k times. The optional noise-inversion loss on
+real data is added with ``distill.noise_inversion_weight``. All noise is derived from (seed,
+step, global micro-batch index), so a resumed run draws exactly the noise it would have drawn,
+tensor- and pipeline-parallel ranks of one replica draw the same noise, and a run at another
+data-parallel size (same micro-batch size) trains on exactly the same noise as the sampler's
+global order.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ class DistillTask:
     """Train loss and validation metrics of one K-Forcing stage (k slots per window)."""
 
     def __init__(self, k: int, dcfg: DistillConfig, groups, *, ar_teacher=None, prev_student=None):
-        if k == 1 and ar_teacher is None:
-            raise ValueError("stage k=1 needs the AR teacher")
-        if k > 1 and (prev_student is None or prev_student.max_k != k // 2):
+        self.chain = k > 1 and dcfg.higher_stage_targets == "teacher_chain"
+        if (k == 1 or self.chain) and ar_teacher is None:
+            raise ValueError(f"stage k={k} needs the AR teacher"
+                             + (" (distill.higher_stage_targets=teacher_chain)" if self.chain else ""))
+        if k > 1 and not self.chain and (prev_student is None or prev_student.max_k != k // 2):
             raise ValueError(f"stage k={k} needs the frozen stage-{k // 2} student")
         if dcfg.noise_inversion_weight > 0 and ar_teacher is None:
             raise ValueError("the noise-inversion loss needs the AR teacher")
@@ -67,11 +71,13 @@ class DistillTask:
         return noise_generator(self.dcfg.seed, "train", step, self._global_micro(micro))
 
     def _targets(self, context: torch.Tensor, starts, u, tau):
-        from .targets import self_forcing_targets, stage1_targets
+        from .targets import self_forcing_targets, stage1_targets, teacher_chain_targets
 
         tp = self.groups.tp_group
         if self.k == 1:
             return stage1_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp)
+        if self.chain:
+            return teacher_chain_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp)
         return self_forcing_targets(self.prev_student, context, starts, u, tau, tp)
 
     def _loss(self, engine, batch: torch.Tensor, gen: torch.Generator):
@@ -128,6 +134,8 @@ class DistillTask:
     def _pipe_targets(self, draws):
         from .targets import self_forcing_targets_pipelined, stage1_targets_from_logits
 
+        if self.chain:  # config validation refuses it first
+            raise ValueError("distill.higher_stage_targets=teacher_chain needs parallel.pp = 1")
         if self.k > 1:
             return self_forcing_targets_pipelined(self.prev_student, draws, self.groups)
         logits = self.ar_teacher([batch for batch, _, _, _ in draws])

@@ -45,7 +45,8 @@ ASSUMPTIONS = (
     "Gradients (estimate): ZeRO-0 whole in fp32; ZeRO-1 whole in the model dtype plus the fp32 partition "
     "the optimizer steps on; ZeRO-2/3 only the partition (model dtype) plus its fp32 copy; ZeRO-2/3 add "
     "a reduce bucket of min(5e8, n) elements (buffers).",
-    "Frozen teacher (stage k1: the AR teacher; stage 2k: the stage-k student): same stage/TP split, "
+    "Frozen teacher (stage k1: the AR teacher; stage 2k: the stage-k student, or the AR teacher with "
+    "distill.higher_stage_targets=teacher_chain): same stage/TP split, "
     "weights only, in float32 with distill.frozen_precision fp32 or parallel.pp > 1 (the frozen pipeline "
     "engine is float32), else in the training precision; a bf16 frozen model keeps its final norm and LM "
     "head (with tied embeddings: a copy of the embedding) in float32 on every rank (frozen_fp32_head), "
@@ -61,7 +62,9 @@ ASSUMPTIONS = (
     "b*S*(16*H [fp64 features] + 12*e*H). 1F1B keeps min(pp - stage, grad_accum) micro-batches in flight.",
     "Teacher pass (forward-only, transient, counted on top): stage k1 fp32 logits b*N*V/t*4 plus the "
     "gathered full-vocabulary rows at the W window starts in fp32 and the float64 CDF (b*W*V*20); stage 2k "
-    "the second self-forcing pass (L2 = N + 2*W*k) one block's working set, its mask and b*W*k*V/t*4 logits.",
+    "the second self-forcing pass (L2 = N + 2*W*k) one block's working set, its mask and b*W*k*V/t*4 logits; "
+    "teacher_chain: the context pass's block working set, every layer's kept input over N + W*(k-1) tokens "
+    "(b*(N + W*(k-1))*H*e per block) and the k1 logits and CDF terms for the W window rows.",
     "Communication (bytes each rank sends per optimizer step, ring algorithms): DP all-reduce "
     "2(d-1)/d*n*e, reduce-scatter and all-gather (d-1)/d*n*e each; ZeRO-0/1 reduce once per step, ZeRO-2 "
     "reduce-scatters every micro-batch, ZeRO-3 also all-gathers the weights twice per micro-batch; TP: "
@@ -361,10 +364,11 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     student = parameter_inventory(scfg.model, tp, noise_encoder=k > 0)
     frozen_inv = []
     frozen_name = "none"
-    if k == 1 or (k > 1 and scfg.distill.noise_inversion_weight > 0):
+    chain = k > 1 and scfg.distill.higher_stage_targets == "teacher_chain"
+    if k == 1 or chain or (k > 1 and scfg.distill.noise_inversion_weight > 0):
         frozen_inv += parameter_inventory(scfg.model, tp, noise_encoder=False)
         frozen_name = "AR teacher"
-    if k > 1:
+    if k > 1 and not chain:
         frozen_inv += parameter_inventory(scfg.model, tp, noise_encoder=True)
         frozen_name = f"stage-k{k // 2} student" + (" + AR teacher" if frozen_name != "none" else "")
 
@@ -378,8 +382,9 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     L = N + (W * k if k else 0)
     accum = layout.grad_accum
     # tokens the frozen model's forward passes carry per micro-batch: k1 one pass over the context,
-    # 2k two self-forcing passes over the staircase (k noise slots, then k real + k noise)
-    teacher_tokens = {0: 0, 1: N}.get(k, (N + W * k) + (N + 2 * W * k))
+    # 2k two self-forcing passes over the staircase (k noise slots, then k real + k noise), or the
+    # teacher chain's context pass and k-1 passes of W window tokens
+    teacher_tokens = {0: 0, 1: N}.get(k, N + W * (k - 1) if chain else (N + W * k) + (N + 2 * W * k))
     total_params = sum(p.numel for p in parameter_inventory(scfg.model, 1, noise_encoder=k > 0))
 
     stages = []
@@ -426,6 +431,11 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
             teacher_pass = _block_working_bytes(scfg.model, tp, ef, b, N)
             if last:
                 teacher_pass += b * N * V_pad // tp * 4 + b * W * V_pad * 20
+        elif chain:
+            teacher_pass = _block_working_bytes(scfg.model, tp, ef, b, N) \
+                + b * (N + W * (k - 1)) * scfg.model.hidden_size * ef * blocks
+            if last:
+                teacher_pass += b * W * V_pad // tp * 4 + b * W * V_pad * 20
         elif k > 1:
             L2 = N + 2 * W * k
             teacher_pass = _block_working_bytes(scfg.model, tp, ef, b, L2) + b * L2 * L2

@@ -86,7 +86,7 @@ def _tp_worker(rank, world):
     from kforcing_dist.distill.losses import slot_metrics
     from kforcing_dist.distill.targets import (gather_full_vocab, noise_inversion_batch,
                                                self_forcing_targets, stage1_targets,
-                                               vocab_parallel_argmax)
+                                               teacher_chain_targets, vocab_parallel_argmax)
     from kforcing_dist.model import TransformerLM, full_grad_dict, pad_vocab_size
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
@@ -142,6 +142,7 @@ def _tp_worker(rank, world):
                 r[f"stage1_{order}"] = stage1_targets(teacher, ctx, ws, u[..., :1], tau, order, group)
                 r[f"inv_{order}"] = noise_inversion_batch(
                     teacher, ids, ws, 2, tau, order, torch.Generator().manual_seed(5), group)
+                r[f"chain_{order}"] = teacher_chain_targets(teacher, ctx, ws, u, tau, order, group)
             r["self_forcing"] = self_forcing_targets(student, ctx, ws, u, tau, group)
             student.zero_grad()
             loss, metrics = slot_metrics(student.forward_windows(ctx, ws, u[..., :2], tau), targets,
@@ -159,6 +160,8 @@ def _tp_worker(rank, world):
             res[f"stage1_{order}_equal"] = torch.equal(tp[f"stage1_{order}"], ref[f"stage1_{order}"])
             res[f"inv_{order}_targets_equal"] = torch.equal(tp[f"inv_{order}"][1], ref[f"inv_{order}"][1])
             res[f"inv_{order}_u_err"] = (tp[f"inv_{order}"][0] - ref[f"inv_{order}"][0]).abs().max().item()
+            res[f"chain_{order}_equal"] = torch.equal(tp[f"chain_{order}"], ref[f"chain_{order}"])
+            res[f"chain_{order}_distinct"] = len(set(ref[f"chain_{order}"].flatten().tolist()))
         res["self_forcing_equal"] = torch.equal(tp["self_forcing"], ref["self_forcing"])
         res["self_forcing_distinct"] = len(set(ref["self_forcing"].flatten().tolist()))
         res["loss_err"] = abs(tp["loss"] - ref["loss"])
@@ -218,6 +221,8 @@ def test_targets_match_tp1(results, case):
             assert r[f"stage1_{order}_equal"], f"rank {rank}: stage-1 targets ({order}) differ"
             assert r[f"inv_{order}_targets_equal"]
             assert r[f"inv_{order}_u_err"] < 1e-6, f"rank {rank}: inverted noise ({order})"
+            assert r[f"chain_{order}_equal"], f"rank {rank}: teacher-chain targets ({order}) differ"
+            assert r[f"chain_{order}_distinct"] > 2
         assert r["self_forcing_equal"], f"rank {rank}: self-forcing targets differ"
         assert r["self_forcing_distinct"] > 2
 

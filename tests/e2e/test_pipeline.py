@@ -80,3 +80,53 @@ def test_distill_without_previous_stage_is_refused(smoke_shards, tmp_path):
     proc = run_cli("distill", "--stage", "k2", "-c", SMOKE, "-o", tmp_path, "--set",
                    f"data.shards_dir={smoke_shards}", check=False)
     assert proc.returncode == 2 and "stage-k1 export" in proc.stderr and "--stage k1" in proc.stderr
+
+
+
+def _random_exports(rank, world, root, shards):
+    """Decoder folders of a random smoke-sized AR teacher (root/teacher/export) and a k1 student
+    made from it (root/k1/export), in a process of their own (run_distributed)."""
+    import dataclasses
+
+    import torch
+
+    from kforcing_dist.config import load_config
+    from kforcing_dist.data.tokenizer import load_tokenizer
+    from kforcing_dist.decode.format import save_decoder
+    from kforcing_dist.model import TransformerLM, full_state_dict, pad_vocab_size
+    from kforcing_dist.model.student import PFLM
+    from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
+    from kforcing_dist.parallel.launch import resolve_launch
+
+    groups = init_model_parallel(1, 1, init_distributed(resolve_launch(), "gloo"))
+    cfg, _ = load_config(SMOKE)
+    tokenizer = load_tokenizer(shards / "tokenizer")
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size)
+    padded = pad_vocab_size(model_cfg.vocab_size, model_cfg.make_vocab_size_divisible_by, 1)
+    torch.manual_seed(0)
+    teacher = TransformerLM(model_cfg, padded, groups)
+    k1 = PFLM(model_cfg, padded, groups, max_k=1, noise_max_freq=cfg.distill.noise_max_freq)
+    k1.init_from_teacher(teacher, groups)
+    noise = {"max_freq": cfg.distill.noise_max_freq}
+    for name, model, extra in (("teacher", teacher, {}), ("k1", k1, dict(max_k=1, noise=noise))):
+        save_decoder(root / name / "export", kind="pflm" if extra else "ar", model_config=model_cfg,
+                     padded_vocab_size=padded, state_dict=full_state_dict(model, groups), tokenizer=tokenizer,
+                     **extra)
+    shutdown()
+
+
+def test_teacher_chain_stage_trains_from_the_ar_teacher(smoke_shards, tmp_path):
+    """Stage k2 with distill.higher_stage_targets=teacher_chain from untrained exports: it trains two
+    steps and records the AR teacher as the source of its targets."""
+    from kforcing_dist.decode.format import read_decoder_config
+    from tests.distributed.launcher import run_distributed
+
+    run_distributed(_random_exports, 1, tmp_path, smoke_shards)
+    run_cli("distill", "--stage", "k2", "-c", SMOKE, "-o", tmp_path, "--set", f"data.shards_dir={smoke_shards}",
+            "--set", "distill.higher_stage_targets=teacher_chain", "--set", "distill.stage_steps=[1,2,1]",
+            "--set", "train.eval_batches=1")
+    log = [json.loads(line) for line in (tmp_path / "k2" / "train_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in log if "loss" in row]
+    assert losses and all(math.isfinite(x) for x in losses)
+    source = read_decoder_config(tmp_path / "k2" / "export")["source"]
+    assert source["step"] == 2 and source["teacher"] == str(tmp_path / "teacher" / "export")

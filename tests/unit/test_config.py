@@ -161,3 +161,19 @@ def test_frequency_penalty_doc_states_the_authors_values():
     said = (" / ".join(f"{AUTHORS_PER_K[k]:g}" for k in ks) + " for k = "
             + " / ".join(map(str, ks)) + f" and {AUTHORS_DEFAULT:g} for other k")
     assert said in reference_markdown()
+
+
+def test_higher_stage_targets_choices_and_pipeline_refusal():
+    assert load_config(None, [])[0].distill.higher_stage_targets == "self_forcing"
+    cfg, _ = load_config(None, ["distill.higher_stage_targets=teacher_chain"])
+    check(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="teacher_chain"):
+        load_config(None, ["distill.higher_stage_targets=chain"])
+    cfg.distill.higher_stage_targets = "chain"  # set in code, past the loader
+    assert any("higher_stage_targets='chain'" in p for p in validate(cfg, world_size=1))
+    cfg, _ = load_config(None, ["parallel.pp=2", "parallel.zero_stage=1",
+                                "distill.higher_stage_targets=teacher_chain"])
+    text = "\n".join(validate(cfg, world_size=2))
+    assert "teacher_chain with parallel.pp=2" in text and "use self_forcing or parallel.pp: 1" in text
+    cfg.distill.stages = [1]  # no stage past the first: nothing to refuse
+    check(cfg, world_size=2)

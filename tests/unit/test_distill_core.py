@@ -402,6 +402,39 @@ def test_self_forcing_equals_two_sequential_passes(groups, cfg_name):
         self_forcing_targets(prev, ids, ws, noise(2, 3, 6), tau, groups)
 
 
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+@pytest.mark.parametrize("m", [2, 4])
+def test_teacher_chain_equals_sequential_teacher_passes(groups, cfg_name, m):
+    """Each window's chain against the plain teacher on context[:t+1] + y_1..y_{j-1}, one
+    ordinary causal pass per token (float64 weights)."""
+    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
+    from kforcing_dist.distill.targets import teacher_chain_targets
+    from kforcing_dist.model import TransformerLM
+
+    torch.manual_seed(5)
+    teacher = sharpen(TransformerLM(small_cfg(**CONFIGS[cfg_name]), PADDED, groups,
+                                    params_dtype=torch.float64)).eval()
+    ids = ids_of(seed=6)
+    ws = torch.tensor([[0, 3, N - 1], [2, 5, N - 1]])  # the last window starts at the sequence end
+    u = noise(2, 3, m, seed=8)
+    tau = torch.tensor([1.0, 0.6])
+    for order in ("vocab", "sorted"):
+        got = teacher_chain_targets(teacher, ids, ws, u, tau, order, groups)
+        assert got.shape == (2, 3, m) and got.dtype == torch.long
+        with torch.no_grad():
+            for i in range(2):
+                for w in range(3):
+                    seq = ids[i, :int(ws[i, w]) + 1]
+                    for j in range(m):
+                        logits = teacher(seq[None])[0, -1, :VOCAB]
+                        y = inverse_cdf_sample(logits, u[i, w, j], float(tau[i]), order)
+                        assert int(got[i, w, j]) == int(y), (order, i, w, j)
+                        seq = torch.cat([seq, y.view(1)])
+        assert len(set(got.flatten().tolist())) > 2  # not a degenerate constant output
+    with pytest.raises(ValueError, match="at least one"):
+        teacher_chain_targets(teacher, ids, ws, u[..., :0], tau, "vocab", groups)
+
+
 @pytest.mark.parametrize("order", ["vocab", "sorted"])
 def test_noise_inversion_reproduces_data(groups, order):
     from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample

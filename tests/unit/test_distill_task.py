@@ -62,3 +62,30 @@ def test_noise_inversion_mix_adds_weighted_loss(groups, models):
     assert m1["distill_loss"] == pytest.approx(l0.item(), rel=1e-6)
     assert l1.item() == pytest.approx(l0.item() + 0.5 * m1["inv_loss"], rel=1e-6)
     assert {"inv_acc_slot1", "inv_block_match"} <= set(m1)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_teacher_chain_stage_trains_on_the_teachers_chain(groups, models, k):
+    from kforcing_dist.distill.losses import slot_metrics
+    from kforcing_dist.distill.targets import teacher_chain_targets
+    from kforcing_dist.model.student import PFLM
+
+    teacher, k1, k2 = models
+    student = k2 if k == 2 else PFLM.from_student(k2).eval()
+    chain = DistillConfig(max_window_slots=4 * k, higher_stage_targets="teacher_chain")
+    with pytest.raises(ValueError, match="AR teacher"):
+        DistillTask(k, chain, groups, prev_student=k1)
+    task = DistillTask(k, chain, groups, ar_teacher=teacher)  # no previous student needed
+    x = batch(n=10)
+    starts, u, tau = task._draw_slots(x, task._generator(2, 0))
+    targets = teacher_chain_targets(teacher, x, starts, u, tau, chain.cdf_order, groups)
+    with torch.no_grad():
+        want, _ = slot_metrics(student(x, starts, u, tau), targets, groups)
+    loss, metrics = task.train_loss(student, x, step=2, micro=0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6) and f"acc_slot{k}" in metrics
+    loss.backward()  # gradients reach the student through the chain's targets
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    student.zero_grad()
+    if k == 2:  # the default, self-forcing from the stage-1 student, trains on other targets
+        forced = DistillTask(2, DistillConfig(max_window_slots=8), groups, prev_student=k1)
+        assert forced.train_loss(student, x, step=2, micro=0)[0].item() != pytest.approx(want.item(), rel=1e-6)

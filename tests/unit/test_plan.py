@@ -9,7 +9,7 @@ import pytest
 from kforcing_dist.cli import main
 from kforcing_dist.config import ConfigError, load_config
 from kforcing_dist.config.schema import ModelConfig
-from kforcing_dist.parallel.plan import GIB, make_plan, parameter_inventory, stage_parameters
+from kforcing_dist.parallel.plan import DTYPE_BYTES, GIB, make_plan, parameter_inventory, stage_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_1B = ROOT / "configs" / "llama-1b.yaml"
@@ -118,6 +118,23 @@ def test_partitioned_frozen_teacher_is_divided_over_dp():
     cfg, _ = load_config(str(LLAMA_1B), ["distill.partition_frozen=true"])
     part = make_plan(cfg, 1, 8, "k1").stages[0].memory["frozen_model"]
     assert part == pytest.approx(whole / 8, rel=1e-3)
+
+
+def test_teacher_chain_stage_holds_the_ar_teacher_and_its_kept_inputs():
+    cfg, _ = load_config(str(LLAMA_1B), [])
+    forced = make_plan(cfg, 1, 8, "k4")
+    cfg, _ = load_config(str(LLAMA_1B), ["distill.higher_stage_targets=teacher_chain"])
+    chain = make_plan(cfg, 1, 8, "k4")
+    assert forced.frozen_model == "stage-k2 student" and chain.frozen_model == "AR teacher"
+    assert chain.stages[0].memory["frozen_model"] < forced.stages[0].memory["frozen_model"]  # no noise encoder
+    # every layer keeps its input over the context and the W tokens of 3 chained passes
+    layers = cfg.model.num_layers
+    cfg.model.num_layers = 2 * layers
+    deeper = make_plan(cfg, 1, 8, "k4")
+    kept = chain.micro_batch_size * (chain.context_len + 3 * chain.windows) * cfg.model.hidden_size \
+        * DTYPE_BYTES[chain.frozen_dtype]
+    extra = deeper.stages[0].memory["teacher_pass"] - chain.stages[0].memory["teacher_pass"]
+    assert extra == layers * kept
 
 
 def test_cli_text_json_and_exit_codes(capsys):
