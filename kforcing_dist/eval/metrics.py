@@ -14,40 +14,74 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from typing import Optional
 
 import torch
 
-from ..distill.inverse_cdf import chance_level, inverse_cdf_sample, probabilities
+from ..distill.inverse_cdf import inverse_cdf_sample, probabilities
 
 
 def _real(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits[..., :vocab_size]
 
 
+def draw_noise(n: int, k: int, seed: int) -> torch.Tensor:
+    """The agreement measurement's noise: u [n, k] float64; slot i of every stage uses column i,
+    so one teacher path of the largest k serves every stage."""
+    return torch.rand(n, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
 @dataclasses.dataclass
 class TeacherPath:
     """The teacher's chained inverse-CDF block for each context and what its distributions say
     along it (all [n, k]; probabilities at the decode temperature)."""
+    u: torch.Tensor            # the noise of each slot
     tokens: torch.Tensor       # y*_i = G(teacher(x y*_<i), u_i)
     chance: torch.Tensor       # sum_v p_i(v)^2: an independent draw equals y*_i
     mode_prob: torch.Tensor    # max_v p_i(v): the teacher's most likely token equals y*_i
     mode: torch.Tensor         # argmax_v p_i(v), the teacher's most likely token
     token_prob: torch.Tensor   # p_i(y*_i)
+    greedy_prob: torch.Tensor  # P(y*_1..i is the teacher's greedy block m_1..i): prod of max p
+                               # along the chain of argmax tokens (not along y*)
+
+    def first(self, k: int) -> "TeacherPath":
+        """The same path cut to its first k slots (the teacher is causal)."""
+        return TeacherPath(*(getattr(self, f.name)[:, :k] for f in dataclasses.fields(self)))
+
+
+def _fork(cache):
+    """An independent copy of a decoder's KV cache (one prefill, two continuations)."""
+    return dataclasses.replace(cache, **{f.name: getattr(cache, f.name).clone()
+                                         for f in dataclasses.fields(cache)})
 
 
 @torch.no_grad()
-def teacher_path(teacher, contexts: torch.Tensor, u: torch.Tensor, tau: float, order: str) -> TeacherPath:
-    """Run the teacher k = u.shape[1] times, each step conditioned on its own earlier tokens."""
-    seq = contexts
-    steps = []
-    for i in range(u.shape[1]):
-        logits = _real(teacher.logits(seq)[:, -1], teacher.vocab_size)
-        p = probabilities(logits, tau)
-        y = inverse_cdf_sample(logits, u[:, i], tau, order)
-        best, mode = p.max(-1)
-        steps.append((y, chance_level(logits, tau), best, mode, p.gather(-1, y[:, None])[:, 0]))
-        seq = torch.cat([seq, y[:, None]], dim=1)
-    return TeacherPath(*(torch.stack(parts, 1) for parts in zip(*steps)))
+def teacher_path(teacher, contexts: torch.Tensor, u: torch.Tensor, tau: float, order: str,
+                 batch_size: int = 32) -> TeacherPath:
+    """Run the teacher k = u.shape[1] times, each step conditioned on its own earlier tokens
+    (inverse CDF), and k times along its greedy chain; one cached prefill per batch of contexts."""
+    k, parts = u.shape[1], []
+    for i in range(0, contexts.shape[0], batch_size):
+        c, uu = contexts[i:i + batch_size].to(teacher.device), u[i:i + batch_size]
+        sampled = teacher.allocate_cache(c.shape[0], c.shape[1] + k)
+        logits = _real(teacher.forward_step(sampled, c, output="last"), teacher.vocab_size)
+        greedy, greedy_logits = _fork(sampled), logits
+        steps, chain = [], torch.ones(c.shape[0], dtype=torch.float64)
+        for j in range(k):
+            p = probabilities(logits, tau).cpu()
+            y = inverse_cdf_sample(logits, uu[:, j].to(logits.device), tau, order).cpu()
+            best, mode = p.max(-1)
+            top, argmax = probabilities(greedy_logits, tau).max(-1)
+            chain = chain * top.cpu()
+            steps.append((uu[:, j], y, (p * p).sum(-1), best, mode, p.gather(-1, y[:, None])[:, 0], chain))
+            if j + 1 < k:
+                logits = _real(teacher.forward_step(sampled, y[:, None].to(teacher.device), output="last"),
+                               teacher.vocab_size)
+                greedy_logits = _real(teacher.forward_step(greedy, argmax[:, None], output="last"),
+                                      teacher.vocab_size)
+        parts.append(TeacherPath(*(torch.stack(cols, 1) for cols in zip(*steps))))
+    return TeacherPath(*(torch.cat([getattr(p, f.name) for p in parts])
+                         for f in dataclasses.fields(TeacherPath)))
 
 
 @torch.no_grad()
@@ -58,22 +92,9 @@ def teacher_sequential(teacher, contexts: torch.Tensor, u: torch.Tensor, tau: fl
 
 
 @torch.no_grad()
-def greedy_block_probability(teacher, contexts: torch.Tensor, k: int, tau: float) -> torch.Tensor:
-    """P(the teacher's k-token sample is its greedy block) per context [n]: the product of max p
-    along the chain of argmax tokens, i.e. the whole-block agreement of a student that ignores u
-    and always emits the teacher's most likely token."""
-    seq, prob = contexts, torch.ones(contexts.shape[0], dtype=torch.float64)
-    for _ in range(k):
-        best, mode = probabilities(_real(teacher.logits(seq)[:, -1], teacher.vocab_size), tau).max(-1)
-        prob = prob * best.cpu()
-        seq = torch.cat([seq, mode[:, None]], dim=1)
-    return prob
-
-
-@torch.no_grad()
 def student_block(student, contexts: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
     """The student's one-pass block (argmax per slot, no frequency penalty): [n, k]."""
-    return _real(student.pflm_logits(contexts, u, tau), student.vocab_size).argmax(-1)
+    return _real(student.pflm_logits(contexts, u, tau), student.vocab_size).argmax(-1).cpu()
 
 
 @torch.no_grad()
@@ -82,7 +103,8 @@ def chained_block(previous, contexts: torch.Tensor, u: torch.Tensor, tau: float)
     with those tokens appended as real inputs, u[:, k/2:] (exactly how stage-k targets are made)."""
     half = u.shape[1] // 2
     first = student_block(previous, contexts, u[:, :half], tau)
-    second = student_block(previous, torch.cat([contexts, first], dim=1), u[:, half:], tau)
+    second = student_block(previous, torch.cat([contexts, first.to(contexts.device)], dim=1),
+                           u[:, half:], tau)
     return torch.cat([first, second], dim=1)
 
 
@@ -93,7 +115,7 @@ def _rates(same: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def agreement(teacher, student, contexts: torch.Tensor, k: int, tau: float, order: str, seed: int,
-              batch_size: int = 32, previous=None) -> dict:
+              batch_size: int = 32, previous=None, path: Optional[TeacherPath] = None) -> dict:
     """Per-slot and whole-block agreement of the student's block with the teacher's sequential
     inverse-CDF sample for the same noise, on held-out ``contexts`` [n, s], with its baselines:
 
@@ -101,46 +123,45 @@ def agreement(teacher, student, contexts: torch.Tensor, k: int, tau: float, orde
       draw matches); ``block_chance``: E[p(y*_1..k)], the probability that an independent k-token
       draw equals the teacher's whole block (sum_y P(y)^2, estimated without bias by the
       teacher's probability of its own sampled block);
-    - ``mode_baseline``: ``slot`` E[max p] per slot along the teacher's path (a student that
-      always emits the teacher's most likely token given the teacher's earlier tokens); ``block``
-      the probability that the teacher's block is its greedy block (a u-blind student that emits
-      the chained argmax);
+    - ``mode_baseline``: ``slot`` E[max p] per slot along the teacher's path (slot 1: a student
+      that ignores u and always emits the teacher's most likely token; slot i: one that knows the
+      teacher's earlier tokens but ignores u_i); ``block`` the probability that the teacher's
+      block is its greedy block (a u-blind student that emits the chained argmax);
     - ``mode_rate``: how often the student's token is the teacher's most likely one (a student
       that uses u does so about as often as the mode baseline; a collapsed one nearly always);
     - ``vs_previous`` (when ``previous``, the k/2 student, is given): agreement with the chained
       k/2 student under the same u (the target this stage was trained on: new error), and that
       chained student's own agreement with the teacher (inherited error).
+
+    ``path``: the teacher's path for these contexts (of at least k slots, same tau and order),
+    shared between stages; None computes it with :func:`draw_noise` (n, k, seed).
     """
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.rand(contexts.shape[0], k, generator=gen, dtype=torch.float64)
-    parts: dict[str, list] = {name: [] for name in
-                              ("same", "path", "greedy", "emits_mode", "same_prev", "prev_same")}
+    if path is None:
+        path = teacher_path(teacher, contexts, draw_noise(contexts.shape[0], k, seed), tau, order,
+                            batch_size)
+    path = path.first(k)
+    if path.tokens.shape != (contexts.shape[0], k):
+        raise ValueError(f"the teacher path has {tuple(path.tokens.shape)} slots for "
+                         f"{contexts.shape[0]} contexts and k={k}")
+    blocks, chained = [], []
     for i in range(0, contexts.shape[0], batch_size):
-        c, uu = contexts[i:i + batch_size], u[i:i + batch_size]
-        path = teacher_path(teacher, c, uu, tau, order)
-        tokens = student_block(student, c, uu, tau)
-        parts["same"].append(tokens == path.tokens)
-        parts["path"].append(path)
-        parts["greedy"].append(greedy_block_probability(teacher, c, k, tau))
-        parts["emits_mode"].append(tokens == path.mode)
+        c, uu = contexts[i:i + batch_size].to(student.device), path.u[i:i + batch_size]
+        blocks.append(student_block(student, c, uu, tau))
         if previous is not None:
-            chained = chained_block(previous, c, uu, tau)
-            parts["same_prev"].append(tokens == chained)
-            parts["prev_same"].append(chained == path.tokens)
-    same = torch.cat(parts["same"])
-    path = TeacherPath(*(torch.cat([getattr(p, f.name) for p in parts["path"]])
-                         for f in dataclasses.fields(TeacherPath)))
-    out = {**_rates(same),
+            chained.append(chained_block(previous, c, uu, tau))
+    tokens = torch.cat(blocks)
+    out = {**_rates(tokens == path.tokens),
            "chance_level": path.chance[:, 0].mean().item(),
            "chance_level_per_slot": path.chance.mean(0).tolist(),
            "block_chance": path.token_prob.prod(1).mean().item(),
            "mode_baseline": {"slot": path.mode_prob.mean(0).tolist(),
-                             "block": torch.cat(parts["greedy"]).mean().item()},
-           "mode_rate": torch.cat(parts["emits_mode"]).double().mean(0).tolist(),
+                             "block": path.greedy_prob[:, -1].mean().item()},
+           "mode_rate": (tokens == path.mode).double().mean(0).tolist(),
            "contexts": int(contexts.shape[0])}
     if previous is not None:
-        out["vs_previous"] = {**_rates(torch.cat(parts["same_prev"])),
-                              "previous_vs_teacher": _rates(torch.cat(parts["prev_same"]))}
+        target = torch.cat(chained)
+        out["vs_previous"] = {**_rates(tokens == target),
+                              "previous_vs_teacher": _rates(target == path.tokens)}
     return out
 
 
@@ -157,11 +178,12 @@ def teacher_nll(teacher, prompts: list[list[int]], continuations: list[list[int]
         chunk = pairs[i:i + batch_size]
         width = max(len(p) + len(c) for p, c in chunk)
         ids = torch.tensor([p + c + [0] * (width - len(p) - len(c)) for p, c in chunk])
-        logp = torch.log_softmax(_real(teacher.logits(ids.to(teacher.device)), teacher.vocab_size)
-                                 .double().cpu(), -1)
+        logits = _real(teacher.logits(ids.to(teacher.device)), teacher.vocab_size).cpu()
+        norm = torch.logsumexp(logits, -1)  # float32: a vocabulary-sized float64 copy costs more
         for row, (p, c) in enumerate(chunk):
-            at = logp[row, len(p) - 1:len(p) - 1 + len(c)]
-            total -= at.gather(1, torch.tensor(c)[:, None]).sum().item()
+            at = slice(len(p) - 1, len(p) - 1 + len(c))
+            picked = logits[row, at].gather(1, torch.tensor(c)[:, None])[:, 0]
+            total -= (picked.double() - norm[row, at].double()).sum().item()
             count += len(c)
     return total / max(count, 1)
 

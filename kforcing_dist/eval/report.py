@@ -22,7 +22,7 @@ from ..decode.bench import device_name
 from ..decode.errors import DecodeError
 from ..decode.format import read_decoder_config
 from ..decode.generate import generate, load_decoder
-from .metrics import agreement, sample_stats
+from .metrics import agreement, draw_noise, sample_stats, teacher_path
 from .quality import (Judge, _penalty, frontier_markdown, lossless_markdown, lossless_summary,
                       plot_frontier, quality_frontier)
 from .speed import decode_speed
@@ -138,9 +138,14 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     sample_tokens = {"teacher": teacher_samples, "data": heldout}
     penalty_of = {"teacher": 0.0, "data": None}
     report["stages"] = {}
+    # one teacher path (of the largest k) per CDF order serves every stage: slot i of each
+    # stage sees the same u and the same teacher token
+    u = draw_noise(contexts.shape[0], max(models, default=1), dec.seed)
+    paths = {order: teacher_path(teacher, contexts, u, dec.tau, order) for order in set(orders.values())}
     for k, student in models.items():
         previous = models.get(k // 2) if k % 2 == 0 else None
-        s = agreement(teacher, student, contexts, k, dec.tau, orders[k], seed=dec.seed, previous=previous)
+        s = agreement(teacher, student, contexts, k, dec.tau, orders[k], seed=dec.seed, previous=previous,
+                      path=paths[orders[k]])
         if "vs_previous" in s:
             s["vs_previous"] = {"stage": f"k{k // 2}", **s["vs_previous"]}
         report["stages"][f"k{k}"] = {**s, "cdf_order": orders[k]}

@@ -4,6 +4,7 @@ batched NLL, the tau-range warning, and the report's keys on tiny decoder folder
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,10 +14,11 @@ import torch
 
 from kforcing_dist.config.schema import Config
 from kforcing_dist.decode import DecodeError, save_decoder
+from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
 from kforcing_dist.eval.metrics import (agreement, entropy_per_sample, teacher_nll, teacher_path,
                                         unigram_entropy)
 from kforcing_dist.eval.report import evaluate_run, resolve_sample_len, tau_warnings
-from tests.unit.test_decode_generate import PROMPTS, hf_tokenizer, make_model
+from tests.unit.test_decode_generate import PROMPTS, V, hf_tokenizer, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -29,13 +31,23 @@ TABLE = torch.tensor([[0.2, 0.3, 0.5, 0.0],
                       [0.6, 0.4, 0.0, 0.0]], dtype=torch.float64)
 
 
+@dataclasses.dataclass
+class NoCache:
+    length: torch.Tensor
+
+
 class TableTeacher:
-    """An AR 'model' whose next-token distribution is TABLE[last token]."""
+    """An AR 'model' whose next-token distribution is TABLE[last token] (it needs no cache)."""
     vocab_size = 4
     device = torch.device("cpu")
 
-    def logits(self, ids):
-        return torch.log(TABLE[ids]).float()
+    def allocate_cache(self, batch, capacity):
+        return NoCache(torch.zeros(batch, dtype=torch.long))
+
+    def forward_step(self, cache, ids, output):
+        assert output == "last"
+        cache.length += ids.shape[1]
+        return torch.log(TABLE[ids[:, -1]]).float()
 
 
 def _g(last: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -48,6 +60,7 @@ class PathStudent:
     """A PFLM 'model' whose slot i emits ``pick(previous token, u_i)``, chained inside its block
     (so with ``pick=_g`` it reproduces the teacher's sequential sample exactly)."""
     vocab_size = 4
+    device = torch.device("cpu")
 
     def __init__(self, pick, max_k=4):
         self.pick, self.max_k = pick, max_k
@@ -63,6 +76,7 @@ class PathStudent:
 class ChainedStudent:
     """A stage-k 'student' that runs ``previous`` twice, as the self-forcing target is made."""
     vocab_size = 4
+    device = torch.device("cpu")
 
     def __init__(self, previous):
         self.previous = previous
@@ -91,6 +105,28 @@ def test_teacher_path_reads_chance_and_mode_off_the_teacher_probabilities():
     assert path.mode_prob.flatten().tolist() == pytest.approx([0.6, 0.5, 0.6, 0.9, 0.6, 0.5])
     assert path.mode.tolist() == [[0, 2], [0, 1], [0, 2]]
     assert path.token_prob.flatten().tolist() == pytest.approx([0.6, 0.5, 0.4, 0.1, 0.6, 0.3])
+    # the greedy chain (0, then 2) whatever the sampled path: 0.6, then 0.6 * 0.5
+    assert path.greedy_prob.flatten().tolist() == pytest.approx([0.6, 0.3] * 3)
+    assert path.first(1).tokens.tolist() == [[0], [1], [0]]
+
+
+def test_cached_teacher_path_equals_the_full_forward_chain():
+    teacher = make_model("ar", seed=8, std=0.5)
+    contexts = torch.randint(0, 99, (5, 6), generator=torch.Generator().manual_seed(0))
+    u = torch.rand(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    path = teacher_path(teacher, contexts, u, 0.8, "sorted", batch_size=2)
+    seq, greedy, chain = contexts, contexts, torch.ones(5, dtype=torch.float64)
+    for i in range(3):
+        logits = teacher.logits(seq)[:, -1, :V]
+        p = torch.softmax(logits.double() / 0.8, -1)
+        y = inverse_cdf_sample(logits, u[:, i], 0.8, "sorted")
+        assert path.tokens[:, i].tolist() == y.tolist()
+        assert path.chance[:, i].tolist() == pytest.approx((p * p).sum(-1).tolist(), rel=1e-4)
+        assert path.token_prob[:, i].tolist() == pytest.approx(p.gather(1, y[:, None])[:, 0].tolist(), rel=1e-4)
+        best, mode = torch.softmax(teacher.logits(greedy)[:, -1, :V].double() / 0.8, -1).max(-1)
+        chain = chain * best
+        assert path.greedy_prob[:, i].tolist() == pytest.approx(chain.tolist(), rel=1e-4)
+        seq, greedy = torch.cat([seq, y[:, None]], 1), torch.cat([greedy, mode[:, None]], 1)
 
 
 def test_mode_baseline_and_block_chance_are_the_teacher_s_exact_values():
