@@ -175,6 +175,7 @@ def test_vs_previous_separates_inherited_from_new_error():
     # and a stage-2 student that is the teacher itself disagrees with that wrong target
     s = agreement(teacher, PathStudent(_g), CONTEXTS[:500], 2, 1.0, "vocab", seed=2, previous=wrong)
     assert s["slot_agreement"] == [1.0, 1.0] and s["vs_previous"]["block_agreement"] < 0.9
+    assert s["vs_previous"]["previous_vs_teacher"]["block_agreement"] == s["vs_previous"]["block_agreement"]
 
 
 def test_entropy_per_sample_sees_loops_that_the_pooled_entropy_hides():
@@ -198,6 +199,7 @@ def test_tau_range_warning_and_sample_length():
     assert tau_warnings("k4", {"source": {}}, taus) == []
     (w,) = tau_warnings("k4", {"tau_range": [0.8, 1.2]}, taus)
     assert "k4" in w and "eval.frontier_taus[0]=0.7" in w and "decode.tau" not in w
+    assert "decode.tau=1.3 lies outside" in tau_warnings("k4", {"tau_range": [0.8, 1.2]}, {"decode.tau": 1.3})[0]
     assert "not [min, max]" in tau_warnings("k4", {"tau_range": [2, 1]}, taus)[0]
     model = make_model("ar")  # max_seq_len 40
     assert resolve_sample_len(6, 0, [model]) == 34 and resolve_sample_len(6, 10, [model]) == 10
