@@ -64,7 +64,7 @@ def quality_frontier(teacher, students: dict, prompts: list[list[int]], taus: li
     with ``penalty_for_k(frequency_penalty, k)``. The teacher samples with torch.multinomial,
     without penalty."""
     out: dict = {"teacher": []}
-    penalties = {"teacher": 0.0, **{name: _penalty(frequency_penalty, k)
+    penalties = {"teacher": 0.0, **{name: resolve_penalty(frequency_penalty, k)
                                     for name, (_, k) in students.items()}}
     for tau in taus:
         samples = {"teacher": generate(teacher, prompts, mode="ar", max_new_tokens=sample_len,
@@ -82,7 +82,7 @@ def quality_frontier(teacher, students: dict, prompts: list[list[int]], taus: li
     return out
 
 
-def _penalty(setting: PenaltySetting, k: int) -> float:
+def resolve_penalty(setting: PenaltySetting, k: int) -> float:
     """``penalty_for_k`` with its complaint about a bad setting as a one-line DecodeError."""
     try:
         return penalty_for_k(setting, k)
@@ -202,4 +202,4 @@ def lossless_markdown(s: dict) -> list[str]:
 
 
 __all__ = ["Judge", "frontier_markdown", "lossless_markdown", "lossless_summary", "plot_frontier",
-           "quality_frontier"]
+           "quality_frontier", "resolve_penalty"]

@@ -23,8 +23,8 @@ from ..decode.errors import DecodeError
 from ..decode.format import read_decoder_config
 from ..decode.generate import generate, load_decoder
 from .metrics import agreement, draw_noise, sample_stats, teacher_path
-from .quality import (Judge, _penalty, frontier_markdown, lossless_markdown, lossless_summary,
-                      plot_frontier, quality_frontier)
+from .quality import (Judge, frontier_markdown, lossless_markdown, lossless_summary, plot_frontier,
+                      quality_frontier, resolve_penalty)
 from .speed import decode_speed
 
 log = logging.getLogger("kforcing_dist")
@@ -107,7 +107,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     models = {k: load_decoder(path) for k, path in stages.items()}
     configs = {k: read_decoder_config(path) for k, path in stages.items()}
     orders = {k: c.get("cdf_order", "vocab") for k, c in configs.items()}
-    penalties = {k: _penalty(dec.frequency_penalty, k) for k in models}
+    penalties = {k: resolve_penalty(dec.frequency_penalty, k) for k in models}
     sample_len = resolve_sample_len(ev.prompt_len, ev.sample_len, [teacher, *models.values()])
     contexts = heldout_windows(shards, ev.num_contexts, ev.context_len)
     windows = heldout_windows(shards, ev.num_samples, ev.prompt_len + sample_len)
