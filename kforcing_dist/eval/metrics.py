@@ -85,13 +85,6 @@ def teacher_path(teacher, contexts: torch.Tensor, u: torch.Tensor, tau: float, o
 
 
 @torch.no_grad()
-def teacher_sequential(teacher, contexts: torch.Tensor, u: torch.Tensor, tau: float, order: str):
-    """y*_i = G(teacher(x y*_<i), u_i) for i = 1..k; returns tokens [n, k] and chance [n, k]."""
-    path = teacher_path(teacher, contexts, u, tau, order)
-    return path.tokens, path.chance
-
-
-@torch.no_grad()
 def student_block(student, contexts: torch.Tensor, u: torch.Tensor, tau: float) -> torch.Tensor:
     """The student's one-pass block (argmax per slot, no frequency penalty): [n, k]."""
     return _real(student.pflm_logits(contexts, u, tau), student.vocab_size).argmax(-1).cpu()
