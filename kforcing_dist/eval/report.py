@@ -136,6 +136,11 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     teacher_samples = generate(teacher, prompts, mode="ar", max_new_tokens=sample_len, tau=dec.tau,
                                seed=dec.seed, ignore_eos=True).tokens
     sample_tokens = {"teacher": teacher_samples, "data": heldout}
+
+    def student_samples(student, k: int, penalty: float) -> list[list[int]]:
+        return generate(student, prompts, mode="pflm", k=k, max_new_tokens=sample_len, tau=dec.tau,
+                        frequency_penalty=penalty, seed=dec.seed, ignore_eos=True).tokens
+
     penalty_of = {"teacher": 0.0, "data": None}
     report["stages"] = {}
     # one teacher path (of the largest k) per CDF order serves every stage: slot i of each
@@ -149,13 +154,10 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
         if "vs_previous" in s:
             s["vs_previous"] = {"stage": f"k{k // 2}", **s["vs_previous"]}
         report["stages"][f"k{k}"] = {**s, "cdf_order": orders[k]}
-        def student_samples(penalty: float) -> list[list[int]]:
-            return generate(student, prompts, mode="pflm", k=k, max_new_tokens=sample_len, tau=dec.tau,
-                            frequency_penalty=penalty, seed=dec.seed, ignore_eos=True).tokens
-
-        sample_tokens[f"k{k}"] = student_samples(penalties[k])
+        sample_tokens[f"k{k}"] = student_samples(student, k, penalties[k])
         # a default penalty of 0 gives the same samples: the row is repeated, not recomputed
-        sample_tokens[f"k{k}{NO_PENALTY}"] = student_samples(0.0) if penalties[k] else sample_tokens[f"k{k}"]
+        sample_tokens[f"k{k}{NO_PENALTY}"] = (student_samples(student, k, 0.0) if penalties[k]
+                                              else sample_tokens[f"k{k}"])
         penalty_of.update({f"k{k}": penalties[k], f"k{k}{NO_PENALTY}": 0.0})
     report["samples"] = {name: {"frequency_penalty": penalty_of[name], **sample_stats(teacher, prompts, toks)}
                          for name, toks in sample_tokens.items()}
