@@ -204,9 +204,11 @@ class DecodeConfig:
 @dataclass
 class EvalConfig:
     num_contexts: int = doc_field(128, "Held-out contexts for the agreement measurement.")
-    context_len: int = doc_field(64, "Tokens of each held-out context / sample prompt.")
+    context_len: int = doc_field(64, "Tokens of each held-out context of the agreement measurement.")
     num_samples: int = doc_field(32, "Samples per model for NLL, entropy and distinct-n.")
-    sample_len: int = doc_field(64, "New tokens per sample.")
+    prompt_len: int = doc_field(6, "Tokens of each sample's held-out prompt (the authors use 6).")
+    sample_len: int = doc_field(0, "New tokens per sample; 0: up to the models' max_seq_len - "
+                                   "prompt_len (full length, where repetition drift shows).")
     speed_batches: list[int] = doc_field([1, 8, 32], "Batch sizes of the decode speed measurement.")
     speed_new_tokens: int = doc_field(64, "New tokens per sequence in a speed run.")
     speed_context: int = doc_field(32, "Prompt length of a speed run.")
@@ -214,6 +216,8 @@ class EvalConfig:
     frontier_taus: list[float] = doc_field(
         [0.7, 1.0, 1.3], "Temperatures of the quality frontier: teacher NLL vs unigram entropy of "
         "samples of the AR teacher and every stage from the same prompts (frontier.png); empty: off.")
+    frontier_samples: int = doc_field(8, "Samples per model and tau in the quality frontier (the first "
+                                         "of the sample prompts; full length); 0: all num_samples.")
     lossless: bool = doc_field(True, "Measure lossless mode (the largest stage drafts, the teacher "
                                "verifies): exactness, acceptance length, tokens/s vs AR and PFLM.")
     judge_model: str = doc_field("", "An AR decoder folder (e.g. a larger model's export/) that also "

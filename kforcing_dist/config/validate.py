@@ -204,9 +204,14 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
     if dec.k < 1 or dec.tau <= 0 or dec.max_new_tokens < 1 or dec.batch_size < 1:
         out.append("decode: need k >= 1, tau > 0, max_new_tokens >= 1, batch_size >= 1")
     out += _penalty_problems(dec.frequency_penalty)
-    if min(ev.num_contexts, ev.context_len, ev.num_samples, ev.sample_len, ev.speed_new_tokens,
+    if min(ev.num_contexts, ev.context_len, ev.num_samples, ev.prompt_len, ev.speed_new_tokens,
            ev.speed_context, ev.speed_repeats) < 1 or not ev.speed_batches or min(ev.speed_batches) < 1:
         out.append("eval: every count and length must be >= 1 and speed_batches non-empty")
+    if ev.sample_len < 0 or ev.frontier_samples < 0:
+        out.append("eval.sample_len and eval.frontier_samples must be >= 0 (0: full length / all samples)")
+    if ev.prompt_len + max(ev.sample_len, 1) > cfg.model.max_seq_len:
+        out.append(f"eval: prompt_len {ev.prompt_len} + sample_len {ev.sample_len} exceeds model.max_seq_len="
+                   f"{cfg.model.max_seq_len}; lower them (sample_len 0 fills up to max_seq_len)")
     if any(t <= 0 for t in ev.frontier_taus):
         out.append(f"eval.frontier_taus must all be > 0, got {ev.frontier_taus}")
     return out

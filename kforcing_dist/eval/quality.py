@@ -20,7 +20,7 @@ import torch
 from ..decode.bench import speed_run
 from ..decode.errors import DecodeError
 from ..decode.generate import generate, generate_lossless
-from ..decode.penalty import penalty_for_k
+from ..decode.penalty import PenaltySetting, penalty_for_k
 from .metrics import sample_stats, teacher_nll
 
 
@@ -57,24 +57,38 @@ class Judge:
 
 
 def quality_frontier(teacher, students: dict, prompts: list[list[int]], taus: list[float],
-                     sample_len: int, seed: int, frequency_penalty: float = 0.0,
-                     judge: Optional[Judge] = None) -> dict:
-    """{model name: [{"tau", "nll", "entropy", "distinct_1..3", "repetition", ...}]};
-    ``students``: {"k2": (model, k)}. The teacher samples with torch.multinomial."""
+                     sample_len: int, seed: int, frequency_penalty: PenaltySetting = 0.0,
+                     judge: Optional[Judge] = None, ignore_eos: bool = False) -> dict:
+    """{model name: [{"tau", "nll", "entropy", "entropy_per_sample", "distinct_1..3",
+    "repetition", "frequency_penalty", ...}]}; ``students``: {"k2": (model, k)}, each sampling
+    with ``penalty_for_k(frequency_penalty, k)``. The teacher samples with torch.multinomial,
+    without penalty."""
     out: dict = {"teacher": []}
+    penalties = {"teacher": 0.0, **{name: resolve_penalty(frequency_penalty, k)
+                                    for name, (_, k) in students.items()}}
     for tau in taus:
         samples = {"teacher": generate(teacher, prompts, mode="ar", max_new_tokens=sample_len,
-                                       tau=tau, seed=seed).tokens}
+                                       tau=tau, seed=seed, ignore_eos=ignore_eos).tokens}
         for name, (model, k) in students.items():
             samples[name] = generate(model, prompts, mode="pflm", k=k, max_new_tokens=sample_len,
-                                     tau=tau, seed=seed,
-                                     frequency_penalty=penalty_for_k(frequency_penalty, k)).tokens
+                                     tau=tau, seed=seed, frequency_penalty=penalties[name],
+                                     ignore_eos=ignore_eos).tokens
         for name, toks in samples.items():
-            row = {"tau": tau, **sample_stats(teacher, prompts, toks)}
+            row = {"tau": tau, "frequency_penalty": penalties[name],
+                   **sample_stats(teacher, prompts, toks)}
             if judge is not None:
                 row["judge_nll"] = judge.nll(prompts, toks)
             out.setdefault(name, []).append(row)
     return out
+
+
+def resolve_penalty(setting: PenaltySetting, k: int) -> float:
+    """``penalty_for_k`` with its complaint about a bad setting as a one-line DecodeError."""
+    try:
+        return penalty_for_k(setting, k)
+    except ValueError as e:
+        raise DecodeError(f"decode.{e}; set decode.frequency_penalty to a number >= 0 or a map "
+                          f"{{k: number}}") from None
 
 
 def lossless_summary(teacher, student, k: int, prompts: list[list[int]], new_tokens: int,
@@ -127,7 +141,8 @@ def _first_difference_margins(teacher, prompts, ref, other, tau, seed, order) ->
 
 
 def plot_frontier(frontier: dict, path: Path, title: str) -> Path:
-    """Teacher NLL (y) against unigram entropy (x), one line per model through its taus."""
+    """Teacher NLL (y) against per-sample unigram entropy (x; the pooled entropy for rows that
+    lack it), one line per model through its taus."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -137,12 +152,12 @@ def plot_frontier(frontier: dict, path: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, rows in frontier.items():
-        xs, ys = [r["entropy"] for r in rows], [r["nll"] for r in rows]
+        xs, ys = [r.get("entropy_per_sample", r["entropy"]) for r in rows], [r["nll"] for r in rows]
         ax.plot(xs, ys, marker="o", label=name)
-        for r in rows:
-            ax.annotate(f"{r['tau']:g}", (r["entropy"], r["nll"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("unigram entropy of samples (nats; higher = more diverse)")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"{r['tau']:g}", (x, y), fontsize=7, textcoords="offset points",
+                        xytext=(3, 3))
+    ax.set_xlabel("unigram entropy per sample (nats; higher = more diverse)")
     ax.set_ylabel("teacher NLL of samples (nats/token; lower = more likely)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -153,16 +168,19 @@ def plot_frontier(frontier: dict, path: Path, title: str) -> Path:
     return path
 
 
-def frontier_markdown(frontier: dict) -> list[str]:
+def frontier_markdown(frontier: dict, samples: Optional[int] = None) -> list[str]:
     judge = any("judge_nll" in r for rows in frontier.values() for r in rows)
-    lines = ["## Quality frontier (same prompts; teacher NLL vs unigram entropy, frontier.png)", "",
-             "| model | tau | teacher NLL | entropy | distinct-2 | repetition |"
-             + (" judge NLL |" if judge else ""),
-             "|" + " --- |" * (6 + judge)]
+    count = f"{samples} samples per model and tau, " if samples else ""
+    lines = [f"## Quality frontier ({count}same prompts; teacher NLL vs unigram entropy, "
+             f"frontier.png)", "",
+             "| model | tau | penalty | teacher NLL | entropy per sample | entropy (pooled) | "
+             "distinct-2 | repetition |" + (" judge NLL |" if judge else ""),
+             "|" + " --- |" * (8 + judge)]
     for name, rows in frontier.items():
         for r in rows:
-            lines.append(f"| {name} | {r['tau']:g} | {r['nll']:.3f} | {r['entropy']:.3f} | "
-                         f"{r['distinct_2']:.3f} | {r['repetition']:.3f} |"
+            lines.append(f"| {name} | {r['tau']:g} | {r.get('frequency_penalty', 0.0):g} | "
+                         f"{r['nll']:.3f} | {r.get('entropy_per_sample', float('nan')):.3f} | "
+                         f"{r['entropy']:.3f} | {r['distinct_2']:.3f} | {r['repetition']:.3f} |"
                          + (f" {r['judge_nll']:.3f} |" if judge else ""))
     lines.append("")
     return lines
@@ -184,4 +202,4 @@ def lossless_markdown(s: dict) -> list[str]:
 
 
 __all__ = ["Judge", "frontier_markdown", "lossless_markdown", "lossless_summary", "plot_frontier",
-           "quality_frontier"]
+           "quality_frontier", "resolve_penalty"]

@@ -92,6 +92,17 @@ def test_model_and_file_problems(tmp_path):
     assert "no.model does not exist" in text
 
 
+def test_eval_sample_lengths_must_fit_the_model():
+    cfg, _ = load_config(None, ["model.max_seq_len=64", "eval.prompt_len=10", "eval.sample_len=60"])
+    assert any("prompt_len 10 + sample_len 60 exceeds model.max_seq_len=64" in p for p in validate(cfg))
+    cfg, _ = load_config(None, ["eval.sample_len=-1", "eval.prompt_len=0"])
+    text = "\n".join(validate(cfg))
+    assert "eval.sample_len and eval.frontier_samples must be >= 0" in text
+    assert "every count and length must be >= 1" in text
+    cfg, _ = load_config(None, ["model.max_seq_len=64", "eval.prompt_len=6", "eval.sample_len=0"])
+    assert not [p for p in validate(cfg) if p.startswith("eval")]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     cfg, _ = load_config(path)

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from kforcing_dist.decode import DecodeError, save_decoder
-from kforcing_dist.eval.metrics import teacher_nll
+from kforcing_dist.decode import DecodeError, generate, save_decoder
+from kforcing_dist.eval.metrics import distinct_n, teacher_nll
 from kforcing_dist.eval.quality import (Judge, frontier_markdown, lossless_markdown,
                                         lossless_summary, plot_frontier, quality_frontier)
 from tests.unit.test_decode_generate import PROMPTS, hf_tokenizer, make_model
@@ -59,3 +59,18 @@ def test_judge_scores_like_the_teacher_and_refuses_bad_folders(tmp_path):
         Judge(pf, tok)
     with pytest.raises(DecodeError, match="is not a decoder folder"):
         Judge(tmp_path / "nope", tok)
+
+
+def test_frontier_students_sample_with_their_per_k_penalty():
+    teacher = make_model("ar", seed=1)
+    k4 = make_model("pflm", seed=3)
+    students = {"k2": (make_model("pflm", seed=2), 2), "k4": (k4, 4)}
+    f = quality_frontier(teacher, students, PROMPTS, [1.0], sample_len=12, seed=0,
+                         frequency_penalty={2: 0.3}, ignore_eos=True)
+    assert [f[m][0]["frequency_penalty"] for m in ("teacher", "k2", "k4")] == [0.0, 0.3, 0.5]
+    penalised = generate(k4, PROMPTS, mode="pflm", k=4, max_new_tokens=12, seed=0,
+                         frequency_penalty=0.5, ignore_eos=True).tokens
+    assert f["k4"][0]["distinct_2"] == pytest.approx(distinct_n(penalised, 2))
+    assert f["k4"][0]["nll"] == pytest.approx(teacher_nll(teacher, PROMPTS, penalised))
+    with pytest.raises(DecodeError, match="frequency_penalty"):
+        quality_frontier(teacher, students, PROMPTS, [1.0], sample_len=4, seed=0, frequency_penalty=-1.0)
