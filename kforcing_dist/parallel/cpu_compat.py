@@ -2,7 +2,7 @@
 
 Applied by :func:`apply_cpu_patches` only when CUDA is absent; on a GPU machine this
 module changes nothing. Each patch names the upstream behaviour it works around
-(see ``shared/docs/engines-on-cpu.md`` for the measurements behind them):
+(each was measured on a 2-core CPU machine with gloo; the comments below say what breaks without it):
 
 1. ``torch.cuda.current_device`` -> the CPU device. megatron-core allocates gather and
    scatter buffers with ``device=torch.cuda.current_device()`` (tensor_parallel/layers.py,
