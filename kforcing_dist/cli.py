@@ -248,16 +248,18 @@ def cmd_plan(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
+        from .app import early_signals
+
+        # before every heavy import (the error classes below pull in torch): a Slurm USR1 must
+        # not kill a starting job
+        early_signals.catch()
     from .config import ConfigError
     from .data import DataError
     from .decode.errors import DecodeError
     from .training.checkpoint import CheckpointError
 
-    args = build_parser().parse_args(argv)
-    if args.command in TRAINING_COMMANDS:
-        from .app import early_signals
-
-        early_signals.catch()  # before the heavy imports: a Slurm USR1 must not kill a starting job
     try:
         return args.func(args)
     except (ConfigError, DataError, CheckpointError, DecodeError) as exc:
