@@ -64,7 +64,7 @@ def quality_frontier(teacher, students: dict, prompts: list[list[int]], taus: li
     with ``penalty_for_k(frequency_penalty, k)``. The teacher samples with torch.multinomial,
     without penalty."""
     out: dict = {"teacher": []}
-    penalties = {"teacher": 0.0, **{name: resolve_penalty(frequency_penalty, k)
+    penalties = {"teacher": 0.0, **{name: penalty_for_k(frequency_penalty, k)
                                     for name, (_, k) in students.items()}}
     for tau in taus:
         samples = {"teacher": generate(teacher, prompts, mode="ar", max_new_tokens=sample_len,
@@ -80,15 +80,6 @@ def quality_frontier(teacher, students: dict, prompts: list[list[int]], taus: li
                 row["judge_nll"] = judge.nll(prompts, toks)
             out.setdefault(name, []).append(row)
     return out
-
-
-def resolve_penalty(setting: PenaltySetting, k: int) -> float:
-    """``penalty_for_k`` with its complaint about a bad setting as a one-line DecodeError."""
-    try:
-        return penalty_for_k(setting, k)
-    except ValueError as e:
-        raise DecodeError(f"decode.{e}; set decode.frequency_penalty to a number >= 0 or a map "
-                          f"{{k: number}}") from None
 
 
 def lossless_summary(teacher, student, k: int, prompts: list[list[int]], new_tokens: int,
@@ -205,4 +196,4 @@ def lossless_markdown(s: dict) -> list[str]:
 
 
 __all__ = ["Judge", "frontier_markdown", "lossless_markdown", "lossless_summary", "plot_frontier",
-           "quality_frontier", "resolve_penalty"]
+           "quality_frontier"]

@@ -22,9 +22,10 @@ from ..decode.bench import device_name
 from ..decode.errors import DecodeError
 from ..decode.format import read_decoder_config
 from ..decode.generate import generate, load_decoder
+from ..decode.penalty import penalty_for_k
 from .metrics import agreement, draw_noise, sample_stats, teacher_path
 from .quality import (Judge, frontier_markdown, lossless_markdown, lossless_summary, plot_frontier,
-                      quality_frontier, resolve_penalty)
+                      quality_frontier)
 from .speed import decode_speed
 
 log = logging.getLogger("kforcing_dist")
@@ -68,7 +69,7 @@ def resolve_sample_len(prompt_len: int, sample_len: int, models) -> int:
 def tau_warnings(name: str, decoder_config: dict, taus: dict[str, float]) -> list[str]:
     """A warning per setting in ``taus`` ({"decode.tau": 1.0, ...}) outside the tau range the
     student was trained on (its config.json's optional ``tau_range`` [min, max]); none without it."""
-    tr = decoder_config.get("tau_range", decoder_config.get("source", {}).get("tau_range"))
+    tr = decoder_config.get("tau_range")
     if tr is None:
         return []
     if not (isinstance(tr, (list, tuple)) and len(tr) == 2 and all(isinstance(x, (int, float))
@@ -107,7 +108,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     models = {k: load_decoder(path) for k, path in stages.items()}
     configs = {k: read_decoder_config(path) for k, path in stages.items()}
     orders = {k: c.get("cdf_order", "vocab") for k, c in configs.items()}
-    penalties = {k: resolve_penalty(dec.frequency_penalty, k) for k in models}
+    penalties = {k: penalty_for_k(dec.frequency_penalty, k) for k in models}
     sample_len = resolve_sample_len(ev.prompt_len, ev.sample_len, [teacher, *models.values()])
     contexts = heldout_windows(shards, ev.num_contexts, ev.context_len)
     windows = heldout_windows(shards, ev.num_samples, ev.prompt_len + sample_len)
