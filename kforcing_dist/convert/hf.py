@@ -421,6 +421,7 @@ def export_hf(decoder_folder, out, *, overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from ..decode.format import load_decoder_weights, read_decoder_config
+    from ..fsio import apply_umask, fsync_path, fsync_tree
 
     src, out = Path(decoder_folder), Path(out)
     conf = read_decoder_config(src)
@@ -450,9 +451,12 @@ def export_hf(decoder_folder, out, *, overwrite: bool = False) -> Path:
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")  # last: marks it complete
+        apply_umask(tmp)  # safetensors writes 0600; others may read what the umask allows
+        fsync_tree(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ import torch
 
 from ..config.schema import ModelConfig
 from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, LEGACY_NOISE_FEATURES, NOISE_FEATURES, noise_section
+from ..fsio import apply_umask, fsync_path, fsync_tree
 from ..sizes import ffn_hidden_size
 from .errors import DecodeError
 
@@ -300,14 +301,6 @@ def check_weight_shapes(cfg: Mapping[str, Any], shapes: Mapping[str, tuple], whe
 # Save
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
                  state_dict: Mapping[str, torch.Tensor], tokenizer=None, max_k: Optional[int] = None,
                  noise: Optional[Mapping[str, float]] = None, cdf_order: str = "vocab",
@@ -393,13 +386,15 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT_VERSION})
-        _fsync(tmp / WEIGHTS_FILE)
         cfg["weights_bytes"] = (tmp / WEIGHTS_FILE).stat().st_size
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_DIR)
         # config.json last: a temporary folder without it is recognisably unfinished.
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
-        _fsync(tmp / CONFIG_FILE)
+        # safetensors creates its file 0600: readable by others as the umask allows, like any
+        # other output; everything on disk before the rename makes it visible
+        apply_umask(tmp)
+        fsync_tree(tmp)
         if folder.exists():  # overwrite: move the old one aside, then swap in the new one
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:12]}"
             os.replace(folder, old)
@@ -407,7 +402,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
-        _fsync(folder.parent)
+        fsync_path(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -101,6 +101,9 @@ def test_default_architecture_exports_as_gpt_neox(tmp_path, one_thread):
     export_hf(tmp_path / "ours", tmp_path / "neox")
     cfg = json.loads((tmp_path / "neox" / "config.json").read_text())
     assert cfg["model_type"] == "gpt_neox" and cfg["use_parallel_residual"] is False
+    # readable as the umask allows (safetensors alone writes 0600)
+    from kforcing_dist.fsio import current_umask
+    assert (tmp_path / "neox" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "neox").eval()
     with torch.no_grad():
         want = back(_ids()).logits

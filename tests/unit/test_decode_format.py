@@ -90,6 +90,26 @@ def test_existing_folder_is_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_saved_files_follow_the_umask_and_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    # safetensors alone creates model.safetensors 0600: others on a shared cluster could not read it
+    import kforcing_dist.decode.format as fmt
+
+    synced = []
+    real_fsync = fmt.fsync_tree
+    monkeypatch.setattr(fmt, "fsync_tree", lambda root: (synced.append(root.name), real_fsync(root)))
+    old = os.umask(0o022)
+    try:
+        folder = save(tmp_path)
+        assert (folder / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
+        assert (folder / CONFIG_FILE).stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        folder = save(tmp_path, overwrite=True)
+        assert (folder / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert len(synced) == 2 and all(name.startswith(".ckpt.partial-") for name in synced)
+
+
 def test_failed_save_leaves_nothing(tmp_path):
     class BrokenTokenizer:
         eos_id = 2
