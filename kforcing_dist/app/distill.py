@@ -21,7 +21,7 @@ import torch
 from ..config import Config, ConfigError, check, derive_layout
 from ..config.schema import ModelConfig
 from ..training.checkpoint import CheckpointError
-from .runtime import distributed, install_stop_signals, validated_launch
+from .runtime import distributed, finished_result, install_stop_signals, own_run_folder, validated_launch
 from .teacher import (ensure_shards, resolve_vocab, samplers, shards_dir_of, teacher_setup, train_teacher,
                       train_then_export, write_summary)
 
@@ -185,47 +185,51 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     out = Path(scfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    layout = derive_layout(scfg, info.world_size)
-    padded = pad_vocab_size(scfg.model.vocab_size, scfg.model.make_vocab_size_divisible_by, layout.tp)
+    with own_run_folder(out, f"distill --stage k{k}", groups):
+        done = finished_result(out, scfg.train.max_steps, "stage_summary.json")
+        if done is not None:
+            return done
+        layout = derive_layout(scfg, info.world_size)
+        padded = pad_vocab_size(scfg.model.vocab_size, scfg.model.make_vocab_size_divisible_by, layout.tp)
 
-    def student(max_k):
-        return build_model(scfg.model, padded, groups, layout.pp, max_k=max_k, noise=noise, masked_token_ids=masked)
+        def student(max_k):
+            return build_model(scfg.model, padded, groups, layout.pp, max_k=max_k, noise=noise, masked_token_ids=masked)
 
-    def ar_model():
-        return build_model(scfg.model, padded, groups, layout.pp, masked_token_ids=ar_conf["masked_token_ids"])
+        def ar_model():
+            return build_model(scfg.model, padded, groups, layout.pp, masked_token_ids=ar_conf["masked_token_ids"])
 
-    ar = _load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
-    prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg, layout) if k > 1 and not chain else None
-    torch.manual_seed(d.seed)
-    model = student(k)
-    # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
-    init_from = ar_path if k == 1 else prev_path
-    init_weights = fit_vocab_rows(load_file(str(init_from / "model.safetensors")), padded)
-    if k == 1:  # the fresh noise encoder (on the first pipeline stage only, with pp > 1)
-        to_plain = getattr(model, "plain_name", lambda n: n)
-        init_weights.update({to_plain(n): p.detach().cpu() for n, p in model.named_parameters()
-                             if to_plain(n).startswith("noise_encoder.")})
-    load_plain_state_dict(model, init_weights, groups)
+        ar = _load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
+        prev = _load_frozen(prev_path, lambda: student(k // 2), groups, scfg, layout) if k > 1 and not chain else None
+        torch.manual_seed(d.seed)
+        model = student(k)
+        # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
+        init_from = ar_path if k == 1 else prev_path
+        init_weights = fit_vocab_rows(load_file(str(init_from / "model.safetensors")), padded)
+        if k == 1:  # the fresh noise encoder (on the first pipeline stage only, with pp > 1)
+            to_plain = getattr(model, "plain_name", lambda n: n)
+            init_weights.update({to_plain(n): p.detach().cpu() for n, p in model.named_parameters()
+                                 if to_plain(n).startswith("noise_encoder.")})
+        load_plain_state_dict(model, init_weights, groups)
 
-    sampler, valid = samplers(scfg, shards, layout, groups)
-    task = DistillTask(k, d, groups, ar_teacher=ar, prev_student=prev)
-    trainer = LMTrainer(
-        scfg, original_yaml, groups, layout, model, task, sampler, valid, out,
-        extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
-                        "cdf_order": d.cdf_order, "teacher": str(targets_from),
-                        "noise": noise, "masked_token_ids": list(masked)},
-        save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
-    result = train_then_export(trainer, lambda res: export_decoder(
-        trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model, padded_vocab_size=padded,
-        zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise=noise,
-        masked_token_ids=masked, tau_range=(d.tau_min, d.tau_max),
-        cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
-                                       "teacher": str(targets_from)}))
-    if groups.is_logging_rank:
-        write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
-        log.info("stage k%d: step %d, %s", k, result.step,
-                 ", ".join(f"{n} {v:.4g}" for n, v in (result.val or {}).items()))
-    return result
+        sampler, valid = samplers(scfg, shards, layout, groups)
+        task = DistillTask(k, d, groups, ar_teacher=ar, prev_student=prev)
+        trainer = LMTrainer(
+            scfg, original_yaml, groups, layout, model, task, sampler, valid, out,
+            extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
+                            "cdf_order": d.cdf_order, "teacher": str(targets_from),
+                            "noise": noise, "masked_token_ids": list(masked)},
+            save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
+        result = train_then_export(trainer, lambda res: export_decoder(
+            trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model, padded_vocab_size=padded,
+            zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise=noise,
+            masked_token_ids=masked, tau_range=(d.tau_min, d.tau_max),
+            cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
+                                           "teacher": str(targets_from)}))
+        if groups.is_logging_rank:
+            write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
+            log.info("stage k%d: step %d, %s", k, result.step,
+                     ", ".join(f"{n} {v:.4g}" for n, v in (result.val or {}).items()))
+        return result
 
 
 def run_distill(cfg: Config, original_yaml: str, source: str, stage: str):

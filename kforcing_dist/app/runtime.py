@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
 from ..config import Config, check
 from ..parallel.launch import LaunchInfo, resolve_launch
@@ -63,3 +65,72 @@ def distributed(info: LaunchInfo, cfg: Config):
         shutdown(barrier=False)
         raise
     shutdown()
+
+
+def slurm_job() -> dict | None:
+    """This process's Slurm job id and restart count (a requeued job counts up), for the run-folder
+    lock; None outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return {"id": job, "restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)} if job else None
+
+
+@contextlib.contextmanager
+def own_run_folder(folder: Path, command: str, groups):
+    """Hold ``folder``'s lock for the block and clear what dead runs left in it.
+
+    Rank 0 takes the lock (one holder per job, however many ranks), removes the temporary
+    checkpoints and exports of dead runs, and every rank learns whether it may go on: when the
+    folder is busy, all ranks raise the error (exit 2).
+    """
+    from ..fsio import human_bytes
+    from ..parallel.groups import any_rank
+    from ..training.checkpoint import remove_leftovers
+    from ..training.runlock import RunFolderBusy, RunFolderLock
+
+    lock = RunFolderLock(folder, command, slurm_job())
+    refusal = None
+    if groups.world_rank == 0:
+        try:
+            lock.acquire()
+            removed = remove_leftovers(folder)
+            for path, size in removed:
+                log.info("removed %s (%s), left by a run that died", path, human_bytes(size))
+            if removed:
+                log.info("freed %s in %s", human_bytes(sum(size for _, size in removed)), folder)
+                lock.write_record()  # in case a full disk kept it from being written
+        except RunFolderBusy as exc:
+            refusal = exc
+    try:
+        if any_rank(refusal is not None, groups.device):
+            raise refusal or RunFolderBusy(f"run folder {folder} is in use by another run (rank 0 names it); "
+                                           f"wait for it to finish or use another -o/--output-dir")
+        yield
+    finally:
+        lock.release()
+
+
+def finished_result(folder: Path, max_steps: int, summary_name: str):
+    """The result of a run in ``folder`` that already trained ``max_steps`` steps and exported
+    that step, read from its summary; None when there is work left (or no summary to keep)."""
+    import json
+
+    from ..training.checkpoint import list_complete
+    from ..training.trainer import TrainResult
+
+    complete = list_complete(folder / "checkpoints")
+    summary_path, export_config = folder / summary_name, folder / "export" / "config.json"
+    if not complete or complete[-1][0] < max_steps or not summary_path.is_file() or not export_config.is_file():
+        return None
+    step, checkpoint = complete[-1]
+    try:
+        exported_step = json.loads(export_config.read_text()).get("source", {}).get("step")
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if exported_step != step or summary.get("step") != step or summary.get("stopped_early"):
+        return None
+    log.info("%s is already finished at step %d: the model is in %s, the summary in %s (nothing to do; "
+             "raise the step count to train further)", folder, step, folder / "export", summary_path)
+    val = {k: v for k, v in summary.items() if k.startswith("val_")}
+    return TrainResult(step, False, summary.get("train_loss", float("nan")), val or None,
+                       summary.get("tokens_per_s", 0.0), checkpoint)

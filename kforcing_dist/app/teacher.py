@@ -10,7 +10,8 @@ import torch
 
 from ..config import Config, check, derive_layout
 from ..data import DataError
-from .runtime import distributed, install_stop_signals, setup_logging, validated_launch
+from .runtime import (distributed, finished_result, install_stop_signals, own_run_folder, setup_logging,
+                      validated_launch)
 
 log = logging.getLogger("kforcing_dist")
 
@@ -103,34 +104,38 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
     from ..training.trainer import LMTask, LMTrainer
 
     out = Path(cfg.output_dir)
-    layout = derive_layout(cfg, info.world_size)
-    padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
-    torch.manual_seed(cfg.train.seed)
-    if layout.pp > 1:
-        from ..model.pipeline import build_pipeline_model
+    with own_run_folder(out, "train-teacher", groups):
+        done = finished_result(out, cfg.train.max_steps, "teacher_summary.json")
+        if done is not None:
+            return done
+        layout = derive_layout(cfg, info.world_size)
+        padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
+        torch.manual_seed(cfg.train.seed)
+        if layout.pp > 1:
+            from ..model.pipeline import build_pipeline_model
 
-        model = build_pipeline_model(cfg.model, padded, groups)  # same weights as the plain model
-    else:
-        model = TransformerLM(cfg.model, padded, groups.tp_group)
-    if cfg.train.init_from and not list_complete(out / "checkpoints"):
-        from ..convert.init import init_from_decoder
+            model = build_pipeline_model(cfg.model, padded, groups)  # same weights as the plain model
+        else:
+            model = TransformerLM(cfg.model, padded, groups.tp_group)
+        if cfg.train.init_from and not list_complete(out / "checkpoints"):
+            from ..convert.init import init_from_decoder
 
-        init_from_decoder(model, cfg.train.init_from, cfg.model, groups.tp_group, tokenizer)
-        log.info("teacher initialised from %s", cfg.train.init_from)
-    sampler, valid = samplers(cfg, shards, layout, groups)
-    trainer = LMTrainer(
-        cfg, original_yaml, groups, layout, model, LMTask(groups.tp_group), sampler, valid, out,
-        extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
-        save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
-    result = train_then_export(trainer, lambda res: export_decoder(
-        trainer.engine.module, groups, out / "export", kind="ar", model_cfg=cfg.model, padded_vocab_size=padded,
-        zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer,
-        source={"checkpoint": str(res.checkpoint), "step": res.step}))
-    if groups.is_logging_rank:
-        s = write_summary(out / "teacher_summary.json", result, info, layout)
-        log.info("teacher: step %d, val loss %s, val ppl %s, %.0f tokens/s, checkpoint %s", result.step,
-                 s.get("val_loss"), s.get("val_ppl"), result.tokens_per_s, result.checkpoint)
-    return result
+            init_from_decoder(model, cfg.train.init_from, cfg.model, groups.tp_group, tokenizer)
+            log.info("teacher initialised from %s", cfg.train.init_from)
+        sampler, valid = samplers(cfg, shards, layout, groups)
+        trainer = LMTrainer(
+            cfg, original_yaml, groups, layout, model, LMTask(groups.tp_group), sampler, valid, out,
+            extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
+            save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
+        result = train_then_export(trainer, lambda res: export_decoder(
+            trainer.engine.module, groups, out / "export", kind="ar", model_cfg=cfg.model, padded_vocab_size=padded,
+            zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer,
+            source={"checkpoint": str(res.checkpoint), "step": res.step}))
+        if groups.is_logging_rank:
+            s = write_summary(out / "teacher_summary.json", result, info, layout)
+            log.info("teacher: step %d, val loss %s, val ppl %s, %.0f tokens/s, checkpoint %s", result.step,
+                     s.get("val_loss"), s.get("val_ppl"), result.tokens_per_s, result.checkpoint)
+        return result
 
 
 def teacher_setup(cfg: Config, world_size: int, source: str):

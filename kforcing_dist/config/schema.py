@@ -124,6 +124,10 @@ class CheckpointConfig:
     keep_last: int = doc_field(2, "Keep the newest this many complete checkpoints.")
     resume: str = doc_field("auto", "auto: resume from the newest complete checkpoint in output_dir; "
                                     "never: refuse to start when one exists.", ("auto", "never"))
+    resume_fallback: bool = doc_field(
+        False, "When the newest complete checkpoint cannot be read (a damaged file), resume from the previous "
+               "complete one with a warning and mark the damaged one DAMAGED; false: stop with an error naming "
+               "the damaged file.")
 
 
 @dataclass

@@ -85,6 +85,15 @@ def init_model_parallel(tp: int, pp: int, device: torch.device) -> ParallelGroup
     )
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (a collective over the world: every
+    rank must call it, so it also orders what the ranks did before it). ``device``: the rank's
+    (NCCL reduces CUDA tensors only)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class DeepSpeedMPU:
     """The ``mpu`` object DeepSpeed expects, backed by explicit groups.
 

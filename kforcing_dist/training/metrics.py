@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,11 +19,40 @@ class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.path = output_dir / "train_log.jsonl"
+        self.tb_dir = output_dir / "tensorboard"
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self.tb = SummaryWriter(log_dir=str(self.tb_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Forget the records of steps after ``step``: a run resumed at ``step`` replays them, and
+        each step must appear once (in ``train_log.jsonl`` and in TensorBoard)."""
+        if not self.enabled:
+            return
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            kept = []
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short when the previous run died
+                    continue
+                if record.get("step", 0) <= step:
+                    kept.append(line)
+            if len(kept) != len(lines):
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text("".join(f"{line}\n" for line in kept))
+                os.replace(tmp, self.path)
+                log.info("%s: dropped %d records after step %d (this run replays those steps)",
+                         self.path, len(lines) - len(kept), step)
+        if self.tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # TensorBoard hides the earlier runs' events from purge_step on
+            self.tb.close()
+            self.tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=step + 1)
 
     def write(self, step: int, scalars: dict[str, float], tag: str = "train") -> None:
         if not self.enabled:

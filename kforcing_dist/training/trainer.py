@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, Layout, config_to_yaml
-from ..parallel.groups import ParallelGroups
+from ..parallel.groups import ParallelGroups, any_rank
 from . import checkpoint as ckpt
 from .engine import build_engine, resolve_precision
-from .metrics import MetricsWriter
+from .metrics import MetricsWriter, read_log
 
 log = logging.getLogger("kforcing_dist")
 
@@ -140,52 +140,106 @@ class LMTrainer:
                            "zero_stage": self.cfg.parallel.zero_stage}}
 
     def save(self) -> Path:
-        """Save engine + trainer state into ``checkpoints/step-N`` atomically (all ranks call)."""
+        """Save engine + trainer state into ``checkpoints/step-N`` atomically (all ranks call).
+
+        A part that fails on any rank (a full disk) fails the save on every rank: the temporary
+        folder is removed and CheckpointError says how much space the save needed.
+        """
         rank0 = self.groups.world_rank == 0
-        if rank0:
-            ckpt.begin_save(self.ckpt_root, self.step)
-        dist.barrier()
         tmp = ckpt.temp_dir_for(self.ckpt_root, self.step)
-        self.engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
-        dist.barrier()
-        final = self.ckpt_root / ckpt.step_dir_name(self.step)
-        if rank0:
-            (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
-            (tmp / "original_config.yaml").write_text(self.original_yaml)
-            ckpt.write_json_atomic(tmp / "trainer_state.json", self._state())
-            meta = {"kind": self.kind, "format": "kforcing-dist-train/1", "precision": self.precision,
-                    "versions": _versions(), "model": dataclasses.asdict(self.cfg.model),
-                    **self.extra_metadata, **{"layout": self._state()["layout"]}}
-            ckpt.write_json_atomic(tmp / "metadata.json", meta)
-            if self.save_extras is not None:
-                self.save_extras(tmp)
-            ckpt.finish_save(self.ckpt_root, self.step, {"kind": self.kind})
-            ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
-        dist.barrier()
-        return final
+        self._save_part(lambda: ckpt.begin_save(self.ckpt_root, self.step) if rank0 else None)
+        self._save_part(lambda: self.engine.save_checkpoint(str(tmp), tag="engine", save_latest=False))
+        self._save_part(lambda: self._finish_save(tmp) if rank0 else None)
+        return self.ckpt_root / ckpt.step_dir_name(self.step)
+
+    def _save_part(self, write: Callable[[], object]) -> None:
+        """Run one part of a save on this rank, then agree with the other ranks whether every part
+        succeeded (the agreement is also the barrier between the parts)."""
+        cause = None
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
+            cause = exc
+            # without tracebacks: their frames keep the half-written file open, and its space in
+            # use, while the error reports the free space
+            link = exc
+            while link is not None:
+                link.__traceback__, link = None, link.__context__
+        if not any_rank(cause is not None, self.groups.device):
+            return
+        if self.groups.world_rank == 0:
+            raise ckpt.failed_save(self.ckpt_root, self.step, cause) from cause
+        raise ckpt.CheckpointError(
+            f"saving checkpoint {ckpt.step_dir_name(self.step)} failed"
+            + (f" on this rank ({type(cause).__name__}: {cause})" if cause else " on another rank")
+            + "; rank 0 removed the partial save and reports the space it needs") from cause
+
+    def _finish_save(self, tmp: Path) -> None:
+        (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
+        (tmp / "original_config.yaml").write_text(self.original_yaml)
+        ckpt.write_json_atomic(tmp / "trainer_state.json", self._state())
+        meta = {"kind": self.kind, "format": "kforcing-dist-train/1", "precision": self.precision,
+                "versions": _versions(), "model": dataclasses.asdict(self.cfg.model),
+                **self.extra_metadata, **{"layout": self._state()["layout"]}}
+        ckpt.write_json_atomic(tmp / "metadata.json", meta)
+        if self.save_extras is not None:
+            self.save_extras(tmp)
+        ckpt.finish_save(self.ckpt_root, self.step, {"kind": self.kind})
+        ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
 
     def resume(self) -> Path | None:
-        """Load the newest complete checkpoint under the run folder, if any."""
-        path = ckpt.latest_complete(self.ckpt_root)
-        if path is None:
-            return None
-        if self.cfg.checkpoint.resume == "never":
+        """Load the newest complete checkpoint under the run folder, if any.
+
+        A checkpoint that cannot be read (a truncated engine file, a garbled JSON file) stops the
+        run with CheckpointError naming the file and the previous complete checkpoint; with
+        ``checkpoint.resume_fallback`` that one is loaded instead (the damaged one is marked
+        DAMAGED). The metrics log is cut back to the resumed step, so replayed steps appear once.
+        """
+        newest_first = [path for _, path in reversed(ckpt.list_complete(self.ckpt_root))]
+        if newest_first and self.cfg.checkpoint.resume == "never":
             raise ckpt.CheckpointError(
-                f"{self.output_dir} already holds checkpoint {path.name} and checkpoint.resume=never; "
+                f"{self.output_dir} already holds checkpoint {newest_first[0].name} and checkpoint.resume=never; "
                 f"choose another -o/--output-dir or set checkpoint.resume=auto to continue it")
-        state = json.loads((path / "trainer_state.json").read_text())
-        meta = json.loads((path / "metadata.json").read_text())
+        for i, path in enumerate(newest_first):
+            state, damage = self._load(path)
+            if not any_rank(damage is not None, self.groups.device):
+                self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+                self.sampler.load_state_dict(state["sampler"])
+                self.metrics.truncate_after(self.step)
+                if self.is_logger:
+                    log.info("resumed from %s (step %d)", path, self.step)
+                return path
+            damage = damage or "it could not be loaded on another rank"
+            previous = newest_first[i + 1] if i + 1 < len(newest_first) else None
+            if not self.cfg.checkpoint.resume_fallback or previous is None:
+                offer = (f"resume from the previous complete checkpoint {previous.name} with --set "
+                         f"checkpoint.resume_fallback=true, or delete {path}" if previous is not None else
+                         f"no earlier complete checkpoint exists: restore the file, or delete {path} to start over")
+                raise ckpt.CheckpointError(f"checkpoint {path} is damaged: {damage}; {offer}")
+            log.warning("checkpoint %s is damaged (%s): resuming from the previous complete one, %s "
+                        "(checkpoint.resume_fallback); %s is marked DAMAGED", path, damage, previous.name, path.name)
+            if self.groups.world_rank == 0:
+                ckpt.mark_damaged(path, damage)
+        self.metrics.truncate_after(0)  # no checkpoint: this run starts at step 0
+        return None
+
+    def _load(self, path: Path) -> tuple[dict | None, str | None]:
+        """(trainer state, None) once ``path`` is loaded into the engine on this rank, or (None, what
+        is damaged). A checkpoint that does not fit this run raises CheckpointError."""
+        try:
+            state = ckpt.read_json(path / "trainer_state.json", ("step", "tokens_seen", "sampler", "layout"))
+            meta = ckpt.read_json(path / "metadata.json", ("kind", "model"))
+        except ckpt.DamagedFile as exc:
+            return None, str(exc)
         self._check_compatible(path, state, meta)
-        load_path, _ = self.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        try:
+            load_path, _ = self.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
+        except Exception as exc:  # noqa: BLE001 - torch/DeepSpeed raise many types for an unreadable file
+            return None, ckpt.describe_engine_damage(path / "engine", exc)
         if load_path is None:
-            raise ckpt.CheckpointError(f"DeepSpeed could not load the engine state from {path}/engine; "
-                                       f"the folder is damaged: delete it to resume from an older checkpoint")
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.sampler.load_state_dict(state["sampler"])
-        if self.is_logger:
-            log.info("resumed from %s (step %d)", path, self.step)
-        return path
+            return None, f"DeepSpeed found no engine state in {path / 'engine'}"
+        return state, None
 
     def _check_compatible(self, path: Path, state: dict, meta: dict) -> None:
         problems = []
@@ -213,9 +267,7 @@ class LMTrainer:
         over_budget = budget > 0 and (time.time() - self._start_time) > budget * 60
         if over_budget and not self.stop_flag.requested:
             self.stop_flag.request("time budget")
-        flag = torch.tensor([1.0 if self.stop_flag.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.stop_flag.requested, self.groups.device)
 
     def _dp_mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average scalars over the data-parallel ranks (every rank gets the same numbers)."""
@@ -334,7 +386,19 @@ class LMTrainer:
             bar.close()
         if last_ckpt is None:  # resumed at max_steps: nothing to do, point at the last checkpoint
             last_ckpt = ckpt.latest_complete(self.ckpt_root)
+            last_loss, val = self._logged_figures(last_loss, val)
         return TrainResult(self.step, stopped, last_loss, val, tok_s, last_ckpt)
+
+    def _logged_figures(self, last_loss: float, val: dict | None) -> tuple[float, dict | None]:
+        """The training loss and validation figures logged at the current step by the run that
+        got there (a run resumed at max_steps trains nothing, but its summary keeps them)."""
+        train = [r for r in read_log(self.output_dir, "train") if r["step"] == self.step]
+        valid = [r for r in read_log(self.output_dir, "valid") if r["step"] == self.step]
+        if train:
+            last_loss = train[-1]["loss"]
+        if valid:
+            val = {k: v for k, v in valid[-1].items() if k.startswith("val_")}
+        return last_loss, val
 
     def close(self) -> None:
         self.metrics.close()
