@@ -64,6 +64,8 @@ def test_crash_then_resume_matches_uninterrupted_run(smoke_shards, tmp_path):
     assert sorted(ref_losses) == list(range(1, 9))
     for step in range(5, 9):  # steps 5-6 ran twice in the crashed run: the log keeps the last
         assert resumed[step] == pytest.approx(ref_losses[step], abs=1e-6), step
+    # ... and only once: the resumed run cut the log back to step 4
+    assert [r["step"] for r in read_log(crashed, "train")] == list(range(1, 9))
     assert not (ckroot / "step-00000007").exists() or not (ckroot / "step-00000007" / "COMPLETE").exists()
     assert (ckroot / "step-00000008" / "COMPLETE").is_file()
 
@@ -138,3 +140,44 @@ def _catches_usr1(pid: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) >> 9 & 1)  # SIGUSR1 = 10
     return False
+
+
+def test_rerunning_a_finished_command_keeps_its_summary(smoke_shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["-c", SMOKE, "-o", out, "--set", f"data.shards_dir={smoke_shards}", "--set", "train.max_steps=2",
+            "--set", "logging.tensorboard=false"]
+    run_cli("train-teacher", *args)
+    summary = (out / "teacher_summary.json").read_text()
+    assert "val_loss" in json.loads(summary)
+    proc = run_cli("train-teacher", *args)
+    assert "already finished at step 2" in proc.stderr and str(out / "export") in proc.stderr
+    assert (out / "teacher_summary.json").read_text() == summary
+
+
+def test_a_folder_in_use_is_refused_and_a_dead_runs_lock_taken_over(smoke_shards, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "job": None,
+                                                "command": "train-teacher", "since": "then", "token": "x"}))
+        args = ["-c", SMOKE, "-o", out, "--set", f"data.shards_dir={smoke_shards}", "--set", "train.max_steps=2",
+                "--set", "logging.tensorboard=false"]
+        proc = run_cli("train-teacher", *args, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        error = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert len(error) == 1 and f"pid {holder.pid}" in error[0] and "another -o/--output-dir" in error[0]
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is taken over with a warning, and removed at the end
+    (out / "checkpoints" / ".tmp-step-00000001").mkdir(parents=True)
+    proc = run_cli("train-teacher", *args)
+    assert "took over the lock" in proc.stderr and ".tmp-step-00000001" in proc.stderr
+    assert not (out / ".lock").exists() and os.listdir(out / "checkpoints") == ["step-00000002"]
