@@ -386,19 +386,19 @@ class LMTrainer:
             bar.close()
         if last_ckpt is None:  # resumed at max_steps: nothing to do, point at the last checkpoint
             last_ckpt = ckpt.latest_complete(self.ckpt_root)
-            last_loss, val = self._logged_figures(last_loss, val)
+            last_loss, val, tok_s = self._logged_figures(last_loss, val, tok_s)
         return TrainResult(self.step, stopped, last_loss, val, tok_s, last_ckpt)
 
-    def _logged_figures(self, last_loss: float, val: dict | None) -> tuple[float, dict | None]:
-        """The training loss and validation figures logged at the current step by the run that
-        got there (a run resumed at max_steps trains nothing, but its summary keeps them)."""
+    def _logged_figures(self, last_loss: float, val: dict | None, tok_s: float):
+        """The training loss, validation figures and tokens/s logged at the current step by the
+        run that got there (a run resumed at max_steps trains nothing, but its summary keeps them)."""
         train = [r for r in read_log(self.output_dir, "train") if r["step"] == self.step]
         valid = [r for r in read_log(self.output_dir, "valid") if r["step"] == self.step]
         if train:
-            last_loss = train[-1]["loss"]
+            last_loss, tok_s = train[-1]["loss"], train[-1].get("tokens_per_s", tok_s)
         if valid:
             val = {k: v for k, v in valid[-1].items() if k.startswith("val_")}
-        return last_loss, val
+        return last_loss, val, tok_s
 
     def close(self) -> None:
         self.metrics.close()

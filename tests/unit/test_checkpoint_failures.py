@@ -23,8 +23,9 @@ def tiny_trainer(groups, out, *overrides):
     padded = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, 1)
     torch.manual_seed(0)
     model = TransformerLM(cfg.model, padded, groups.tp_group)
+    valid = RandomSampler(2, 1).next_batch()
     return LMTrainer(cfg, text, groups, derive_layout(cfg, 1), model, LMTask(groups.tp_group), RandomSampler(2, 0),
-                     lambda: iter(()), out, extra_metadata={"padded_vocab_size": padded})
+                     lambda: iter([valid]), out, extra_metadata={"padded_vocab_size": padded})
 
 
 def train_and_save(trainer, steps):
@@ -97,3 +98,18 @@ def test_saved_checkpoint_is_fsynced_before_it_is_renamed(groups, tmp_path, monk
     trainer.close()
     assert synced == [".tmp-step-00000001"]
     assert json.loads((tmp_path / "checkpoints" / "step-00000001" / "COMPLETE").read_text())["step"] == 1
+
+
+def test_run_resumed_at_its_last_step_reports_the_figures_logged_there(groups, tmp_path):
+    # a rerun that finds the final checkpoint but no summary trains nothing: its result must
+    # not be a NaN loss without validation figures
+    args = ("train.max_steps=2", "train.log_interval=1", "logging.tensorboard=false")
+    trainer = tiny_trainer(groups, tmp_path, *args)
+    first = trainer.train()
+    trainer.close()
+    trainer = tiny_trainer(groups, tmp_path, *args)
+    trainer.resume()
+    again = trainer.train()
+    trainer.close()
+    assert again.step == first.step == 2 and again.last_loss == first.last_loss
+    assert again.val == first.val and "val_loss" in again.val and again.tokens_per_s == first.tokens_per_s
