@@ -97,7 +97,12 @@ def test_saved_checkpoint_is_fsynced_before_it_is_renamed(groups, tmp_path, monk
     train_and_save(trainer, 1)
     trainer.close()
     assert synced == [".tmp-step-00000001"]
-    assert json.loads((tmp_path / "checkpoints" / "step-00000001" / "COMPLETE").read_text())["step"] == 1
+    folder = tmp_path / "checkpoints" / "step-00000001"
+    assert json.loads((folder / "COMPLETE").read_text())["step"] == 1
+    # readable by others as the umask allows, like the exports
+    from kforcing_dist.fsio import current_umask
+    modes = {f.stat().st_mode & 0o777 for f in folder.rglob("*") if f.is_file()}
+    assert modes == {0o666 & ~current_umask()}
 
 
 def test_run_resumed_at_its_last_step_reports_the_figures_logged_there(groups, tmp_path):
