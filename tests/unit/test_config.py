@@ -58,6 +58,15 @@ def test_missing_config_file_names_it(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"config file {path} is empty.*configs/demo\.yaml"):
+        load_config(path)
+    # an explicit empty mapping means "all defaults" on purpose; no file at all is the defaults too
+    assert load_config(write(tmp_path, "{}\n"))[0].model.hidden_size == load_config(None)[0].model.hidden_size
+
+
 def test_parallel_layout_problems_reported_together():
     cfg, _ = load_config(None, ["parallel.tp=3", "parallel.pp=2", "parallel.zero_stage=3",
                                 "model.num_layers=3"])
