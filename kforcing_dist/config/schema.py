@@ -67,6 +67,10 @@ class DataConfig:
         ("builtin", "files", "hf"))
     paths: list[str] = doc_field([], "Local .txt / .jsonl / .parquet files (source: files).")
     text_field: str = doc_field("text", "Field holding the text in .jsonl / .parquet / hf records.")
+    txt_documents: str = doc_field(
+        "blank_line", "How a .txt file splits into documents: blank_line: paragraphs separated by blank lines "
+                      "(a file without one is one document); line: one document per line (the datasets "
+                      "text convention).", ("blank_line", "line"))
     hf_name: str = doc_field("", "Hugging Face datasets name, e.g. lm1b or openwebtext (source: hf; needs hub access).")
     hf_config: str = doc_field("", "Optional Hugging Face dataset configuration name.")
     hf_split: str = doc_field("train", "Split of the Hugging Face dataset to read.")

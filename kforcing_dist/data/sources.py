@@ -3,10 +3,14 @@
 File formats (``source: files``; ``data.paths`` entries may be files, directories or glob
 patterns, expanded in sorted order):
 
-* ``.txt``: documents are separated by one or more blank lines, so a file without blank lines is
-  one document. Lines inside a document keep their newlines.
+* ``.txt``: with ``data.txt_documents: blank_line`` (default) documents are separated by one or
+  more blank lines, so a file without blank lines is one document, and lines inside a document
+  keep their newlines; with ``line`` every non-blank line is a document.
 * ``.jsonl``: one JSON object per line; the document is the ``data.text_field`` string.
 * ``.parquet``: the ``data.text_field`` column, read batch by batch with pyarrow.
+
+``.txt`` and ``.jsonl`` must be UTF-8 text: a file with other bytes (binary, another encoding)
+is refused with the byte offset of the first bad byte.
 
 Empty or whitespace-only documents are skipped everywhere, and ``data.max_documents`` counts the
 documents actually yielded.
@@ -62,15 +66,46 @@ def resolve_paths(paths: list) -> list[Path]:
     return out
 
 
-def _iter_txt(path: Path) -> Iterator[str]:
-    lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; DataError for bytes that are not UTF-8 text.
+
+    Read as bytes and decoded line by line, so a binary file passed as text is refused with the
+    byte offset of the first bad byte instead of being turned into replacement characters.
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            nul = raw.find(b"\0")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = e.start if nul < 0 else min(e.start, nul)
+                raise DataError(_not_text(path, offset + bad)) from None
+            if nul >= 0:  # valid UTF-8, but no text file holds NUL bytes: it is binary
+                raise DataError(_not_text(path, offset + nul))
+            offset += len(raw)
+            yield lineno, line
+
+
+def _not_text(path: Path, offset: int) -> str:
+    return (f"data.paths: {path} is not UTF-8 text (byte offset {offset}); it is binary or in another encoding: "
+            f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it from data.paths.")
+
+
+def _iter_txt(path: Path, documents: str = "blank_line") -> Iterator[str]:
+    """Documents of a ``.txt`` file: separated by blank lines, or one per line (``documents="line"``)."""
+    if documents == "line":
+        for _, line in _text_lines(path):
             if line.strip():
-                lines.append(line.rstrip("\r\n"))
-            elif lines:
-                yield "\n".join(lines)
-                lines = []
+                yield line.rstrip("\r\n")
+        return
+    lines: list[str] = []
+    for _, line in _text_lines(path):
+        if line.strip():
+            lines.append(line.rstrip("\r\n"))
+        elif lines:
+            yield "\n".join(lines)
+            lines = []
     if lines:
         yield "\n".join(lines)
 
@@ -93,17 +128,16 @@ def _text_of(record: Any, field: str, where: str) -> str | None:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e}); fix or remove that line.") from None
-            text = _text_of(record, field, f"{path}:{lineno}")
-            if text is not None:
-                yield text
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({e}); fix or remove that line.") from None
+        text = _text_of(record, field, f"{path}:{lineno}")
+        if text is not None:
+            yield text
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[str]:
@@ -131,7 +165,7 @@ def _iter_files(data_cfg) -> Iterator[str]:
     for path in resolve_paths(list(data_cfg.paths)):
         logger.debug("reading %s", path)
         if path.suffix == ".txt":
-            yield from _iter_txt(path)
+            yield from _iter_txt(path, data_cfg.txt_documents)
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path, data_cfg.text_field)
         else:
@@ -213,6 +247,8 @@ def describe_source(data_cfg, cache_dir: Path, progress: bool = False) -> dict:
             st = p.stat()
             files.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         desc.update(files=files, text_field=data_cfg.text_field)
+        if data_cfg.txt_documents != "blank_line":  # only when set, so older shard folders keep their key
+            desc.update(txt_documents=data_cfg.txt_documents)
     elif data_cfg.source == "hf":
         desc.update(hf_name=data_cfg.hf_name, hf_config=data_cfg.hf_config, hf_split=data_cfg.hf_split,
                     text_field=data_cfg.text_field)

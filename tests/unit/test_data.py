@@ -23,7 +23,7 @@ from kforcing_dist.data.corpus import build_builtin_corpus, clean_docstring, ite
 from kforcing_dist.data.prepare import prepare_data, split_value
 from kforcing_dist.data.sampler import TokenSampler, valid_batches
 from kforcing_dist.data.shards import TokenDataset, check_tokenizer_matches, read_metadata
-from kforcing_dist.data.sources import iter_documents
+from kforcing_dist.data.sources import describe_source, iter_documents
 from kforcing_dist.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, build_or_load_tokenizer,
                                           load_tokenizer, train_sentencepiece)
 
@@ -191,6 +191,28 @@ def test_source_errors_name_the_problem(tmp_path):
         list(iter_documents(_files_cfg([pqf]), tmp_path))
     with pytest.raises(DataError, match="data.paths is empty"):
         list(iter_documents(_files_cfg([]), tmp_path))
+
+
+def test_txt_one_document_per_line(tmp_path):
+    txt = tmp_path / "lines.txt"
+    txt.write_text("first sentence.\nsecond sentence.\n\n  \nthird one\r\n")
+    assert list(iter_documents(_files_cfg([txt], txt_documents="line"), tmp_path)) == [
+        "first sentence.", "second sentence.", "third one"]
+    assert list(iter_documents(_files_cfg([txt]), tmp_path)) == ["first sentence.\nsecond sentence.", "third one"]
+    # a different split of the same files makes different shards: the inputs key must change
+    assert (describe_source(_files_cfg([txt], txt_documents="line"), tmp_path)["corpus_sha"]
+            != describe_source(_files_cfg([txt]), tmp_path)["corpus_sha"])
+
+
+@pytest.mark.parametrize("suffix, prefix", [(".txt", b"a good line\n\n"), (".jsonl", b'{"text": "fine"}\n')])
+@pytest.mark.parametrize("payload, bad_at", [(b"\xff\xfe\x00binary", 0), (b"ok\x00\x00\x00", 2),
+                                             ("caf\u00e9 au lait".encode("latin-1"), 3)])
+def test_binary_or_non_utf8_files_refused(tmp_path, suffix, prefix, payload, bad_at):
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(prefix + payload + b"\n")
+    offset = len(prefix) + bad_at
+    with pytest.raises(DataError, match=rf"data\.paths: {path} is not UTF-8 text \(byte offset {offset}\)"):
+        list(iter_documents(_files_cfg([path]), tmp_path))
 
 
 def test_hf_source(tmp_path, monkeypatch):
