@@ -101,6 +101,16 @@ def test_model_and_file_problems(tmp_path):
     assert "no.model does not exist" in text
 
 
+def test_hf_source_needs_exactly_one_of_name_and_path(tmp_path):
+    cfg, _ = load_config(None, ["data.source=hf", f"data.hf_path={tmp_path}"])
+    assert validate(cfg) == []
+    cfg, _ = load_config(None, ["data.source=hf"])
+    assert any("needs data.hf_name" in p and "data.hf_path" in p for p in validate(cfg))
+    cfg, _ = load_config(None, ["data.source=hf", "data.hf_name=lm1b", f"data.hf_path={tmp_path / 'x'}"])
+    text = "\n".join(validate(cfg))
+    assert "both set" in text and "x is not a folder" in text
+
+
 def test_eval_sample_lengths_must_fit_the_model():
     cfg, _ = load_config(None, ["model.max_seq_len=64", "eval.prompt_len=10", "eval.sample_len=60"])
     assert any("prompt_len 10 + sample_len 60 exceeds model.max_seq_len=64" in p for p in validate(cfg))

@@ -218,7 +218,7 @@ def test_binary_or_non_utf8_files_refused(tmp_path, suffix, prefix, payload, bad
 def test_hf_source(tmp_path, monkeypatch):
     cfg = Config().data
     cfg.source = "hf"
-    with pytest.raises(DataError, match="hf_name is empty"):
+    with pytest.raises(DataError, match="hf_name and data.hf_path are empty"):
         list(iter_documents(cfg, tmp_path))
     cfg.hf_name = "some/dataset"
     calls = []
@@ -238,6 +238,54 @@ def test_hf_source(tmp_path, monkeypatch):
     assert calls[-1] == ("ok", "cfg1", "train", True)
     cfg.max_documents = 0
     with pytest.raises(DataError, match=r"record 2 has no field 'text'"):
+        list(iter_documents(cfg, tmp_path))
+
+
+def test_hf_source_offline(tmp_path, monkeypatch):
+    """A save_to_disk folder (hf_path) and the local cache (hf_streaming: false) need no network."""
+    import datasets
+
+    cfg = Config().data
+    cfg.source = "hf"
+    texts = ["saved one", "  ", "saved two", "saved three"]
+    datasets.Dataset.from_dict({"text": texts, "n": [1, 2, 3, 4]}).save_to_disk(str(tmp_path / "single"))
+    cfg.hf_path = str(tmp_path / "single")
+    assert list(iter_documents(cfg, tmp_path)) == ["saved one", "saved two", "saved three"]
+    before = describe_source(cfg, tmp_path)["corpus_sha"]
+
+    cfg.hf_path = str(tmp_path / "dict")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["train doc"]}),
+                          "validation": datasets.Dataset.from_dict({"text": ["valid doc"]})}).save_to_disk(cfg.hf_path)
+    cfg.hf_split = "validation"
+    assert list(iter_documents(cfg, tmp_path)) == ["valid doc"]
+    assert describe_source(cfg, tmp_path)["corpus_sha"] != before
+    cfg.hf_split = "test"
+    with pytest.raises(DataError, match=r"holds the splits train, validation but data\.hf_split is 'test'"):
+        list(iter_documents(cfg, tmp_path))
+    cfg.hf_path = str(tmp_path)  # a folder, but not a save_to_disk one
+    with pytest.raises(DataError, match=rf"data\.hf_path {tmp_path} is not a dataset folder written by .*save_to_disk"):
+        list(iter_documents(cfg, tmp_path))
+    cfg.hf_path = str(tmp_path / "missing")
+    with pytest.raises(DataError, match=r"missing is not a folder"):
+        list(iter_documents(cfg, tmp_path))
+    cfg.hf_name = "lm1b"
+    with pytest.raises(DataError, match=r"hf_name \('lm1b'\) and data\.hf_path .* are both set"):
+        list(iter_documents(cfg, tmp_path))
+
+    # hf_streaming: false asks load_dataset for the cached (downloaded) dataset, not a stream
+    cfg.hf_path, cfg.hf_split, cfg.hf_streaming = "", "train", False
+    calls = []
+
+    def fake_load(name, config, split, streaming):
+        calls.append(streaming)
+        if name == "absent":
+            raise ConnectionError("offline mode is enabled")
+        return datasets.Dataset.from_dict({"text": ["cached doc"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert list(iter_documents(cfg, tmp_path)) == ["cached doc"] and calls == [False]
+    cfg.hf_name = "absent"
+    with pytest.raises(DataError, match=r"'absent'.*offline mode.*hf_streaming: false reads the local datasets cache"):
         list(iter_documents(cfg, tmp_path))
 
 
