@@ -21,8 +21,10 @@ from kforcing_dist.data import DataError
 from kforcing_dist.data import corpus as corpus_mod
 from kforcing_dist.data.corpus import build_builtin_corpus, clean_docstring, iter_corpus
 from kforcing_dist.data.prepare import prepare_data, split_value
+from kforcing_dist.data.shards import SPLITS
 from kforcing_dist.data.sampler import TokenSampler, valid_batches
-from kforcing_dist.data.shards import TokenDataset, check_tokenizer_matches, read_metadata
+from kforcing_dist.data.shards import (TokenDataset, check_tokenizer_matches, read_metadata, sample_sha256,
+                                       verify_shards, write_metadata)
 from kforcing_dist.data.sources import describe_source, iter_documents
 from kforcing_dist.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, build_or_load_tokenizer,
                                           load_tokenizer, train_sentencepiece)
@@ -460,6 +462,87 @@ def test_corrupt_shards_refused(prepared, tmp_path):
     (copy / "metadata.json").unlink()
     with pytest.raises(DataError, match=r"metadata\.json does not exist.*prepare-data"):
         TokenDataset(copy, "valid")
+
+
+def _copy(prepared, dest) -> Path:
+    import shutil
+
+    shutil.copytree(prepared, dest)
+    return dest
+
+
+def test_garbage_shard_of_the_right_size_refused(prepared, tmp_path):
+    rng = np.random.default_rng(0)
+    assert verify_shards(prepared)["unchecked"] == []
+    # ids inside the vocabulary: only the checksum can tell
+    copy = _copy(prepared, tmp_path / "in_vocab")
+    shard = copy / "train" / "tokens-00001.bin"
+    rng.integers(0, VOCAB, shard.stat().st_size // 2, dtype=np.uint16).tofile(shard)
+    with pytest.raises(DataError, match=rf"shard file {shard} does not match its checksum.*re-run `kforcing-dist "
+                                        rf"prepare-data`"):
+        TokenDataset(copy, "train")
+    with pytest.raises(DataError, match=rf"1 damaged shard file.*{shard} does not match its sha256.*prepare-data"):
+        verify_shards(copy)
+    TokenDataset(copy, "valid")  # the other split is untouched
+    # random bytes: ids far outside the vocabulary are a DataError, not an IndexError in the model
+    copy = _copy(prepared, tmp_path / "random")
+    shard = copy / "train" / "tokens-00000.bin"
+    shard.write_bytes(rng.bytes(shard.stat().st_size))
+    with pytest.raises(DataError, match=rf"{shard} (does not match its checksum|holds token id \d+, outside the "
+                                        rf"vocabulary of {VOCAB})"):
+        TokenDataset(copy, "train")
+
+
+def _strip_checksums(folder: Path, keep_full: bool) -> None:
+    """Make ``folder`` look like one written before sampled checksums existed."""
+    meta = read_metadata(folder)
+    meta.pop("shard_sample")
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            shard.pop("sample_sha256")
+            if not keep_full:
+                shard.pop("sha256")
+    write_metadata(folder, meta)
+
+
+def test_old_shard_folders_still_read(prepared, tmp_path):
+    copy = _copy(prepared, tmp_path / "old")
+    _strip_checksums(copy, keep_full=False)
+    ds, ref = TokenDataset(copy, "train"), TokenDataset(prepared, "train")
+    assert np.array_equal(ds.window(0, len(ds)), ref.window(0, len(ref)))
+    result = verify_shards(copy)
+    assert len(result["unchecked"]) == result["files"] > 2 and result["bytes"] == 2 * (len(ds) + len(
+        TokenDataset(copy, "valid")))
+    # without a sample checksum, out-of-vocabulary ids in the sample are still refused at open
+    shard = copy / "train" / "tokens-00002.bin"
+    shard.write_bytes(np.random.default_rng(1).bytes(shard.stat().st_size))
+    with pytest.raises(DataError, match=rf"{shard} holds token id \d+, outside the vocabulary of {VOCAB}"):
+        TokenDataset(copy, "train")
+    with pytest.raises(DataError, match=rf"{shard} holds token id \d+ outside the vocabulary"):
+        verify_shards(copy)
+
+
+def test_damage_outside_the_sample_caught_by_window_and_verify(prepared, tmp_path):
+    copy = _copy(prepared, tmp_path / "mid")
+    meta = read_metadata(copy)
+    meta["shard_sample"] = {"blocks": 2, "block_bytes": 64}  # head and tail only: the middle goes unread
+    for split in SPLITS:
+        for shard in meta["splits"][split]["shards"]:
+            tokens = np.fromfile(copy / split / shard["file"], dtype=np.uint16)
+            shard["sample_sha256"] = sample_sha256(tokens, **meta["shard_sample"])
+    write_metadata(copy, meta)
+    first = meta["splits"]["train"]["shards"][0]
+    path = copy / "train" / first["file"]
+    tokens = np.fromfile(path, dtype=np.uint16)
+    middle = len(tokens) // 2
+    tokens[middle] = VOCAB + 5
+    tokens.tofile(path)
+    ds = TokenDataset(copy, "train")  # the sampled head and tail still match
+    ds.window(0, 100)
+    with pytest.raises(DataError, match=rf"{path} holds token id {VOCAB + 5}, outside the vocabulary"):
+        ds.window(middle - 10, 20)
+    with pytest.raises(DataError, match=rf"{path} does not match its sha256; {path} holds token id {VOCAB + 5}"):
+        verify_shards(copy)
 
 
 def test_tiny_source_still_gets_a_valid_document(prepared, tmp_path):
