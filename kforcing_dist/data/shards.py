@@ -324,16 +324,19 @@ class TokenDataset:
                         ids = np.frombuffer(block, dtype=self.dtype)
                         bad = _first_out_of_vocab(ids, self.vocab_size)
                         bad_token = int(ids[bad]) if bad >= 0 else None
-            want = shard.get("sha256")
+            want, reasons = shard.get("sha256"), []
             if want is None:
                 unchecked.append(str(path))
             elif h.hexdigest() != want:
-                problems.append(f"{path} does not match its sha256")
+                reasons.append(f"sha256 differs from {METADATA_FILE}")
             if bad_token is not None:
-                problems.append(f"{path} holds token id {bad_token} outside the vocabulary of {self.vocab_size}")
+                reasons.append(f"holds token id {bad_token} outside the vocabulary of {self.vocab_size}")
+            if reasons:
+                problems.append(f"{path} ({', '.join(reasons)})")
         if problems:
-            raise DataError(f"{len(problems)} damaged shard file(s) in {self.shards_dir}: {'; '.join(problems)}; "
-                            f"they are damaged or from another run: {_reprepare(self.shards_dir)}")
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise DataError(f"{len(problems)} damaged shard file(s) in {self.shards_dir}: {shown}; they are damaged "
+                            f"or from another run: {_reprepare(self.shards_dir)}")
         self.document_offsets  # the index must match the metadata too
         return {"files": len(shards), "bytes": nbytes, "unchecked": unchecked}
 

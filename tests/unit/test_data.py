@@ -481,7 +481,8 @@ def test_garbage_shard_of_the_right_size_refused(prepared, tmp_path):
     with pytest.raises(DataError, match=rf"shard file {shard} does not match its checksum.*re-run `kforcing-dist "
                                         rf"prepare-data`"):
         TokenDataset(copy, "train")
-    with pytest.raises(DataError, match=rf"1 damaged shard file.*{shard} does not match its sha256.*prepare-data"):
+    with pytest.raises(DataError, match=rf"1 damaged shard file.*{shard} \(sha256 differs from metadata\.json\)"
+                                        rf".*prepare-data"):
         verify_shards(copy)
     TokenDataset(copy, "valid")  # the other split is untouched
     # random bytes: ids far outside the vocabulary are a DataError, not an IndexError in the model
@@ -491,6 +492,20 @@ def test_garbage_shard_of_the_right_size_refused(prepared, tmp_path):
     with pytest.raises(DataError, match=rf"{shard} (does not match its checksum|holds token id \d+, outside the "
                                         rf"vocabulary of {VOCAB})"):
         TokenDataset(copy, "train")
+
+
+def test_verify_data_command(prepared, tmp_path, capsys):
+    from kforcing_dist.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    assert main(["verify-data", "-c", str(config), "--set", f"data.shards_dir={prepared}"]) == 0
+    assert f"{prepared}: " in capsys.readouterr().out
+    copy = _copy(prepared, tmp_path / "bad")
+    shard = copy / "valid" / "tokens-00000.bin"
+    shard.write_bytes(bytes(shard.stat().st_size))  # zeros: ids in range, wrong content
+    assert main(["verify-data", "-c", str(config), "--set", f"data.shards_dir={copy}"]) == 2
+    assert f"{shard} (sha256 differs" in capsys.readouterr().err
 
 
 def _strip_checksums(folder: Path, keep_full: bool) -> None:
@@ -518,7 +533,7 @@ def test_old_shard_folders_still_read(prepared, tmp_path):
     shard.write_bytes(np.random.default_rng(1).bytes(shard.stat().st_size))
     with pytest.raises(DataError, match=rf"{shard} holds token id \d+, outside the vocabulary of {VOCAB}"):
         TokenDataset(copy, "train")
-    with pytest.raises(DataError, match=rf"{shard} holds token id \d+ outside the vocabulary"):
+    with pytest.raises(DataError, match=rf"{shard} \(holds token id \d+ outside the vocabulary of {VOCAB}\)"):
         verify_shards(copy)
 
 
@@ -541,7 +556,7 @@ def test_damage_outside_the_sample_caught_by_window_and_verify(prepared, tmp_pat
     ds.window(0, 100)
     with pytest.raises(DataError, match=rf"{path} holds token id {VOCAB + 5}, outside the vocabulary"):
         ds.window(middle - 10, 20)
-    with pytest.raises(DataError, match=rf"{path} does not match its sha256; {path} holds token id {VOCAB + 5}"):
+    with pytest.raises(DataError, match=rf"{path} \(sha256 differs from metadata\.json, holds token id {VOCAB + 5} "):
         verify_shards(copy)
 
 
