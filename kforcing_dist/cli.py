@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_prepare_data)
 
+    p = sub.add_parser("verify-data", help="read every token shard of data.shards_dir: full sha256 and token ids "
+                                           "in the vocabulary (prepare-data and training check a sample only)")
+    _common(p)
+    p.set_defaults(func=cmd_verify_data)
+
     p = sub.add_parser("train-teacher", help="pretrain the AR teacher under DeepSpeed (resumes automatically)")
     _common(p)
     p.set_defaults(func=cmd_train_teacher)
@@ -173,6 +178,21 @@ def cmd_prepare_data(args) -> int:
 
     cfg, _ = _load(args)
     run_prepare_data(cfg, args.config)
+    return 0
+
+
+def cmd_verify_data(args) -> int:
+    from .app.runtime import setup_logging
+    from .app.teacher import shards_dir_of
+    from .data.shards import verify_shards
+
+    cfg, _ = _load(args)
+    setup_logging(0)
+    shards = shards_dir_of(cfg)
+    result = verify_shards(shards)
+    unchecked = f" ({len(result['unchecked'])} without a recorded sha256)" if result["unchecked"] else ""
+    print(f"{shards}: {result['files']} shard files, {result['bytes'] / 1e6:.1f} MB verified in "
+          f"{result['seconds']:.2f} s{unchecked}")
     return 0
 
 

@@ -235,9 +235,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None,
     text = load_yaml_text(path) if path else ""
     source = str(path) if path else "defaults"
     try:
-        raw = yaml.safe_load(text) if text else {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], source) from exc
+    if raw is None and path:
+        # an empty file (or one holding only comments) would silently train the default model
+        raise ConfigError([f"config file {path} is empty (no keys, only blank lines or comments): it would run "
+                           f"the default model; put your settings in it (start from configs/demo.yaml), or "
+                           f"write {{}} in it to mean all defaults"], source)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -63,13 +63,25 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     source: str = doc_field(
-        "builtin", "builtin: docstring corpus built on this machine; files: data.paths; hf: data.hf_name.",
+        "builtin", "builtin: docstring corpus built on this machine; files: data.paths; hf: data.hf_name or "
+                   "data.hf_path.",
         ("builtin", "files", "hf"))
     paths: list[str] = doc_field([], "Local .txt / .jsonl / .parquet files (source: files).")
     text_field: str = doc_field("text", "Field holding the text in .jsonl / .parquet / hf records.")
-    hf_name: str = doc_field("", "Hugging Face datasets name, e.g. lm1b or openwebtext (source: hf; needs hub access).")
+    txt_documents: str = doc_field(
+        "blank_line", "How a .txt file splits into documents: blank_line: paragraphs separated by blank lines "
+                      "(a file without one is one document); line: one document per line (the datasets "
+                      "text convention).", ("blank_line", "line"))
+    hf_name: str = doc_field("", "Hugging Face datasets name, e.g. lm1b or openwebtext (source: hf; read from "
+                                 "the hub, or from the local datasets cache with hf_streaming: false).")
     hf_config: str = doc_field("", "Optional Hugging Face dataset configuration name.")
-    hf_split: str = doc_field("train", "Split of the Hugging Face dataset to read.")
+    hf_split: str = doc_field("train", "Split of the Hugging Face dataset to read (of a DatasetDict for hf_path).")
+    hf_streaming: bool = doc_field(
+        True, "source: hf with hf_name: true streams from the hub while reading; false loads the dataset "
+              "through the local datasets cache (downloaded once; works offline with HF_DATASETS_OFFLINE=1 "
+              "once cached).")
+    hf_path: str = doc_field("", "source: hf from a local folder written by datasets' save_to_disk (read with "
+                                 "load_from_disk, no network), instead of hf_name.")
     max_documents: int = doc_field(0, "Read at most this many documents (0: all).")
     builtin_min_bytes: int = doc_field(6_000_000, "The built-in corpus gathers at least this much text.")
     shards_dir: str = doc_field("", "Where prepare-data writes token shards and training reads them; "

@@ -145,8 +145,13 @@ def _data_problems(cfg: Config, check_files: bool) -> list[str]:
                 out.append(f"data.paths: {p} has an unsupported extension; use one of {', '.join(DATA_EXTENSIONS)}")
             elif check_files and not Path(p).is_file():
                 out.append(f"data.paths: {p} does not exist")
-    if d.source == "hf" and not d.hf_name:
-        out.append("data.source=hf needs data.hf_name (e.g. lm1b or openwebtext)")
+    if d.source == "hf" and not (d.hf_name or d.hf_path):
+        out.append("data.source=hf needs data.hf_name (e.g. lm1b or openwebtext) or data.hf_path (a folder "
+                   "written by datasets' save_to_disk)")
+    if d.source == "hf" and d.hf_name and d.hf_path:
+        out.append("data.hf_name and data.hf_path are both set; set only one (hf_path: a save_to_disk folder)")
+    if d.source == "hf" and d.hf_path and check_files and not Path(d.hf_path).expanduser().is_dir():
+        out.append(f"data.hf_path: {d.hf_path} is not a folder (give a folder written by datasets' save_to_disk)")
     if not 0 < d.valid_fraction < 0.5:
         out.append(f"data.valid_fraction={d.valid_fraction} must lie in (0, 0.5)")
     if d.shard_tokens < 1024 or d.num_workers < 1 or d.max_documents < 0 or d.builtin_min_bytes < 0:

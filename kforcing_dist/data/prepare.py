@@ -25,8 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .shards import (FORMAT_VERSION, SPLITS, TOKENIZER_DIR, ShardWriter, TokenDataset, read_metadata, token_dtype,
-                     write_metadata)
+from .shards import (FORMAT_VERSION, SPLITS, TOKENIZER_DIR, ShardWriter, TokenDataset, read_metadata,
+                     shard_metadata, token_dtype, write_metadata)
 from .sources import describe_source, iter_documents
 from .tokenizer import Tokenizer, build_or_load_tokenizer
 
@@ -156,7 +156,7 @@ def _check_existing(shards_dir: Path, inputs: dict, key: str) -> dict | None:
         raise DataError(f"{shards_dir} holds shards made from other inputs (changed: {', '.join(changed) or 'unknown'}); "
                         f"delete it or choose another data.shards_dir.")
     for split in SPLITS:
-        TokenDataset(shards_dir, split)  # checks that every shard file is there with its size
+        TokenDataset(shards_dir, split)  # checks every shard file: there, its size, its sampled checksum
     return meta
 
 
@@ -299,6 +299,7 @@ def prepare_data(cfg, shards_dir, progress: bool = True, cache_dir=None) -> dict
             "tokens": {s: splits[s]["tokens"] for s in SPLITS},
             "documents": {s: splits[s]["documents"] for s in SPLITS},
             "splits": splits,
+            **shard_metadata(),
             "tokenize_seconds": round(tok_seconds, 3),
             "total_seconds": round(time.perf_counter() - start, 3),
         }

@@ -3,10 +3,18 @@
 File formats (``source: files``; ``data.paths`` entries may be files, directories or glob
 patterns, expanded in sorted order):
 
-* ``.txt``: documents are separated by one or more blank lines, so a file without blank lines is
-  one document. Lines inside a document keep their newlines.
+* ``.txt``: with ``data.txt_documents: blank_line`` (default) documents are separated by one or
+  more blank lines, so a file without blank lines is one document, and lines inside a document
+  keep their newlines; with ``line`` every non-blank line is a document.
 * ``.jsonl``: one JSON object per line; the document is the ``data.text_field`` string.
 * ``.parquet``: the ``data.text_field`` column, read batch by batch with pyarrow.
+
+``.txt`` and ``.jsonl`` must be UTF-8 text: a file with other bytes (binary, another encoding)
+is refused with the byte offset of the first bad byte.
+
+``source: hf`` reads ``data.hf_name`` with ``datasets.load_dataset`` (streamed from the hub, or
+with ``data.hf_streaming: false`` through the local datasets cache, which works offline), or a
+folder written by ``save_to_disk`` (``data.hf_path``, read with ``load_from_disk``).
 
 Empty or whitespace-only documents are skipped everywhere, and ``data.max_documents`` counts the
 documents actually yielded.
@@ -62,15 +70,46 @@ def resolve_paths(paths: list) -> list[Path]:
     return out
 
 
-def _iter_txt(path: Path) -> Iterator[str]:
-    lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; DataError for bytes that are not UTF-8 text.
+
+    Read as bytes and decoded line by line, so a binary file passed as text is refused with the
+    byte offset of the first bad byte instead of being turned into replacement characters.
+    """
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            nul = raw.find(b"\0")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = e.start if nul < 0 else min(e.start, nul)
+                raise DataError(_not_text(path, offset + bad)) from None
+            if nul >= 0:  # valid UTF-8, but no text file holds NUL bytes: it is binary
+                raise DataError(_not_text(path, offset + nul))
+            offset += len(raw)
+            yield lineno, line
+
+
+def _not_text(path: Path, offset: int) -> str:
+    return (f"data.paths: {path} is not UTF-8 text (byte offset {offset}); it is binary or in another encoding: "
+            f"convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it from data.paths.")
+
+
+def _iter_txt(path: Path, documents: str = "blank_line") -> Iterator[str]:
+    """Documents of a ``.txt`` file: separated by blank lines, or one per line (``documents="line"``)."""
+    if documents == "line":
+        for _, line in _text_lines(path):
             if line.strip():
-                lines.append(line.rstrip("\r\n"))
-            elif lines:
-                yield "\n".join(lines)
-                lines = []
+                yield line.rstrip("\r\n")
+        return
+    lines: list[str] = []
+    for _, line in _text_lines(path):
+        if line.strip():
+            lines.append(line.rstrip("\r\n"))
+        elif lines:
+            yield "\n".join(lines)
+            lines = []
     if lines:
         yield "\n".join(lines)
 
@@ -93,17 +132,16 @@ def _text_of(record: Any, field: str, where: str) -> str | None:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({e}); fix or remove that line.") from None
-            text = _text_of(record, field, f"{path}:{lineno}")
-            if text is not None:
-                yield text
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({e}); fix or remove that line.") from None
+        text = _text_of(record, field, f"{path}:{lineno}")
+        if text is not None:
+            yield text
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[str]:
@@ -131,35 +169,70 @@ def _iter_files(data_cfg) -> Iterator[str]:
     for path in resolve_paths(list(data_cfg.paths)):
         logger.debug("reading %s", path)
         if path.suffix == ".txt":
-            yield from _iter_txt(path)
+            yield from _iter_txt(path, data_cfg.txt_documents)
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path, data_cfg.text_field)
         else:
             yield from _iter_parquet(path, data_cfg.text_field)
 
 
+def _hf_label(data_cfg) -> str:
+    return f"Hugging Face dataset {data_cfg.hf_path or data_cfg.hf_name!r}"
+
+
 def _load_hf(data_cfg):
-    if not data_cfg.hf_name:
-        raise DataError("data.source is 'hf' but data.hf_name is empty; set data.hf_name to a Hugging Face "
-                        "dataset name (e.g. lm1b) or use data.source: builtin.")
+    if data_cfg.hf_name and data_cfg.hf_path:
+        raise DataError(f"data.hf_name ({data_cfg.hf_name!r}) and data.hf_path ({data_cfg.hf_path!r}) are both set; "
+                        f"set only one: hf_name for a hub/cache dataset, hf_path for a save_to_disk folder.")
+    if not data_cfg.hf_name and not data_cfg.hf_path:
+        raise DataError("data.source is 'hf' but data.hf_name and data.hf_path are empty; set data.hf_name to a "
+                        "Hugging Face dataset name (e.g. lm1b), or data.hf_path to a folder written by datasets' "
+                        "save_to_disk, or use data.source: builtin.")
     try:
         import datasets
     except ImportError as e:
         raise DataError(f"data.source 'hf' needs the 'datasets' package ({e}); pip install datasets.") from None
+    if data_cfg.hf_path:
+        return _load_hf_disk(datasets, data_cfg)
     try:
         return datasets.load_dataset(data_cfg.hf_name, data_cfg.hf_config or None, split=data_cfg.hf_split,
-                                     streaming=True)
+                                     streaming=data_cfg.hf_streaming)
     except Exception as e:  # network, auth, unknown names: all surface as various exception types
+        where = ("data.source: hf with hf_streaming: true reads the Hugging Face hub; check your network and "
+                 "HF_TOKEN, or on an offline machine set data.hf_streaming: false (local datasets cache, "
+                 "HF_DATASETS_OFFLINE=1) or data.hf_path (a save_to_disk folder)" if data_cfg.hf_streaming else
+                 "data.hf_streaming: false reads the local datasets cache (HF_HOME), downloading what it lacks; "
+                 "offline, load the dataset once on a machine with network into the same cache, or use "
+                 "data.hf_path (a save_to_disk folder)")
         raise DataError(
             f"could not open the Hugging Face dataset {data_cfg.hf_name!r} (config {data_cfg.hf_config or None!r}, "
-            f"split {data_cfg.hf_split!r}): {type(e).__name__}: {e}. data.source: hf needs access to the "
-            f"Hugging Face hub (or a local datasets cache); check the name, config and split, your network and "
-            f"HF_TOKEN, or use data.source: files / builtin.") from None
+            f"split {data_cfg.hf_split!r}): {type(e).__name__}: {e}. Check the name, config and split; {where}; "
+            f"or use data.source: files / builtin.") from None
+
+
+def _load_hf_disk(datasets, data_cfg):
+    """The dataset (or the ``hf_split`` of the dataset dict) saved by ``save_to_disk`` in ``data.hf_path``."""
+    path = Path(os.path.expanduser(data_cfg.hf_path))
+    if not path.is_dir():
+        raise DataError(f"data.hf_path {path} is not a folder; point it at a folder written by datasets' "
+                        f"save_to_disk (relative paths are taken from {os.getcwd()}).")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # missing or damaged state files surface as several exception types
+        raise DataError(f"data.hf_path {path} is not a dataset folder written by datasets' save_to_disk "
+                        f"({type(e).__name__}: {e}); save one with Dataset.save_to_disk, or use "
+                        f"data.source: files for raw .jsonl / .parquet files.") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if data_cfg.hf_split not in ds:
+            raise DataError(f"data.hf_path {path} holds the splits {', '.join(ds)} but data.hf_split is "
+                            f"{data_cfg.hf_split!r}; set data.hf_split to one of them.")
+        ds = ds[data_cfg.hf_split]
+    return ds
 
 
 def _iter_hf(data_cfg) -> Iterator[str]:
     ds = _load_hf(data_cfg)
-    where = f"Hugging Face dataset {data_cfg.hf_name!r} record"
+    where = f"{_hf_label(data_cfg)} record"
     try:
         for i, record in enumerate(ds):
             text = _text_of(record, data_cfg.text_field, f"{where} {i}")
@@ -168,8 +241,9 @@ def _iter_hf(data_cfg) -> Iterator[str]:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"reading the Hugging Face dataset {data_cfg.hf_name!r} failed: {type(e).__name__}: {e}; "
-                        f"data.source: hf needs access to the Hugging Face hub while reading (streaming).") from None
+        hint = ("data.source: hf with hf_streaming: true needs access to the Hugging Face hub while reading"
+                if data_cfg.hf_streaming and not data_cfg.hf_path else "check the dataset files")
+        raise DataError(f"reading the {_hf_label(data_cfg)} failed: {type(e).__name__}: {e}; {hint}.") from None
 
 
 def iter_documents(data_cfg, cache_dir: Path, progress: bool = False) -> Iterator[str]:
@@ -199,7 +273,8 @@ def describe_source(data_cfg, cache_dir: Path, progress: bool = False) -> dict:
     """What identifies the documents of ``data_cfg``, for cache keys and shard metadata.
 
     builtin: the corpus sha256; files: each file's path, size and mtime; hf: name, config and
-    split (the hub content itself cannot be checked). ``corpus_sha`` is a sha256 over the rest.
+    split (the hub content itself cannot be checked), or for ``hf_path`` the split and each file of
+    the saved folder with its size and mtime. ``corpus_sha`` is a sha256 over the rest.
     """
     desc: dict[str, Any] = {"source": data_cfg.source, "max_documents": int(data_cfg.max_documents or 0)}
     if data_cfg.source == "builtin":
@@ -213,7 +288,16 @@ def describe_source(data_cfg, cache_dir: Path, progress: bool = False) -> dict:
             st = p.stat()
             files.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
         desc.update(files=files, text_field=data_cfg.text_field)
+        if data_cfg.txt_documents != "blank_line":  # only when set, so older shard folders keep their key
+            desc.update(txt_documents=data_cfg.txt_documents)
+    elif data_cfg.source == "hf" and data_cfg.hf_path:
+        root = Path(os.path.expanduser(data_cfg.hf_path))
+        files = [{"path": str(p.relative_to(root)), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
+                 for p in sorted(root.rglob("*")) if p.is_file()] if root.is_dir() else []
+        desc.update(hf_path=str(root.resolve()), hf_split=data_cfg.hf_split, text_field=data_cfg.text_field,
+                    files=files)
     elif data_cfg.source == "hf":
+        # hf_streaming is left out: streamed or cached, the documents are the same
         desc.update(hf_name=data_cfg.hf_name, hf_config=data_cfg.hf_config, hf_split=data_cfg.hf_split,
                     text_field=data_cfg.text_field)
     else:

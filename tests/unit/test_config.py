@@ -58,6 +58,15 @@ def test_missing_config_file_names_it(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_empty_config_file_is_refused(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=rf"config file {path} is empty.*configs/demo\.yaml"):
+        load_config(path)
+    # an explicit empty mapping means "all defaults" on purpose; no file at all is the defaults too
+    assert load_config(write(tmp_path, "{}\n"))[0].model.hidden_size == load_config(None)[0].model.hidden_size
+
+
 def test_parallel_layout_problems_reported_together():
     cfg, _ = load_config(None, ["parallel.tp=3", "parallel.pp=2", "parallel.zero_stage=3",
                                 "model.num_layers=3"])
@@ -90,6 +99,16 @@ def test_model_and_file_problems(tmp_path):
     assert "missing.txt does not exist" in text
     assert "x.csv has an unsupported extension" in text
     assert "no.model does not exist" in text
+
+
+def test_hf_source_needs_exactly_one_of_name_and_path(tmp_path):
+    cfg, _ = load_config(None, ["data.source=hf", f"data.hf_path={tmp_path}"])
+    assert validate(cfg) == []
+    cfg, _ = load_config(None, ["data.source=hf"])
+    assert any("needs data.hf_name" in p and "data.hf_path" in p for p in validate(cfg))
+    cfg, _ = load_config(None, ["data.source=hf", "data.hf_name=lm1b", f"data.hf_path={tmp_path / 'x'}"])
+    text = "\n".join(validate(cfg))
+    assert "both set" in text and "x is not a folder" in text
 
 
 def test_eval_sample_lengths_must_fit_the_model():

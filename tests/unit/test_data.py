@@ -21,9 +21,11 @@ from kforcing_dist.data import DataError
 from kforcing_dist.data import corpus as corpus_mod
 from kforcing_dist.data.corpus import build_builtin_corpus, clean_docstring, iter_corpus
 from kforcing_dist.data.prepare import prepare_data, split_value
+from kforcing_dist.data.shards import SPLITS
 from kforcing_dist.data.sampler import TokenSampler, valid_batches
-from kforcing_dist.data.shards import TokenDataset, check_tokenizer_matches, read_metadata
-from kforcing_dist.data.sources import iter_documents
+from kforcing_dist.data.shards import (TokenDataset, check_tokenizer_matches, read_metadata, sample_sha256,
+                                       verify_shards, write_metadata)
+from kforcing_dist.data.sources import describe_source, iter_documents
 from kforcing_dist.data.tokenizer import (HFTokenizer, SentencePieceTokenizer, build_or_load_tokenizer,
                                           load_tokenizer, train_sentencepiece)
 
@@ -193,10 +195,32 @@ def test_source_errors_name_the_problem(tmp_path):
         list(iter_documents(_files_cfg([]), tmp_path))
 
 
+def test_txt_one_document_per_line(tmp_path):
+    txt = tmp_path / "lines.txt"
+    txt.write_text("first sentence.\nsecond sentence.\n\n  \nthird one\r\n")
+    assert list(iter_documents(_files_cfg([txt], txt_documents="line"), tmp_path)) == [
+        "first sentence.", "second sentence.", "third one"]
+    assert list(iter_documents(_files_cfg([txt]), tmp_path)) == ["first sentence.\nsecond sentence.", "third one"]
+    # a different split of the same files makes different shards: the inputs key must change
+    assert (describe_source(_files_cfg([txt], txt_documents="line"), tmp_path)["corpus_sha"]
+            != describe_source(_files_cfg([txt]), tmp_path)["corpus_sha"])
+
+
+@pytest.mark.parametrize("suffix, prefix", [(".txt", b"a good line\n\n"), (".jsonl", b'{"text": "fine"}\n')])
+@pytest.mark.parametrize("payload, bad_at", [(b"\xff\xfe\x00binary", 0), (b"ok\x00\x00\x00", 2),
+                                             ("caf\u00e9 au lait".encode("latin-1"), 3)])
+def test_binary_or_non_utf8_files_refused(tmp_path, suffix, prefix, payload, bad_at):
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(prefix + payload + b"\n")
+    offset = len(prefix) + bad_at
+    with pytest.raises(DataError, match=rf"data\.paths: {path} is not UTF-8 text \(byte offset {offset}\)"):
+        list(iter_documents(_files_cfg([path]), tmp_path))
+
+
 def test_hf_source(tmp_path, monkeypatch):
     cfg = Config().data
     cfg.source = "hf"
-    with pytest.raises(DataError, match="hf_name is empty"):
+    with pytest.raises(DataError, match="hf_name and data.hf_path are empty"):
         list(iter_documents(cfg, tmp_path))
     cfg.hf_name = "some/dataset"
     calls = []
@@ -216,6 +240,54 @@ def test_hf_source(tmp_path, monkeypatch):
     assert calls[-1] == ("ok", "cfg1", "train", True)
     cfg.max_documents = 0
     with pytest.raises(DataError, match=r"record 2 has no field 'text'"):
+        list(iter_documents(cfg, tmp_path))
+
+
+def test_hf_source_offline(tmp_path, monkeypatch):
+    """A save_to_disk folder (hf_path) and the local cache (hf_streaming: false) need no network."""
+    import datasets
+
+    cfg = Config().data
+    cfg.source = "hf"
+    texts = ["saved one", "  ", "saved two", "saved three"]
+    datasets.Dataset.from_dict({"text": texts, "n": [1, 2, 3, 4]}).save_to_disk(str(tmp_path / "single"))
+    cfg.hf_path = str(tmp_path / "single")
+    assert list(iter_documents(cfg, tmp_path)) == ["saved one", "saved two", "saved three"]
+    before = describe_source(cfg, tmp_path)["corpus_sha"]
+
+    cfg.hf_path = str(tmp_path / "dict")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["train doc"]}),
+                          "validation": datasets.Dataset.from_dict({"text": ["valid doc"]})}).save_to_disk(cfg.hf_path)
+    cfg.hf_split = "validation"
+    assert list(iter_documents(cfg, tmp_path)) == ["valid doc"]
+    assert describe_source(cfg, tmp_path)["corpus_sha"] != before
+    cfg.hf_split = "test"
+    with pytest.raises(DataError, match=r"holds the splits train, validation but data\.hf_split is 'test'"):
+        list(iter_documents(cfg, tmp_path))
+    cfg.hf_path = str(tmp_path)  # a folder, but not a save_to_disk one
+    with pytest.raises(DataError, match=rf"data\.hf_path {tmp_path} is not a dataset folder written by .*save_to_disk"):
+        list(iter_documents(cfg, tmp_path))
+    cfg.hf_path = str(tmp_path / "missing")
+    with pytest.raises(DataError, match=r"missing is not a folder"):
+        list(iter_documents(cfg, tmp_path))
+    cfg.hf_name = "lm1b"
+    with pytest.raises(DataError, match=r"hf_name \('lm1b'\) and data\.hf_path .* are both set"):
+        list(iter_documents(cfg, tmp_path))
+
+    # hf_streaming: false asks load_dataset for the cached (downloaded) dataset, not a stream
+    cfg.hf_path, cfg.hf_split, cfg.hf_streaming = "", "train", False
+    calls = []
+
+    def fake_load(name, config, split, streaming):
+        calls.append(streaming)
+        if name == "absent":
+            raise ConnectionError("offline mode is enabled")
+        return datasets.Dataset.from_dict({"text": ["cached doc"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert list(iter_documents(cfg, tmp_path)) == ["cached doc"] and calls == [False]
+    cfg.hf_name = "absent"
+    with pytest.raises(DataError, match=r"'absent'.*offline mode.*hf_streaming: false reads the local datasets cache"):
         list(iter_documents(cfg, tmp_path))
 
 
@@ -390,6 +462,102 @@ def test_corrupt_shards_refused(prepared, tmp_path):
     (copy / "metadata.json").unlink()
     with pytest.raises(DataError, match=r"metadata\.json does not exist.*prepare-data"):
         TokenDataset(copy, "valid")
+
+
+def _copy(prepared, dest) -> Path:
+    import shutil
+
+    shutil.copytree(prepared, dest)
+    return dest
+
+
+def test_garbage_shard_of_the_right_size_refused(prepared, tmp_path):
+    rng = np.random.default_rng(0)
+    assert verify_shards(prepared)["unchecked"] == []
+    # ids inside the vocabulary: only the checksum can tell
+    copy = _copy(prepared, tmp_path / "in_vocab")
+    shard = copy / "train" / "tokens-00001.bin"
+    rng.integers(0, VOCAB, shard.stat().st_size // 2, dtype=np.uint16).tofile(shard)
+    with pytest.raises(DataError, match=rf"shard file {shard} does not match its checksum.*re-run `kforcing-dist "
+                                        rf"prepare-data`"):
+        TokenDataset(copy, "train")
+    with pytest.raises(DataError, match=rf"1 damaged shard file.*{shard} \(sha256 differs from metadata\.json\)"
+                                        rf".*prepare-data"):
+        verify_shards(copy)
+    TokenDataset(copy, "valid")  # the other split is untouched
+    # random bytes: ids far outside the vocabulary are a DataError, not an IndexError in the model
+    copy = _copy(prepared, tmp_path / "random")
+    shard = copy / "train" / "tokens-00000.bin"
+    shard.write_bytes(rng.bytes(shard.stat().st_size))
+    with pytest.raises(DataError, match=rf"{shard} (does not match its checksum|holds token id \d+, outside the "
+                                        rf"vocabulary of {VOCAB})"):
+        TokenDataset(copy, "train")
+
+
+def test_verify_data_command(prepared, tmp_path, capsys):
+    from kforcing_dist.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("{}\n")
+    assert main(["verify-data", "-c", str(config), "--set", f"data.shards_dir={prepared}"]) == 0
+    assert f"{prepared}: " in capsys.readouterr().out
+    copy = _copy(prepared, tmp_path / "bad")
+    shard = copy / "valid" / "tokens-00000.bin"
+    shard.write_bytes(bytes(shard.stat().st_size))  # zeros: ids in range, wrong content
+    assert main(["verify-data", "-c", str(config), "--set", f"data.shards_dir={copy}"]) == 2
+    assert f"{shard} (sha256 differs" in capsys.readouterr().err
+
+
+def _strip_checksums(folder: Path, keep_full: bool) -> None:
+    """Make ``folder`` look like one written before sampled checksums existed."""
+    meta = read_metadata(folder)
+    meta.pop("shard_sample")
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            shard.pop("sample_sha256")
+            if not keep_full:
+                shard.pop("sha256")
+    write_metadata(folder, meta)
+
+
+def test_old_shard_folders_still_read(prepared, tmp_path):
+    copy = _copy(prepared, tmp_path / "old")
+    _strip_checksums(copy, keep_full=False)
+    ds, ref = TokenDataset(copy, "train"), TokenDataset(prepared, "train")
+    assert np.array_equal(ds.window(0, len(ds)), ref.window(0, len(ref)))
+    result = verify_shards(copy)
+    assert len(result["unchecked"]) == result["files"] > 2 and result["bytes"] == 2 * (len(ds) + len(
+        TokenDataset(copy, "valid")))
+    # without a sample checksum, out-of-vocabulary ids in the sample are still refused at open
+    shard = copy / "train" / "tokens-00002.bin"
+    shard.write_bytes(np.random.default_rng(1).bytes(shard.stat().st_size))
+    with pytest.raises(DataError, match=rf"{shard} holds token id \d+, outside the vocabulary of {VOCAB}"):
+        TokenDataset(copy, "train")
+    with pytest.raises(DataError, match=rf"{shard} \(holds token id \d+ outside the vocabulary of {VOCAB}\)"):
+        verify_shards(copy)
+
+
+def test_damage_outside_the_sample_caught_by_window_and_verify(prepared, tmp_path):
+    copy = _copy(prepared, tmp_path / "mid")
+    meta = read_metadata(copy)
+    meta["shard_sample"] = {"blocks": 2, "block_bytes": 64}  # head and tail only: the middle goes unread
+    for split in SPLITS:
+        for shard in meta["splits"][split]["shards"]:
+            tokens = np.fromfile(copy / split / shard["file"], dtype=np.uint16)
+            shard["sample_sha256"] = sample_sha256(tokens, **meta["shard_sample"])
+    write_metadata(copy, meta)
+    first = meta["splits"]["train"]["shards"][0]
+    path = copy / "train" / first["file"]
+    tokens = np.fromfile(path, dtype=np.uint16)
+    middle = len(tokens) // 2
+    tokens[middle] = VOCAB + 5
+    tokens.tofile(path)
+    ds = TokenDataset(copy, "train")  # the sampled head and tail still match
+    ds.window(0, 100)
+    with pytest.raises(DataError, match=rf"{path} holds token id {VOCAB + 5}, outside the vocabulary"):
+        ds.window(middle - 10, 20)
+    with pytest.raises(DataError, match=rf"{path} \(sha256 differs from metadata\.json, holds token id {VOCAB + 5} "):
+        verify_shards(copy)
 
 
 def test_tiny_source_still_gets_a_valid_document(prepared, tmp_path):
