@@ -84,7 +84,7 @@ def own_run_folder(folder: Path, command: str, groups):
     """
     from ..fsio import human_bytes
     from ..parallel.groups import any_rank
-    from ..training.checkpoint import remove_leftovers
+    from ..training.checkpoint import CheckpointError, remove_leftovers
     from ..training.runlock import RunFolderBusy, RunFolderLock
 
     lock = RunFolderLock(folder, command, slurm_job())
@@ -100,10 +100,13 @@ def own_run_folder(folder: Path, command: str, groups):
                 lock.write_record()  # in case a full disk kept it from being written
         except RunFolderBusy as exc:
             refusal = exc
+        except OSError as exc:  # e.g. no permission: every rank must hear of it, not wait on rank 0
+            refusal = CheckpointError(f"cannot lock run folder {folder} ({exc}); check its permissions "
+                                      f"or use another -o/--output-dir")
     try:
         if any_rank(refusal is not None, groups.device):
-            raise refusal or RunFolderBusy(f"run folder {folder} is in use by another run (rank 0 names it); "
-                                           f"wait for it to finish or use another -o/--output-dir")
+            raise refusal or RunFolderBusy(f"rank 0 could not take the lock on run folder {folder} (its message "
+                                           f"says why: another run holds it, or the folder is not writable)")
         yield
     finally:
         lock.release()

@@ -47,5 +47,5 @@ def test_rank0_alone_holds_the_lock_and_a_busy_folder_stops_every_rank(tmp_path)
     r0, r1 = run_distributed(_worker, 2, str(tmp_path), timeout=120)
     assert r0["holder"] == r1["holder"] == r0["pid"] != r1["pid"]
     assert r0["leftover_gone"] and r1["leftover_gone"] and r0["released"] and r1["released"]
-    assert "host gpu-node-17, pid 4242" in r0["busy"] and "in use by another run" in r1["busy"]
+    assert "host gpu-node-17, pid 4242" in r0["busy"] and "rank 0 could not take the lock" in r1["busy"]
     assert (tmp_path / "busy" / ".lock").exists()
