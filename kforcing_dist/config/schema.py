@@ -225,7 +225,7 @@ class EvalConfig:
     prompt_len: int = doc_field(6, "Tokens of each sample's held-out prompt (the authors use 6).")
     sample_len: int = doc_field(0, "New tokens per sample; 0: up to the models' max_seq_len - "
                                    "prompt_len (full length, where repetition drift shows).")
-    speed_batches: list[int] = doc_field([1, 8, 32], "Batch sizes of the decode speed measurement.")
+    speed_batches: list[int] = doc_field([1, 8, 32], "Batch sizes of the decode speed measurement ([] skips it).")
     speed_new_tokens: int = doc_field(64, "New tokens per sequence in a speed run.")
     speed_context: int = doc_field(32, "Prompt length of a speed run.")
     speed_repeats: int = doc_field(3, "Timed repeats per speed cell (median reported).")

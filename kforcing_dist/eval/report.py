@@ -189,7 +189,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
                                               min(ev.speed_new_tokens, sample_len), dec.tau, dec.seed,
                                               ev.speed_repeats)
 
-    if models:
+    if models and ev.speed_batches:  # eval.speed_batches: [] skips the speed measurement
         biggest = models[max(models)]
         speed_prompts = contexts[:, : ev.speed_context].tolist()
         report["speed"] = decode_speed(teacher, biggest, speed_prompts, ev.speed_batches,

@@ -256,3 +256,12 @@ def test_report_has_the_new_keys(tmp_path):
     for text in ("## Warnings", "mode baseline", "vs chained k/2 student", "| k2 | block |",
                  "entropy per sample", "| k2@p0 | 0.00 |", "| data | - |"):
         assert text in md, text
+
+
+def test_agreement_only_report(tmp_path):
+    """No frontier, lossless or speed measurement: the report still renders (the budget curve's use)."""
+    cfg = _tiny_run(tmp_path)
+    cfg.eval.frontier_taus, cfg.eval.lossless, cfg.eval.speed_batches = [], False, []
+    r = evaluate_run(cfg, tmp_path)
+    assert {"frontier", "lossless", "speed"}.isdisjoint(r) and r["stages"]["k2"]["block_agreement"] >= 0
+    assert "## Decode speed" not in (tmp_path / "report.md").read_text()
