@@ -116,17 +116,26 @@ def _universal_on_rank0(ck: TrainingCheckpoint, scratch: Path, groups) -> None:
                                        f"(its message is in rank 0's output)")
 
 
-def _restore_group_hyperparameters(engine, universal_dir: Path) -> None:
-    """ZeRO-3's universal load (DeepSpeed 0.19) gives every parameter group the first group's lr and
-    weight decay; put back each group's own (no decay on norms and biases, scaled LRs), as saved."""
+def _repair_zero3_universal_load(engine, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
+
+    - it gives every parameter group the first group's hyperparameters: put back each group's own
+      (no weight decay on norms and biases, scaled LRs), as the source saved them;
+    - it stores one ``step`` tensor object in every group's state, and torch's Adam increments it in
+      place once per group, so the second group would see step t+2 on the first resumed step: give
+      each group its own copy.
+    """
     saved = load_torch_file(universal_dir / UNIVERSAL_TAG / "zero" / "optimizer_state.pt",
                             deepspeed_objects=True)["param_groups"]
-    live = engine.optimizer.optimizer.param_groups
-    if len(saved) != len(live):
-        raise CheckpointError(f"the source optimizer has {len(saved)} parameter groups, the target {len(live)}; "
-                              f"the checkpoint does not belong to this model")
-    for group, src in zip(live, saved):
+    base = engine.optimizer.optimizer
+    if len(saved) != len(base.param_groups):
+        raise CheckpointError(f"the source optimizer has {len(saved)} parameter groups, the target "
+                              f"{len(base.param_groups)}; the checkpoint does not belong to this model")
+    for group, src in zip(base.param_groups, saved):
         group.update({k: v for k, v in src.items() if k != "params"})
+    for state in base.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str, str | None]:
@@ -200,7 +209,7 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str,
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made from {ck.engine_dir}")
             if cfg.parallel.zero_stage == 3:
-                _restore_group_hyperparameters(engine, scratch)
+                _repair_zero3_universal_load(engine, scratch)
         elif how == CARRY_FILES:
             # same files per model-parallel rank: DeepSpeed loads the moments itself (weights identical)
             loaded, _ = engine.load_checkpoint(str(ck.path), tag="engine", load_optimizer_states=True,

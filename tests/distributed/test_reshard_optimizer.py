@@ -136,9 +136,10 @@ def test_zero2_reshard_to_another_dp_resumes_exactly(sources, tmp_path, src_dp, 
           f"largest parameter difference {worst:.2e}")
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_zero1_and_zero3_reshard_dp2_to_dp1_resumes_exactly(tmp_path, zero):
-    """ZeRO-3 also checks each parameter group's own weight decay survives DeepSpeed's universal load."""
+# ZeRO-1 runs DeepSpeed's ZeRO-2 code (stage_1_and_2.py) and passed the same way; ZeRO-3 has its own
+# universal loader, with the two slips reshard repairs (group hyperparameters, a shared Adam step)
+@pytest.mark.parametrize("zero", [3])
+def test_zero3_reshard_dp2_to_dp1_resumes_exactly(tmp_path, zero):
     src = tmp_path / "dp2"
     reference = run_distributed(_run, 2, zero, str(src))[0]
     resumed = run_distributed(_run, 1, zero, str(tmp_path / "dp1"), str(_checkpoint(src)))[0]
