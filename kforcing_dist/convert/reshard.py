@@ -9,12 +9,12 @@ weights, ``exp_avg``, ``exp_avg_sq``, ``step``):
 
 - same TP, PP, ZeRO stage and DP size, or ZeRO-0 (not partitioned over DP): DeepSpeed's
   ``load_checkpoint`` reads the source files as they are;
-- a DP change under ZeRO-1/2/3 (same TP, no pipeline, same stage): the source is converted to a
-  DeepSpeed universal checkpoint (:mod:`.universal`) and loaded with ``checkpoint.load_universal``,
-  which re-partitions the state for the target DP size;
-- anything else (TP or PP or ZeRO-stage changes, a DP change with a pipeline): the moments are
-  reset; the run says so on stdout and the checkpoint's metadata.json records ``optimizer_reset``
-  with the reason.
+- a DP change under ZeRO-1/2/3 (same TP, no pipeline, same stage; ZeRO-3 only at TP 1): the source
+  is converted to a DeepSpeed universal checkpoint (:mod:`.universal`) and loaded with
+  ``checkpoint.load_universal``, which re-partitions the state for the target DP size;
+- anything else (TP or PP or ZeRO-stage changes, a DP change with a pipeline or with ZeRO-3 at
+  TP > 1): the moments are reset; the run says so on stdout and the checkpoint's metadata.json
+  records ``optimizer_reset`` with the reason.
 """
 
 from __future__ import annotations
@@ -90,6 +90,12 @@ def optimizer_carry(src: dict, dst: dict) -> tuple[str, str | None]:
         return CARRY_RESET, (f"data-parallel size changes ({src['dp']}->{dst['dp']}) with a pipeline "
                              f"(pp {src['pp']}): DeepSpeed's universal checkpoint does not read pipeline layer "
                              f"files; only pp 1 carries the moments across a DP change")
+    if src["zero_stage"] == 3 and src["tp"] > 1:
+        # DeepSpeed 0.19's ZeRO-3 universal loader cuts a weight's tensor-parallel shard only for its
+        # own AutoTP layers (measured: it fails on megatron-core shards at TP 2)
+        return CARRY_RESET, (f"data-parallel size changes ({src['dp']}->{dst['dp']}) under ZeRO-3 with tp "
+                             f"{src['tp']}: DeepSpeed's ZeRO-3 universal checkpoint cannot re-split this model's "
+                             f"tensor-parallel shards; ZeRO-1/2 (or tp 1) carry the moments across a DP change")
     return CARRY_UNIVERSAL, None
 
 

@@ -47,7 +47,7 @@ class GlobalOrderSampler:
         self.micro_index = state["position"] * self.grad_accum
 
 
-def _run(rank, world, zero, out, source=None):
+def _run(rank, world, zero, out, source=None, tp=1):
     """Train to step LAST (saving at SAVE_AT); with ``source``: reshard it into ``out`` first, resume there."""
     import resource
     import time
@@ -61,11 +61,11 @@ def _run(rank, world, zero, out, source=None):
     from kforcing_dist.training.trainer import LMTask, LMTrainer
 
     cfg, text = load_config(None, BASE + [f"parallel.zero_stage={zero}", f"train.micro_batch_size={MICRO}",
-                                          f"train.global_batch_size={GLOBAL_BATCH}", "train.precision=fp32",
+                                          f"train.global_batch_size={GLOBAL_BATCH}", "train.precision=fp32", f"parallel.tp={tp}",
                                           f"output_dir={out}"])
-    groups = init_model_parallel(1, 1, init_distributed(resolve_launch(), "gloo"))
+    groups = init_model_parallel(tp, 1, init_distributed(resolve_launch(), "gloo"))
     layout = derive_layout(cfg, world)
-    padded = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, 1)
+    padded = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, tp)
     info = {}
     if source is not None:
         t0 = time.perf_counter()
