@@ -7,9 +7,11 @@ exp_avg.pt`` ...), and an engine configured with ``checkpoint.load_universal`` r
 its own DP size as it loads. Nothing here does ZeRO partition arithmetic: this module vets the files,
 runs DeepSpeed's converter, and turns its failures into a CheckpointError.
 
-The conversion keeps the tensor-parallel split as it is (same TP size on both sides): DeepSpeed
-concatenates the TP ranks' pieces and the loading engine cuts them back apart along the same axis.
-It is not used for TP or PP changes (see :func:`kforcing_dist.convert.reshard.optimizer_carry`).
+The conversion keeps the tensor-parallel split as it is (same TP size on both sides): under ZeRO-1/2
+DeepSpeed concatenates the TP ranks' pieces and the loading engine cuts them back apart along the
+same axis (measured exact at TP 2). Its ZeRO-3 loader re-splits TP shards only for DeepSpeed's own
+AutoTP layers, so ZeRO-3 goes through here only at TP 1; TP and PP changes never do (see
+:func:`kforcing_dist.convert.reshard.optimizer_carry`).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ class GlobalOrderSampler:
         self.micro_index = state["position"] * self.grad_accum
 
 
-def _run(rank, world, zero, out, source=None, tp=1):
+def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
     """Train to step LAST (saving at SAVE_AT); with ``source``: reshard it into ``out`` first, resume there."""
     import resource
     import time
@@ -61,7 +61,7 @@ def _run(rank, world, zero, out, source=None, tp=1):
     from kforcing_dist.training.trainer import LMTask, LMTrainer
 
     cfg, text = load_config(None, BASE + [f"parallel.zero_stage={zero}", f"train.micro_batch_size={MICRO}",
-                                          f"train.global_batch_size={GLOBAL_BATCH}", "train.precision=fp32", f"parallel.tp={tp}",
+                                          f"train.global_batch_size={GLOBAL_BATCH}", f"train.precision={precision}", f"parallel.tp={tp}",
                                           f"output_dir={out}"])
     groups = init_model_parallel(tp, 1, init_distributed(resolve_launch(), "gloo"))
     layout = derive_layout(cfg, world)
