@@ -49,11 +49,14 @@ def run_reshard(args) -> int:
     original = (ck.path / "original_config.yaml").read_text() if (ck.path / "original_config.yaml").is_file() else ""
     check(cfg, info.world_size, source=f"{ck.path / 'config.yaml'} + --set")
     with distributed(info, cfg) as groups:
-        path, reason = reshard(ck.path, cfg, original, groups, derive_layout(cfg, info.world_size))
+        path, how, reason = reshard(ck.path, cfg, original, groups, derive_layout(cfg, info.world_size))
     if info.rank == 0:
         if reason:
             print(f"reshard: the optimizer state (Adam moments) is RESET: {reason}. Weights, step, LR schedule "
                   f"and data position are carried; metadata.json records optimizer_reset.")
+        elif how == "universal":
+            print("reshard: the optimizer state (fp32 master weights, Adam moments and step) was carried over "
+                  "through a DeepSpeed universal checkpoint, re-partitioned for the new data-parallel size")
         else:
             print("reshard: the optimizer state was carried over by DeepSpeed unchanged")
         _report("reshard", path, t0)

@@ -4,10 +4,17 @@ The weights are consolidated offline (:mod:`.training`), padded to the target's 
 sliced into a freshly built model at the target layout, wrapped in the same DeepSpeed engine the
 trainer builds, and saved with the trainer's own ``save`` (atomic, COMPLETE marker). Carried: the
 weights, step and tokens seen, the data sampler's position, the LR schedule (DeepSpeed's scheduler
-state), the engine's step counters. The Adam moments are carried by DeepSpeed's own
-``load_checkpoint`` where its files fit the target unchanged (same TP and PP, and the same DP size
-or ZeRO-0, whose optimizer state is not partitioned over DP); elsewhere they are reset: the run
-says so on stdout and the checkpoint's metadata.json records ``optimizer_reset`` with the reason.
+state), the engine's step counters, and - see :func:`optimizer_carry` - the Adam state (fp32 master
+weights, ``exp_avg``, ``exp_avg_sq``, ``step``):
+
+- same TP, PP, ZeRO stage and DP size, or ZeRO-0 (not partitioned over DP): DeepSpeed's
+  ``load_checkpoint`` reads the source files as they are;
+- a DP change under ZeRO-1/2/3 (same TP, no pipeline, same stage; ZeRO-3 only at TP 1): the source
+  is converted to a DeepSpeed universal checkpoint (:mod:`.universal`) and loaded with
+  ``checkpoint.load_universal``, which re-partitions the state for the target DP size;
+- anything else (TP or PP or ZeRO-stage changes, a DP change with a pipeline or with ZeRO-3 at
+  TP > 1): the moments are reset; the run says so on stdout and the checkpoint's metadata.json
+  records ``optimizer_reset`` with the reason.
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from ..training.checkpoint import CheckpointError
 from .safeload import load_torch_file
 from .training import (STUDENT_KIND_RE, TrainingCheckpoint, checkpoint_noise, consolidate_weights,
                        read_training_checkpoint)
+from .universal import TAG as UNIVERSAL_TAG
+from .universal import to_universal
 
 log = logging.getLogger("kforcing_dist")
 
@@ -58,24 +68,88 @@ def _engine_counters(ck: TrainingCheckpoint) -> dict:
     return {k: state.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
 
 
-def optimizer_carry_reason(src: dict, dst: dict) -> str | None:
-    """None when DeepSpeed can load the source optimizer state at the target layout as it is, else why not."""
+# how the Adam state reaches the target (optimizer_carry)
+CARRY_FILES, CARRY_UNIVERSAL, CARRY_RESET = "deepspeed", "universal", "reset"
+
+
+def optimizer_carry(src: dict, dst: dict) -> tuple[str, str | None]:
+    """How the source layout's optimizer state reaches the target: (CARRY_FILES | CARRY_UNIVERSAL,
+    None), or (CARRY_RESET, why it cannot be carried)."""
     if (src["tp"], src["pp"]) != (dst["tp"], dst["pp"]):
-        return (f"tensor/pipeline layout changes (tp {src['tp']}->{dst['tp']}, pp {src['pp']}->{dst['pp']}): "
-                f"DeepSpeed's optimizer files are per model-parallel rank")
+        return CARRY_RESET, (
+            f"tensor/pipeline layout changes (tp {src['tp']}->{dst['tp']}, pp {src['pp']}->{dst['pp']}): "
+            f"DeepSpeed's optimizer files are per model-parallel rank, and its universal checkpoint cannot "
+            f"re-split this model's tensor-parallel shards (nothing records each weight's split); only "
+            f"data-parallel changes carry the moments")
     if src["zero_stage"] != dst["zero_stage"]:
-        return f"ZeRO stage changes ({src['zero_stage']}->{dst['zero_stage']}): the optimizer files differ in kind"
-    if src["dp"] != dst["dp"] and src["zero_stage"] > 0:
-        return (f"data-parallel size changes ({src['dp']}->{dst['dp']}) under ZeRO-{src['zero_stage']}: the "
-                f"partitioned optimizer state would need a DeepSpeed universal checkpoint (ds_to_universal)")
-    return None
+        return CARRY_RESET, (f"ZeRO stage changes ({src['zero_stage']}->{dst['zero_stage']}): the optimizer "
+                             f"files differ in kind; keep parallel.zero_stage={src['zero_stage']} to carry them")
+    if src["dp"] == dst["dp"] or src["zero_stage"] == 0:
+        return CARRY_FILES, None
+    if src["pp"] > 1:
+        return CARRY_RESET, (f"data-parallel size changes ({src['dp']}->{dst['dp']}) with a pipeline "
+                             f"(pp {src['pp']}): DeepSpeed's universal checkpoint does not read pipeline layer "
+                             f"files; only pp 1 carries the moments across a DP change")
+    if src["zero_stage"] == 3 and src["tp"] > 1:
+        # DeepSpeed 0.19's ZeRO-3 universal loader cuts a weight's tensor-parallel shard only for its
+        # own AutoTP layers (measured: it fails on megatron-core shards at TP 2)
+        return CARRY_RESET, (f"data-parallel size changes ({src['dp']}->{dst['dp']}) under ZeRO-3 with tp "
+                             f"{src['tp']}: DeepSpeed's ZeRO-3 universal checkpoint cannot re-split this model's "
+                             f"tensor-parallel shards; ZeRO-1/2 (or tp 1) carry the moments across a DP change")
+    return CARRY_UNIVERSAL, None
 
 
-def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str | None]:
+def optimizer_carry_reason(src: dict, dst: dict) -> str | None:
+    """None when the optimizer state can be carried to the target layout, else why not."""
+    return optimizer_carry(src, dst)[1]
+
+
+def _universal_on_rank0(ck: TrainingCheckpoint, scratch: Path, groups) -> None:
+    """Rank 0 converts the source engine folder into ``scratch``; every rank learns whether it worked
+    (a failure on rank 0 must not leave the others waiting in the load)."""
+    error = None
+    if groups.world_rank == 0:
+        try:
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            to_universal(ck.engine_dir, scratch)
+        except CheckpointError as e:
+            error = e
+    failed = torch.tensor([1.0 if error else 0.0])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        raise error or CheckpointError(f"rank 0 could not convert {ck.engine_dir} to a universal checkpoint "
+                                       f"(its message is in rank 0's output)")
+
+
+def _repair_zero3_universal_load(engine, universal_dir: Path) -> None:
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
+
+    - it gives every parameter group the first group's hyperparameters: put back each group's own
+      (no weight decay on norms and biases, scaled LRs), as the source saved them;
+    - it stores one ``step`` tensor object in every group's state, and torch's Adam increments it in
+      place once per group, so the second group would see step t+2 on the first resumed step: give
+      each group its own copy.
+    """
+    saved = load_torch_file(universal_dir / UNIVERSAL_TAG / "zero" / "optimizer_state.pt",
+                            deepspeed_objects=True)["param_groups"]
+    base = engine.optimizer.optimizer
+    if len(saved) != len(base.param_groups):
+        raise CheckpointError(f"the source optimizer has {len(saved)} parameter groups, the target "
+                              f"{len(base.param_groups)}; the checkpoint does not belong to this model")
+    for group, src in zip(base.param_groups, saved):
+        group.update({k: v for k, v in src.items() if k != "params"})
+    for state in base.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str, str | None]:
     """Write ``<cfg.output_dir>/checkpoints/step-N`` at ``layout`` from the checkpoint ``source``.
 
     ``cfg``: the target run's config (the source's config.yaml with the new parallel settings);
-    ``groups``/``layout``: the running target job's. Returns (checkpoint folder, reset reason or None).
+    ``groups``/``layout``: the running target job's. Returns (checkpoint folder, how the optimizer
+    state was carried (:func:`optimizer_carry`), reset reason or None).
     """
     from ..model.pipeline import build_model, load_plain_state_dict
     from ..model.transformer import pad_vocab_size
@@ -111,13 +185,15 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
     load_plain_state_dict(model, full, groups)
     extra = {k: v for k, v in ck.meta.items()
              if k not in ("kind", "format", "precision", "versions", "model", "layout", "resharded_from",
-                          "optimizer_reset")}
+                          "optimizer_reset", "optimizer_carried")}
     extra["padded_vocab_size"] = padded
     target = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "zero_stage": cfg.parallel.zero_stage}
-    reason = optimizer_carry_reason(ck.layout, target)
+    how, reason = optimizer_carry(ck.layout, target)
     extra["resharded_from"] = {"checkpoint": str(ck.path), "layout": ck.layout, "step": ck.state["step"]}
     if reason:
         extra["optimizer_reset"] = reason
+    else:
+        extra["optimizer_carried"] = how
 
     def save_extras(folder: Path) -> None:
         if (ck.path / "tokenizer").is_dir():
@@ -125,10 +201,22 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
 
     trainer = LMTrainer(cfg, original_yaml, groups, layout, model, _TaskKind(kind, lr_scales),
                         _CarriedSampler(src_sampler), lambda: iter(()), out, extra_metadata=extra,
-                        save_extras=save_extras)
+                        save_extras=save_extras, load_universal=how == CARRY_UNIVERSAL)
+    # the universal checkpoint lives beside the target's checkpoints (shared storage on a cluster)
+    scratch = out / ".reshard-universal"
     try:
         engine = trainer.engine
-        if reason is None:
+        if how == CARRY_UNIVERSAL:
+            _universal_on_rank0(ck, scratch, groups)
+            # DeepSpeed re-partitions the fp32 masters and moments for this DP size; the weights it
+            # writes back into the model are the fp32 masters (bf16: no rounding through the copies)
+            loaded, _ = engine.load_checkpoint(str(scratch), tag=UNIVERSAL_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load the universal checkpoint made from {ck.engine_dir}")
+            if cfg.parallel.zero_stage == 3:
+                _repair_zero3_universal_load(engine, scratch)
+        elif how == CARRY_FILES:
             # same files per model-parallel rank: DeepSpeed loads the moments itself (weights identical)
             loaded, _ = engine.load_checkpoint(str(ck.path), tag="engine", load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
@@ -146,4 +234,6 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str 
         path = trainer.save()
     finally:
         trainer.close()
-    return path, reason
+        if how == CARRY_UNIVERSAL and groups.world_rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return path, how, reason

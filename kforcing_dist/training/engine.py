@@ -45,7 +45,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
     return [{"params": ps, "weight_decay": wd, "lr": lr * scale} for (scale, wd), ps in buckets.items()]
 
 
-def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
+def deepspeed_config(cfg: Config, layout: Layout, precision: str, load_universal: bool = False) -> dict:
+    """DeepSpeed's config for the run. ``load_universal``: the engine's ``load_checkpoint`` reads a
+    DeepSpeed universal checkpoint (``convert/universal.py``) instead of its own per-rank files."""
     t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
@@ -66,17 +68,20 @@ def deepspeed_config(cfg: Config, layout: Layout, precision: str) -> dict:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     return ds
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, groups: ParallelGroups,
-                 precision: str, lr_scales: dict[str, float] | None = None):
-    """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside)."""
+                 precision: str, lr_scales: dict[str, float] | None = None, load_universal: bool = False):
+    """Wrap ``model`` in a DeepSpeed engine; returns the engine (optimizer and scheduler inside).
+    ``load_universal``: see :func:`deepspeed_config` (saving is unaffected)."""
     import deepspeed
 
     from ..model.pipeline import is_pipeline
 
-    ds_cfg = deepspeed_config(cfg, layout, precision)
+    ds_cfg = deepspeed_config(cfg, layout, precision, load_universal)
     if is_pipeline(model):
         # no mpu with a pipeline: the engine takes TP x PP x DP from the module's topology
         engine, _, _, _ = deepspeed.initialize(

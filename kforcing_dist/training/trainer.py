@@ -106,13 +106,14 @@ class LMTrainer:
 
     ``task`` (e.g. :class:`LMTask`) computes each micro-batch's loss and metrics.
     ``valid_batches`` is a callable returning a fresh iterator of the fixed validation
-    micro-batches for this rank.
+    micro-batches for this rank. ``load_universal``: the engine loads DeepSpeed universal checkpoints
+    (only ``convert reshard`` sets it, to carry the optimizer across a data-parallel change).
     """
 
     def __init__(self, cfg: Config, original_yaml: str, groups: ParallelGroups, layout: Layout,
                  model: torch.nn.Module, task, sampler, valid_batches: Callable,
                  output_dir: Path, extra_metadata: dict, save_extras: Callable[[Path], None] | None = None,
-                 stop_flag: StopFlag | None = None):
+                 stop_flag: StopFlag | None = None, load_universal: bool = False):
         self.cfg, self.original_yaml, self.groups, self.layout = cfg, original_yaml, groups, layout
         self.task, self.sampler, self.valid_batches = task, sampler, valid_batches
         kind = task.kind
@@ -126,7 +127,7 @@ class LMTrainer:
             # a DeepSpeed pipeline computes the loss on its last stage with the module's loss_fn
             model.loss_fn = task.pipe_loss
         self.engine = build_engine(model.to(groups.device), cfg, layout, groups, self.precision,
-                                   getattr(task, "lr_scales", None))
+                                   getattr(task, "lr_scales", None), load_universal)
         self.step = 0
         self.tokens_seen = 0
         self.is_logger = groups.is_logging_rank
