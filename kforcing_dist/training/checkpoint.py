@@ -14,12 +14,10 @@ import shutil
 import time
 from pathlib import Path
 
+from ..errors import CheckpointError
+
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not fit the run loading it."""
 
 
 def step_dir_name(step: int) -> str:
