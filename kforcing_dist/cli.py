@@ -2,6 +2,9 @@
 
 Every subcommand takes ``-c/--config FILE``, repeatable ``--set key.path=value`` and
 ``-o/--output-dir DIR``; it loads and validates the config, then calls the app layer.
+``main`` prints any :class:`~kforcing_dist.errors.UserError` as one line and exits 2 (the
+traceback too with ``--debug`` or ``KFORCING_DIST_DEBUG=1``); other exceptions are bugs and keep
+their traceback.
 """
 
 from __future__ import annotations
