@@ -2,15 +2,24 @@
 
 Every subcommand takes ``-c/--config FILE``, repeatable ``--set key.path=value`` and
 ``-o/--output-dir DIR``; it loads and validates the config, then calls the app layer.
+``main`` prints any :class:`~kforcing_dist.errors.UserError` as one line and exits 2 (the
+traceback too with ``--debug`` or ``KFORCING_DIST_DEBUG=1``); other exceptions are bugs and keep
+their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
+# Every UserError (kforcing_dist/errors.py): one line naming the problem and the fix.
 EXIT_USER_ERROR = 2
+# A full traceback instead of the one line (the same as --debug).
+DEBUG_ENV = "KFORCING_DIST_DEBUG"
 # Saved and stopped before the end (signal or time budget): rerun the same command to resume.
 # Not 0, so a Slurm ``afterok`` chain does not start the next stage on an unfinished one.
 EXIT_STOPPED_EARLY = 3
@@ -109,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+    _add_debug_flag(parser)
     return parser
 
 
@@ -163,7 +173,10 @@ def _add_convert(sub) -> None:
 
 def cmd_convert(args) -> int:
     from .app import convert
+    from .app.paths import output_folder
 
+    if getattr(args, "out", None):  # written beside its final name, then renamed
+        output_folder(Path(args.out).absolute().parent, "the folder of --out")
     return getattr(convert, args.run)(args)
 
 
@@ -267,22 +280,32 @@ def cmd_plan(args) -> int:
     return 0 if plan.fits else 1
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser, default=False) -> None:
+    """``--debug`` on the parser and every subcommand, so it may come before or after the
+    subcommand (below the top its default is SUPPRESS: a subcommand must not reset the top's)."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help=f"on an error, print its traceback too (or set {DEBUG_ENV}=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_flag(child, default=argparse.SUPPRESS)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in TRAINING_COMMANDS:
         from .app import early_signals
 
-        # before every heavy import (the error classes below pull in torch): a Slurm USR1 must
-        # not kill a starting job
+        # before every heavy import (the commands import torch): a Slurm USR1 must not kill a
+        # starting job
         early_signals.catch()
-    from .config import ConfigError
-    from .data import DataError
-    from .decode.errors import DecodeError
-    from .training.checkpoint import CheckpointError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError, DecodeError) as exc:
+    except UserError as exc:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()
         what = f" {args.what}" if getattr(args, "what", None) else ""
         print(f"kforcing-dist {args.command}{what}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -11,6 +11,7 @@ import torch
 from ..config import Config
 from ..decode import DecodeError, load_decoder
 from ..decode.bench import bench_sweep, random_models, render_bench_markdown, write_bench
+from .paths import output_folder
 
 log = logging.getLogger("kforcing_dist")
 
@@ -77,6 +78,7 @@ def run_bench(cfg: Config, args) -> int:
     if not args.output_dir:
         raise DecodeError("bench writes bench.json, bench.md and plots into the -o folder; give "
                           "-o DIR")
+    output_folder(args.output_dir, "the bench folder (-o)")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if device.type == "cpu" and args.threads:

@@ -123,6 +123,16 @@ def stage_config(cfg: Config, k: int, model_cfg: dict) -> Config:
     return out
 
 
+def _export_weights(folder: Path, padded_vocab_size: int) -> dict:
+    """The full weights of a decoder folder, checked like ``generate`` checks them (size recorded in
+    config.json, readable safetensors, names and shapes: a DecodeError naming the fix), with the
+    vocabulary rows fitted to this run's padding."""
+    from ..decode.format import load_decoder_weights
+    from ..training.export import fit_vocab_rows
+
+    return fit_vocab_rows(load_decoder_weights(folder), padded_vocab_size)
+
+
 def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it.
 
@@ -130,15 +140,12 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
     optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` and
     ``distill.frozen_precision`` say (:func:`~kforcing_dist.distill.frozen.freeze`).
     """
-    from safetensors.torch import load_file
-
     from ..distill.frozen import freeze
     from ..model.pipeline import PipelineForward, is_pipeline, load_plain_state_dict
     from ..training.engine import build_frozen_pipeline_engine, resolve_precision
-    from ..training.export import fit_vocab_rows
 
     model = builder()
-    weights = fit_vocab_rows(load_file(str(folder / "model.safetensors")), model.padded_vocab_size)
+    weights = _export_weights(folder, model.padded_vocab_size)
     load_plain_state_dict(model, weights, groups)
     if is_pipeline(model):
         return PipelineForward(build_frozen_pipeline_engine(model, layout))
@@ -148,12 +155,10 @@ def _load_frozen(folder: Path, builder, groups, cfg: Config, layout):
 
 def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     """Train (or resume) stage k inside a distributed context and export it."""
-    from safetensors.torch import load_file
-
     from ..distill.task import DistillTask
     from ..model.pipeline import build_model, load_plain_state_dict
     from ..model.transformer import pad_vocab_size
-    from ..training.export import export_decoder, fit_vocab_rows
+    from ..training.export import export_decoder
     from ..training.trainer import LMTrainer
 
     d = cfg.distill
@@ -204,7 +209,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
         model = student(k)
         # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
         init_from = ar_path if k == 1 else prev_path
-        init_weights = fit_vocab_rows(load_file(str(init_from / "model.safetensors")), padded)
+        init_weights = _export_weights(init_from, padded)
         if k == 1:  # the fresh noise encoder (on the first pipeline stage only, with pp > 1)
             to_plain = getattr(model, "plain_name", lambda n: n)
             init_weights.update({to_plain(n): p.detach().cpu() for n, p in model.named_parameters()

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..config import Config
 from ..decode import Decoder, DecodeError, TauRangeWarning, tau_range_message
 from ..decode.penalty import penalty_for_mode
+from .paths import check_output_file, open_output_file
 from .runtime import setup_logging
 
 
@@ -32,8 +33,14 @@ def _read_file(path: str) -> str:
 def run_generate(cfg: Config, args) -> int:
     setup_logging(0)
     dec = cfg.decode
+    if args.out != "-":
+        check_output_file(args.out, "--out")  # before the model loads and the prompts are read
     decoder = Decoder(args.model)
     mode = decoder.kind if args.mode == "auto" else args.mode
+    if mode != decoder.kind:
+        name = {"ar": "an AR", "pflm": "a PFLM"}
+        raise DecodeError(f"--mode {mode} needs {name[mode]} decoder folder, but {args.model} holds "
+                          f"{name[decoder.kind]} model; use --mode {decoder.kind} (or auto)")
     k = args.k if args.k is not None else (min(dec.k, decoder.model.max_k) if mode == "pflm" else 1)
     setting = dec.frequency_penalty if args.frequency_penalty is None else args.frequency_penalty
     penalty = penalty_for_mode(setting, mode, k)
@@ -41,7 +48,7 @@ def run_generate(cfg: Config, args) -> int:
     untested = tau_range_message(decoder.model, dec.tau) if mode == "pflm" else None
     if untested:  # once, as one line (the library's warning would add its source line)
         print(f"warning: {untested}", file=sys.stderr)
-    out = sys.stdout if args.out == "-" else open(args.out, "w")
+    out = sys.stdout if args.out == "-" else open_output_file(args.out, "--out")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TauRangeWarning)  # printed above

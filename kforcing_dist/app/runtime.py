@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import Config, check
 from ..parallel.launch import LaunchInfo, resolve_launch
 from ..training.trainer import StopFlag
+from .paths import RUN_FOLDER, output_folder
 
 log = logging.getLogger("kforcing_dist")
 
@@ -42,10 +43,12 @@ def install_stop_signals(flag: StopFlag) -> None:
 
 
 def validated_launch(cfg: Config, source: str) -> LaunchInfo:
-    """Resolve the launch and validate the config for its world size, before any process group."""
+    """Resolve the launch, validate the config for its world size and make sure the run folder
+    can be written, before any process group."""
     info = resolve_launch()
     setup_logging(info.rank)
     check(cfg, info.world_size, source=source)
+    output_folder(cfg.output_dir, RUN_FOLDER)
     return info
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ..config import Config, check, derive_layout
 from ..data import DataError
+from .paths import RUN_FOLDER, output_folder
 from .runtime import (distributed, finished_result, install_stop_signals, own_run_folder, setup_logging,
                       validated_launch)
 
@@ -20,12 +21,20 @@ def shards_dir_of(cfg: Config) -> Path:
     return Path(cfg.data.shards_dir) if cfg.data.shards_dir else Path(cfg.output_dir) / "data"
 
 
+def writable_shards_dir(cfg: Config) -> Path:
+    """The shards folder, after checking that its parent (which also receives the corpus and
+    tokenizer cache and the half-written shards) can be written."""
+    shards = shards_dir_of(cfg)
+    output_folder(shards.parent, "the folder of data.shards_dir" if cfg.data.shards_dir else RUN_FOLDER)
+    return shards
+
+
 def run_prepare_data(cfg: Config, source: str) -> dict:
     from ..data.prepare import prepare_data
 
     setup_logging(0)
     check(cfg, world_size=cfg.parallel.tp * cfg.parallel.pp, source=source)
-    out = shards_dir_of(cfg)
+    out = writable_shards_dir(cfg)
     meta = prepare_data(cfg, out, progress=True)
     log.info("token shards in %s: %s train / %s valid tokens, vocab %s", out,
              f"{meta['tokens']['train']:,}", f"{meta['tokens']['valid']:,}", meta["vocab_size"])
@@ -44,7 +53,7 @@ def ensure_shards(cfg: Config, world_size: int, source: str):
             raise DataError(f"no token shards in {shards}; run `kforcing-dist prepare-data -c {source}` "
                             f"(one process) before a multi-process job")
         log.info("no token shards in %s yet: preparing them first", shards)
-        prepare_data(cfg, shards, progress=True)
+        prepare_data(cfg, writable_shards_dir(cfg), progress=True)
     # The model's tokenizer is the configured one when given, else the one the shards were made with.
     tokenizer = load_tokenizer(cfg.tokenizer.path or shards / "tokenizer")
     check_tokenizer_matches(shards, tokenizer)

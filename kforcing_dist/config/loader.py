@@ -14,16 +14,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import ConfigError
 from .schema import Config
-
-
-class ConfigError(ValueError):
-    """One or more problems in a configuration; ``problems`` lists each one."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
 
 
 def _hints(cls) -> dict[str, Any]:

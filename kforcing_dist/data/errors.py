@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
+from ..errors import DataError
 
-class DataError(Exception):
-    """A user-fixable data problem; the message names the problem and the fix."""
+__all__ = ["DataError"]

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
+from ..errors import DecodeError
 
-class DecodeError(ValueError):
-    """A decoder checkpoint or a generation request is invalid; the message names the fix."""
+__all__ = ["DecodeError"]

@@ -11,9 +11,7 @@ import os
 import socket
 import subprocess
 
-
-class LaunchError(RuntimeError):
-    """The environment describes an inconsistent or incomplete launch."""
+from ..errors import LaunchError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..errors import CheckpointError
 from ..fsio import fsync_path, fsync_tree, human_bytes, tree_size
 
 MARKER = "COMPLETE"
@@ -24,10 +25,6 @@ MARKER = "COMPLETE"
 TEMP_PREFIX = ".tmp-step-"
 EXPORT_TEMP_PREFIXES = (".export.partial-", ".export.old-")
 _STEP_RE = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not fit the run loading it."""
 
 
 class DamagedFile(Exception):

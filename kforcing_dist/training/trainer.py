@@ -9,7 +9,6 @@ wall-clock budget) are agreed across ranks at a step boundary, then every rank s
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os

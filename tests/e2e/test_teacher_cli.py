@@ -56,9 +56,17 @@ def test_crash_then_resume_matches_uninterrupted_run(smoke_shards, tmp_path):
                    env_extra={"KFORCING_DIST_CRASH_AFTER_STEP": "6"})
     assert proc.returncode == 17, proc.stderr[-3000:]
     ckroot = crashed / "checkpoints"
-    # a save that died half-way (no COMPLETE marker) must be ignored on resume
-    shutil.copytree(ckroot / "step-00000004", ckroot / "step-00000007")
-    (ckroot / "step-00000007" / "COMPLETE").unlink()
+    # a save of step 7 that died half-way (or an interrupted copy): its files are cut short and
+    # there is no COMPLETE marker; resume must ignore it and take step 4 (loading it fails)
+    half = ckroot / "step-00000007"
+    shutil.copytree(ckroot / "step-00000004", half)
+    (half / "COMPLETE").unlink()
+    state = json.loads((half / "trainer_state.json").read_text())
+    (half / "trainer_state.json").write_text(json.dumps({**state, "step": 7}))
+    weights = list((half / "engine").glob("*.pt"))
+    assert weights
+    for f in weights:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     run_cli("train-teacher", "-o", crashed, *common)
     ref_losses, resumed = _losses(ref), _losses(crashed)
     assert sorted(ref_losses) == list(range(1, 9))
@@ -105,41 +113,49 @@ def test_help_lists_subcommands():
         assert sub in out
 
 
+# The CLI with a spy on early_signals.catch: SIGUSR1 arrives right after the catcher is installed
+# (a fraction of a second after start), and the spy records whether torch was already imported.
+_USR1_RIGHT_AFTER_CATCH = """
+import os, signal, sys
+from kforcing_dist.app import early_signals
+
+catch = early_signals.catch
+
+
+def catch_then_usr1():
+    catch()
+    print(f"torch imported before the catcher: {'torch' in sys.modules}", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGUSR1)
+
+
+early_signals.catch = catch_then_usr1
+from kforcing_dist.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_usr1_during_start_up_saves_and_stops_at_the_first_step(smoke_shards, tmp_path):
-    """A Slurm warning that lands while torch is still importing must not kill the job: it stops
-    at the first step boundary with a checkpoint and exit code 3 (rerun to resume)."""
+    """A Slurm warning that lands while torch is still importing must not kill the job (138, the
+    default action of SIGUSR1): it stops at the first step boundary with a checkpoint and exit
+    code 3 (rerun to resume). Fails when cli.main imports torch (or anything heavy) before
+    installing the catcher, or does not install it."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     from tests.conftest import ROOT
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "kforcing_dist", "train-teacher", "-c", str(SMOKE), "-o", str(out),
+    cmd = [sys.executable, "-c", _USR1_RIGHT_AFTER_CATCH, "train-teacher", "-c", str(SMOKE), "-o", str(out),
            "--set", f"data.shards_dir={smoke_shards}", "--set", "train.max_steps=50",
            "--set", "logging.tensorboard=false", "--set", "logging.progress_bar=false"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # send as soon as the command catches USR1 (SigCgt bit 9): the heavy imports are still running
-    deadline = time.time() + 60
-    while time.time() < deadline and not _catches_usr1(proc.pid):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 3, err[-3000:]
-    assert "during start-up" in err
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, capture_output=True,
+                          text=True, timeout=300)
+    assert "torch imported before the catcher: False" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 3, (proc.returncode, proc.stderr[-3000:])
+    assert "received SIGUSR1 during start-up" in proc.stderr
     assert (out / "checkpoints" / "step-00000001" / "COMPLETE").is_file()
-
-
-def _catches_usr1(pid: int) -> bool:
-    from pathlib import Path
-
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> 9 & 1)  # SIGUSR1 = 10
-    return False
 
 
 def test_rerunning_a_finished_command_keeps_its_summary(smoke_shards, tmp_path):
