@@ -54,9 +54,60 @@ class Ctx:
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
         return run
 
-    def train(self, out) -> list[str]:
-        return ["train-teacher", "-c", str(SMOKE), "-o", str(out), "--set", f"data.shards_dir={self.shards}",
-                "--set", "train.max_steps=2", *QUIET]
+    def train(self, out, shards: Path | None = None, steps: int = 2) -> list[str]:
+        return ["train-teacher", "-c", str(SMOKE), "-o", str(out), "--set",
+                f"data.shards_dir={shards or self.shards}", "--set", f"train.max_steps={steps}", *QUIET]
+
+    def random_shards(self) -> Path:
+        """A copy of the shared shards whose training shard is replaced by random bytes of the
+        same size (ids in range, so only the checksum can tell)."""
+        import numpy as np
+
+        copy = self.tmp / "shards"
+        shutil.copytree(self.shards, copy)
+        shard = next((copy / "train").glob("tokens-*.bin"))
+        ids = np.random.default_rng(0).integers(0, 100, shard.stat().st_size // 2, dtype=np.uint16)
+        shard.write_bytes(ids.tobytes())
+        return copy
+
+    def binary_data(self) -> list[str]:
+        data = self.tmp / "docs.jsonl"
+        data.write_bytes(bytes(range(256)) * 8)
+        return ["prepare-data", "-c", str(SMOKE), "-o", str(self.tmp / "run"), "--set", "data.source=files",
+                "--set", f"data.paths=[{data}]"]
+
+    def empty_config(self) -> Path:
+        path = self.tmp / "empty.yaml"
+        path.write_text("# nothing yet\n")
+        return path
+
+    def teacher_copy(self) -> Path:
+        """A copy of the shared teacher run folder (finished at step 2, one checkpoint)."""
+        shutil.copytree(self.runs / "teacher", self.tmp / "teacher")
+        return self.tmp / "teacher"
+
+    def locked_teacher(self) -> Path:
+        """A run folder locked by a live process on this host (this test process)."""
+        import json
+        import socket
+
+        out = self.tmp / "run"
+        out.mkdir()
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": None,
+                                                "command": "train-teacher", "since": "then", "token": "x"}))
+        return out
+
+    def damaged_teacher(self, what: str) -> Path:
+        """The teacher copy with its newest complete checkpoint damaged: a torch file cut in half or
+        garbage in trainer_state.json."""
+        run = self.teacher_copy()
+        step = sorted((run / "checkpoints").glob("step-*"))[-1]
+        if what == "trainer_state":
+            (step / "trainer_state.json").write_text("{not json")
+        else:
+            victim = max((p for p in step.rglob("*.pt")), key=lambda p: p.stat().st_size)
+            victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        return run
 
     def distill(self, run: Path, stage: str) -> list[str]:
         return ["distill", "--stage", stage, "-c", str(SMOKE), "-o", str(run), "--set",
@@ -124,6 +175,22 @@ PROBES = [
     Probe("bench -o an existing file",
           lambda c: ["bench", "--teacher", str(c.runs / "teacher" / "export"), "-o", str(c.file())],
           2, "is a file, not a folder"),
+    Probe("train-teacher on a same-size shard of random bytes",
+          lambda c: c.train(c.tmp / "run", shards=c.random_shards()), 2, "does not match its checksum",
+          subprocess=True),
+    Probe("prepare-data on a binary .jsonl",
+          lambda c: c.binary_data(), 2, "is not UTF-8 text"),
+    Probe("-c an empty YAML file",
+          lambda c: ["show-config", "-c", str(c.empty_config())], 2, "is empty"),
+    Probe("train-teacher on a folder another live run holds",
+          lambda c: c.train(c.locked_teacher()), 2, f"pid {os.getpid()}", subprocess=True),
+    Probe("resume from a complete checkpoint with a truncated engine file",
+          lambda c: c.train(c.damaged_teacher("engine"), steps=4), 2, "is damaged", subprocess=True),
+    Probe("resume from a complete checkpoint with garbage trainer_state.json",
+          lambda c: c.train(c.damaged_teacher("trainer_state"), steps=4), 2, "trainer_state.json is not readable",
+          subprocess=True),
+    Probe("rerun a finished train-teacher",
+          lambda c: c.train(c.teacher_copy()), 0, "already finished", subprocess=True),
     Probe("-c a missing config file",
           lambda c: ["show-config", "-c", str(c.tmp / "none.yaml")], 2, "does not exist"),
     Probe("--set an unknown key",
@@ -158,6 +225,7 @@ def test_probe(probe: Probe, runs, smoke_shards, tmp_path, capsys):
     code, err = _run(probe, probe.argv(Ctx(runs, smoke_shards, tmp_path)), capsys)
     assert code == probe.code, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    assert probe.fragment in err, err[-3000:]
     if probe.code == EXIT_USER_ERROR:
         error = [line for line in err.splitlines() if line.startswith("kforcing-dist ") and ": error: " in line]
         assert len(error) == 1, err[-3000:]
