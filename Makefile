@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 config-docs: setup
-	$(PY) -m kforcing_dist.config.reference --update README.md
+	$(PY) -m kforcing_dist.config.reference --update docs/config.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,7 @@
-"""Generate the README's config reference from the schema's field docs.
+"""Generate the config reference (``docs/config.md``) from the schema's field docs.
 
-``python -m kforcing_dist.config.reference`` prints it; ``--update README.md`` rewrites the
-part of the README between the BEGIN/END markers (a test checks it is current).
+``python -m kforcing_dist.config.reference`` prints it; ``--update docs/config.md`` rewrites the
+part of that page between the BEGIN/END markers (a test checks it is current).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def updated_readme(text: str) -> str:
+def updated_page(text: str) -> str:
     if BEGIN not in text or END not in text:
-        raise ValueError(f"README lacks the markers {BEGIN!r} ... {END!r}")
+        raise ValueError(f"the page lacks the markers {BEGIN!r} ... {END!r}")
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{BEGIN}\n{reference_markdown()}\n{END}{tail}"
@@ -49,11 +49,11 @@ def updated_readme(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--update", metavar="README", help="rewrite the reference inside this file")
+    parser.add_argument("--update", metavar="PAGE", help="rewrite the reference inside this file (docs/config.md)")
     args = parser.parse_args()
     if args.update:
         path = Path(args.update)
-        path.write_text(updated_readme(path.read_text()))
+        path.write_text(updated_page(path.read_text()))
     else:
         print(reference_markdown())
 

@@ -1,6 +1,6 @@
 """The configuration schema: one dataclass per section, each field with a one-line doc.
 
-The docs (``doc=``) are the single source of the README's config reference
+The docs (``doc=``) are the single source of the config reference, docs/config.md
 (``python -m kforcing_dist.config.reference``). Defaults describe the small demo teacher.
 """
 

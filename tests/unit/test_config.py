@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from kforcing_dist.config import ConfigError, check, derive_layout, load_config, validate
-from kforcing_dist.config.reference import reference_markdown, updated_readme
+from kforcing_dist.config.reference import reference_markdown, updated_page
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -128,9 +128,9 @@ def test_shipped_configs_are_valid(path):
     check(cfg, world_size=cfg.parallel.tp * cfg.parallel.pp)
 
 
-def test_readme_config_reference_is_current():
-    readme = (ROOT / "README.md").read_text()
-    assert updated_readme(readme) == readme, "README config reference is stale: run `make config-docs`"
+def test_config_reference_page_is_current():
+    page = (ROOT / "docs" / "config.md").read_text()
+    assert updated_page(page) == page, "docs/config.md is stale: run `make config-docs`"
     assert "`train.lr`" in reference_markdown()
 
 
