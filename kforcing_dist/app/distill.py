@@ -87,7 +87,7 @@ def stage_noise(cfg: Config, prev_conf: dict | None) -> dict:
     stage 1, the previous student's for a later stage (ConfigError when the config explicitly asks
     for another: the weights were trained under that one)."""
     from ..config.loader import is_given
-    from ..distill.noise import noise_section
+    from ..nn.noise import noise_section
 
     d = cfg.distill
     if prev_conf is None:
@@ -152,7 +152,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
 
     from ..distill.task import DistillTask
     from ..model.pipeline import build_model, load_plain_state_dict
-    from ..model.transformer import pad_vocab_size
+    from ..nn.sizes import pad_vocab_size
     from ..training.export import export_decoder, fit_vocab_rows
     from ..training.trainer import LMTrainer
 

@@ -98,7 +98,8 @@ def train_then_export(trainer, export):
 
 def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
     """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
-    from ..model.transformer import TransformerLM, pad_vocab_size
+    from ..model.transformer import TransformerLM
+    from ..nn.sizes import pad_vocab_size
     from ..training.checkpoint import list_complete
     from ..training.export import export_decoder
     from ..training.trainer import LMTask, LMTrainer

@@ -46,7 +46,7 @@ class DistillTask:
         self.lr_scales = {"noise_encoder.": dcfg.noise_encoder_lr_scale}
 
     def _draw(self, batch: torch.Tensor, gen: torch.Generator, context_len: int, max_start: int | None = None):
-        from .layout import sample_window_starts
+        from ..nn.window import sample_window_starts
 
         b = batch.shape[0]
         d = self.dcfg
