@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, check, derive_layout
+from ..config import Config, ConfigError, check, derive_layout, shards_dir_of
 from ..config.schema import ModelConfig
 from ..training.checkpoint import CheckpointError
 from .runtime import distributed, finished_result, install_stop_signals, own_run_folder, validated_launch
-from .teacher import (ensure_shards, resolve_vocab, samplers, shards_dir_of, teacher_setup, train_teacher,
-                      train_then_export, write_summary)
+from .teacher import (ensure_shards, resolve_vocab, samplers, teacher_setup, train_teacher, train_then_export,
+                      write_summary)
 
 log = logging.getLogger("kforcing_dist")
 

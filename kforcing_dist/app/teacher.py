@@ -8,16 +8,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, check, derive_layout
+from ..config import Config, check, derive_layout, shards_dir_of
 from ..data import DataError
 from .runtime import (distributed, finished_result, install_stop_signals, own_run_folder, setup_logging,
                       validated_launch)
 
 log = logging.getLogger("kforcing_dist")
-
-
-def shards_dir_of(cfg: Config) -> Path:
-    return Path(cfg.data.shards_dir) if cfg.data.shards_dir else Path(cfg.output_dir) / "data"
 
 
 def run_prepare_data(cfg: Config, source: str) -> dict:
