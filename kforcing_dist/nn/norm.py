@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class Norm(nn.Module):
     """LayerNorm (optionally without bias) or RMSNorm, computed in float32, replicated over TP.
 
