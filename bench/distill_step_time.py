@@ -35,7 +35,7 @@ def _worker(args) -> None:
     from kforcing_dist.distill.task import DistillTask
     from kforcing_dist.model.pipeline import PipelineForward, build_pipeline_model
     from kforcing_dist.model.student import PFLM
-    from kforcing_dist.model.transformer import pad_vocab_size
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
     from kforcing_dist.training.engine import build_engine, build_frozen_pipeline_engine

@@ -196,7 +196,7 @@ def cmd_prepare_data(args) -> int:
 
 def cmd_verify_data(args) -> int:
     from .app.runtime import setup_logging
-    from .app.teacher import shards_dir_of
+    from .config import shards_dir_of
     from .data.shards import verify_shards
 
     cfg, _ = _load(args)

@@ -77,7 +77,8 @@ def tp_model_errors(tp_group, build=None) -> dict:
     import torch.distributed as dist
 
     from kforcing_dist.config.schema import ModelConfig
-    from kforcing_dist.model import TransformerLM, load_full_state_dict, pad_vocab_size
+    from kforcing_dist.model import TransformerLM, load_full_state_dict
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.training.export import fit_vocab_rows
 
@@ -112,7 +113,7 @@ def pipeline_model_errors(groups, layout) -> dict | None:
     """The same check through the pipeline-parallel modules (``build_model`` at ``layout.pp`` > 1,
     forward-only engines); the last stage returns the errors, the others None."""
     from kforcing_dist.config.schema import ModelConfig
-    from kforcing_dist.model import pad_vocab_size
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.model.pipeline import PipelineForward, build_model, load_plain_state_dict
     from kforcing_dist.training.engine import build_frozen_pipeline_engine
     from kforcing_dist.training.export import fit_vocab_rows

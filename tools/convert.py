@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from kforcing_dist.app.convert import main_tools  # noqa: E402
+from kforcing_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_tools())
+    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -132,9 +131,3 @@ def run_to_hf(args) -> int:
     _report("to-hf", out, t0)
     return 0
 
-
-def main_tools(argv=None) -> int:
-    """``tools/convert.py``: the same subcommands as ``kforcing-dist convert``."""
-    from ..cli import main
-
-    return main(["convert", *(sys.argv[1:] if argv is None else argv)])

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, check, derive_layout
+from ..config import Config, ConfigError, check, derive_layout, shards_dir_of
 from ..config.schema import ModelConfig
 from ..training.checkpoint import CheckpointError
 from .runtime import distributed, finished_result, install_stop_signals, own_run_folder, validated_launch
-from .teacher import (ensure_shards, resolve_vocab, samplers, shards_dir_of, teacher_setup, train_teacher,
-                      train_then_export, write_summary)
+from .teacher import (ensure_shards, resolve_vocab, samplers, teacher_setup, train_teacher, train_then_export,
+                      write_summary)
 
 log = logging.getLogger("kforcing_dist")
 
@@ -87,7 +87,7 @@ def stage_noise(cfg: Config, prev_conf: dict | None) -> dict:
     stage 1, the previous student's for a later stage (ConfigError when the config explicitly asks
     for another: the weights were trained under that one)."""
     from ..config.loader import is_given
-    from ..distill.noise import noise_section
+    from ..nn.noise import noise_section
 
     d = cfg.distill
     if prev_conf is None:
@@ -157,7 +157,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     """Train (or resume) stage k inside a distributed context and export it."""
     from ..distill.task import DistillTask
     from ..model.pipeline import build_model, load_plain_state_dict
-    from ..model.transformer import pad_vocab_size
+    from ..nn.sizes import pad_vocab_size
     from ..training.export import export_decoder
     from ..training.trainer import LMTrainer
 

@@ -8,17 +8,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, check, derive_layout
+from ..config import Config, check, derive_layout, shards_dir_of
 from ..data import DataError
 from .paths import RUN_FOLDER, output_folder
 from .runtime import (distributed, finished_result, install_stop_signals, own_run_folder, setup_logging,
                       validated_launch)
 
 log = logging.getLogger("kforcing_dist")
-
-
-def shards_dir_of(cfg: Config) -> Path:
-    return Path(cfg.data.shards_dir) if cfg.data.shards_dir else Path(cfg.output_dir) / "data"
 
 
 def writable_shards_dir(cfg: Config) -> Path:
@@ -107,7 +103,8 @@ def train_then_export(trainer, export):
 
 def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
     """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
-    from ..model.transformer import TransformerLM, pad_vocab_size
+    from ..model.transformer import TransformerLM
+    from ..nn.sizes import pad_vocab_size
     from ..training.checkpoint import list_complete
     from ..training.export import export_decoder
     from ..training.trainer import LMTask, LMTrainer

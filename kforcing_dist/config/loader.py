@@ -251,3 +251,8 @@ def config_to_dict(cfg) -> dict:
 
 def config_to_yaml(cfg) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def shards_dir_of(cfg: Config) -> Path:
+    """Where the run's token shards live: ``data.shards_dir``, or ``<output_dir>/data``."""
+    return Path(cfg.data.shards_dir) if cfg.data.shards_dir else Path(cfg.output_dir) / "data"

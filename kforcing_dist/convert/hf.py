@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from ..config.schema import ModelConfig
+from ..nn.sizes import ffn_hidden_size, pad_vocab_size
 from ..training.checkpoint import CheckpointError
 from .safeload import load_weight_folder
 
@@ -257,7 +258,6 @@ def weights_from_hf(family: str, m: Mapping, hf_sd: Mapping[str, torch.Tensor], 
 def import_hf(folder, make_vocab_size_divisible_by: int = 64) -> tuple[dict, int, dict[str, torch.Tensor], dict]:
     """A local transformers folder -> (ModelConfig fields, padded vocabulary at TP=1, full weights padded
     to it with zero rows, the HF config). Training at TP=t pads further (fit_vocab_rows, exact)."""
-    from ..model.transformer import pad_vocab_size
     from ..training.export import fit_vocab_rows
 
     folder = Path(folder)
@@ -301,7 +301,7 @@ def export_family(m: Mapping) -> str:
 
 def hf_config_for(m: Mapping, family: str, eos_id) -> dict:
     H, nh = m["hidden_size"], m["num_heads"]
-    F = m["ffn_hidden_size"] or (4 * H if m["activation"] == "gelu_tanh" else -(-8 * H // (3 * 64)) * 64)
+    F = ffn_hidden_size(H, m["activation"], m["ffn_hidden_size"])
     common = {"vocab_size": m["vocab_size"], "tie_word_embeddings": m["tie_embeddings"],
               "initializer_range": m["init_std"], "dtype": "float32", "bos_token_id": None, "eos_token_id": eos_id,
               "pad_token_id": None}

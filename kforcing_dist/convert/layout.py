@@ -19,6 +19,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..nn.names import plain_param_name
 from ..training.checkpoint import CheckpointError
 
 TP_SPLIT_DIMS: tuple[tuple[re.Pattern, int], ...] = (
@@ -73,13 +74,12 @@ def split_tp(full: Mapping[str, torch.Tensor], tp: int, rank: int) -> dict[str, 
 
 
 def pipeline_name(layer_index: int, key: str, num_layers: int) -> str:
-    """Plain-model name of ``key`` stored in pipeline layer ``layer_index``."""
-    if layer_index == 0 or layer_index == num_layers + 1:
-        return key
-    if 1 <= layer_index <= num_layers:
-        return f"layers.{layer_index - 1}.{key}"
-    raise CheckpointError(f"pipeline layer index {layer_index} is outside 0..{num_layers + 1} for a "
-                          f"{num_layers}-layer model; the checkpoint does not match its metadata.json")
+    """Plain-model name of ``key`` stored in pipeline layer ``layer_index`` (the rule of
+    :mod:`kforcing_dist.nn.names`); CheckpointError for a layer the metadata does not have."""
+    try:
+        return plain_param_name(layer_index, key, num_layers)
+    except ValueError as e:
+        raise CheckpointError(f"{e}; the checkpoint does not match its metadata.json") from None
 
 
 def pipeline_file(layer_index: int, tp_rank: int) -> str:

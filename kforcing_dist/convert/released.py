@@ -6,7 +6,7 @@ read with ``torch.load(weights_only=True)``. The architecture is the MDLM backbo
 LayerNorm (eps 1e-5), tanh GELU, pre-norm blocks, rotate-half rotary (base recovered from the stored
 ``inv_freq``), fused bias-free qkv laid out (q|k|v, head, head_dim), untied head with bias, the
 mask token's logit forced to -1000; a PFLM's noise encoder runs the released noise features
-(falling frequencies, exact GELU: ``features: released`` in :mod:`kforcing_dist.distill.noise`).
+(falling frequencies, exact GELU: ``features: released`` in :mod:`kforcing_dist.nn.noise`).
 Neither the head count, the context length nor the mask token id is in the file: they come from
 a preset (``owt``, ``lm1b``) or explicit arguments.
 """
@@ -20,7 +20,8 @@ from typing import Optional
 import torch
 
 from ..config.schema import ModelConfig
-from ..distill.noise import noise_section
+from ..nn.noise import noise_section
+from ..nn.sizes import pad_vocab_size
 from ..training.checkpoint import CheckpointError
 from .safeload import load_torch_file
 
@@ -76,7 +77,6 @@ def import_released(path, *, num_heads: int, max_seq_len: int, mask_token_id: in
     masked_token_ids, max_k, noise) for a released file. ``max_k`` is required for a PFLM file (k=4
     for the released ones); the noise encoder is stored under its own (matching) names and runs
     the released noise-feature convention (``noise.features: released``)."""
-    from ..model.transformer import pad_vocab_size
     from ..training.export import fit_vocab_rows
 
     where = str(path)

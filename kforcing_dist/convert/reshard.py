@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..nn.sizes import pad_vocab_size
 from ..training.checkpoint import CheckpointError
 from .safeload import load_torch_file
 from .training import (STUDENT_KIND_RE, TrainingCheckpoint, checkpoint_noise, consolidate_weights,
@@ -152,7 +153,6 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str,
     state was carried (:func:`optimizer_carry`), reset reason or None).
     """
     from ..model.pipeline import build_model, load_plain_state_dict
-    from ..model.transformer import pad_vocab_size
     from ..training.export import fit_vocab_rows
     from ..training.trainer import LMTrainer
 

@@ -217,7 +217,7 @@ def decoder_fields(ck: TrainingCheckpoint) -> dict:
 def checkpoint_noise(ck: TrainingCheckpoint) -> dict:
     """A student checkpoint's noise-feature convention ({"features", "max_freq"}): metadata.json's
     ``noise``, else (checkpoints written before it was recorded) its config's distill section."""
-    from ..distill.noise import noise_section
+    from ..nn.noise import noise_section
 
     recorded = ck.meta.get("noise")
     d = ck.config.distill

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, noise_section
+from ..nn.noise import DEFAULT_NOISE_MAX_FREQ, noise_section
 from .errors import DecodeError
 from .format import FORMAT_VERSION, MODEL_FIELDS
 from .generate import generate, generate_lossless
@@ -296,7 +296,7 @@ def random_models(model_config: dict, *, max_k: int, device="cpu", dtype=torch.f
                   noise_max_freq: Optional[float] = DEFAULT_NOISE_MAX_FREQ) -> tuple[DecoderLM, DecoderLM]:
     """(AR teacher, PFLM) of the architecture ``model_config`` (ModelConfig fields) with random
     N(0, std) weights; vocab_size must be set; max_seq_len may be raised for long contexts.
-    ``noise_features``/``noise_max_freq``: the PFLM's noise-feature convention (distill.noise)."""
+    ``noise_features``/``noise_max_freq``: the PFLM's noise-feature convention (nn.noise)."""
     m = {k: v for k, v in model_config.items() if k in MODEL_FIELDS}
     if m.get("vocab_size", 0) < 1:
         raise DecodeError("random_models needs model_config['vocab_size'] > 0")

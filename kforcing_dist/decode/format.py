@@ -8,7 +8,7 @@ Layout of a decoder folder::
                          "padded_vocab_size", "max_k", "noise": {"features", "max_freq"},
                          "cdf_order", "eos_id", "masked_token_ids", "dtype", "source",
                          "weights_bytes", "tau_range"}
-                        (noise: a pflm's noise-feature convention, see distill.noise; a folder
+                        (noise: a pflm's noise-feature convention, see nn.noise; a folder
                         without "features" was written before it existed and reads as rising)
                         tau_range: [min, max], the temperatures a PFLM was trained on (optional:
                         null for an AR model and in folders written before it existed)
@@ -33,9 +33,9 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..config.schema import ModelConfig
-from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, LEGACY_NOISE_FEATURES, NOISE_FEATURES, noise_section
+from ..nn.noise import DEFAULT_NOISE_MAX_FREQ, LEGACY_NOISE_FEATURES, NOISE_FEATURES, noise_section
 from ..fsio import apply_umask, fsync_path, fsync_tree
-from ..sizes import ffn_hidden_size
+from ..nn.sizes import ffn_hidden_size
 from .errors import DecodeError
 
 FORMAT_VERSION = "kforcing-dist-decoder/1"
@@ -61,7 +61,7 @@ def _is_number(x) -> bool:
 
 
 def resolve_ffn_hidden_size(model: Mapping[str, Any]) -> int:
-    """The MLP width of a config.json model section (the rule in :mod:`kforcing_dist.sizes`,
+    """The MLP width of a config.json model section (the rule in :mod:`kforcing_dist.nn.sizes`,
     shared with the training model and ``plan``; that module imports neither torch nor megatron)."""
     return ffn_hidden_size(int(model["hidden_size"]), model["activation"], int(model["ffn_hidden_size"]))
 
@@ -313,7 +313,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
     TransformerLM.named_parameters() (+ noise_encoder.* for kind 'pflm'). ``tokenizer``: an object
     with ``.save(dir)`` (kforcing_dist.data.tokenizer.Tokenizer); its eos_id is the default
     ``eos_id``. ``noise``: {"features": "rising" | "released", "max_freq": float for rising features,
-    else None} for a PFLM (default: NoiseEncoder's, rising up to 256; see distill.noise).
+    else None} for a PFLM (default: NoiseEncoder's, rising up to 256; see nn.noise).
     ``tau_range``: (min, max) temperatures a PFLM was trained on (None: not recorded).
     ``dtype``: "float32" / "bfloat16" (or the torch dtype) to store the weights in; None keeps
     the state dict's dtype. An existing ``folder`` is refused unless ``overwrite``.

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..distill.inverse_cdf import ORDERS, inverse_cdf_sample
+from ..nn.inverse_cdf import ORDERS, inverse_cdf_sample
 from .errors import DecodeError
 from .format import DTYPES, load_decoder_tokenizer, load_decoder_weights, read_decoder_config
 from .model import DecoderLM

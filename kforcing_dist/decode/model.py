@@ -1,11 +1,11 @@
 """DecoderLM: TransformerLM's maths in plain torch, with a static KV cache for batched decoding.
 
 The parameters carry TransformerLM's (TP=1) names, so a decoder folder's weights load as is.
-The maths follows ``kforcing_dist.model.layers`` exactly: norms computed in float32, rotary
-positions (rotate-half layout) from explicit position ids computed in float32, learned absolute
-positions, grouped-query attention, gelu_tanh / swiglu MLPs, a tied or untied head whose padded
-vocabulary columns get PADDED_LOGIT_VALUE; the decoder also sets ``masked_token_ids`` to
-MASKED_LOGIT_VALUE. A PFLM adds the distillation NoiseEncoder (reused, not copied).
+The maths follows ``kforcing_dist.model.layers`` exactly and shares its pieces from
+:mod:`kforcing_dist.nn` (norms, rotary positions, the noise encoder, the padded/masked logit
+values): learned absolute positions, grouped-query attention, gelu_tanh / swiglu MLPs, a tied or
+untied head whose padded vocabulary columns get PADDED_LOGIT_VALUE and whose
+``masked_token_ids`` get MASKED_LOGIT_VALUE. A PFLM adds the NoiseEncoder.
 
 KV cache (:class:`KVCache`): one preallocated tensor per K and V, ``[layers, batch, kv_heads,
 capacity, head_dim]``, plus a per-sequence length vector. :meth:`DecoderLM.forward_step` runs, per
@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distill.noise import NoiseEncoder
-from ..torch_layers import MASKED_LOGIT_VALUE, Norm
+from ..nn.noise import NoiseEncoder
+from ..nn.norm import Norm
+from ..nn.rotary import apply_rotary, rotary_tables
+from ..nn.sizes import MASKED_LOGIT_VALUE, PADDED_LOGIT_VALUE
 from .errors import DecodeError
 from .format import DTYPES, expected_weight_shapes, resolve_ffn_hidden_size, validate_decoder_config
 
-# Same value as kforcing_dist.model.transformer.PADDED_LOGIT_VALUE (not imported: megatron).
-PADDED_LOGIT_VALUE = -1.0e4
 OUTPUTS = ("auto", "all", "last", "noise", "none")
 
 
@@ -54,23 +54,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-
-def rotary_tables(position_ids: torch.Tensor, head_dim: int, base: float):
-    """position_ids [b, s] -> (cos, sin) float32 [b, 1, s, head_dim], as RotaryEmbedding."""
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32,
-                            device=position_ids.device) / head_dim
-    inv_freq = 1.0 / (base ** exponent)
-    freqs = position_ids.to(torch.float32)[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos()[:, None], emb.sin()[:, None]
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary in float32; x [b, heads, s, d]."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 @dataclasses.dataclass

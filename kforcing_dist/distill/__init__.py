@@ -1,5 +1,5 @@
-"""K-Forcing distillation: inverse-CDF targets, noise features, window layout, self-forcing, losses.
+"""K-Forcing distillation on tensor-parallel models: targets, self-forcing, losses, the frozen teacher.
 
-``noise`` and ``inverse_cdf`` are plain torch (the engine-free decoder imports them); the
-modules that touch tensor-parallel models import megatron-core themselves.
+The plain-torch pieces it shares with the decoder (noise encoder, window layout, inverse CDF)
+live in :mod:`kforcing_dist.nn`.
 """

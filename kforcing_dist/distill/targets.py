@@ -24,8 +24,8 @@ import torch.distributed as dist
 from ..model.loss import resolve_tp_group
 from ..model.student import PFLM, per_sequence_tau
 from ..model.transformer import TransformerLM
-from .inverse_cdf import _check_order
-from .layout import check_window_starts
+from ..nn.inverse_cdf import check_order
+from ..nn.window import check_window_starts
 from .vocab_parallel_cdf import vp_inverse_cdf_sample, vp_invert_noise_exact
 
 
@@ -82,7 +82,7 @@ def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_start
     input_ids [b, N]; window_starts [b, W] in [0, N-1]; u [b, W, 1]; tau number or [b].
     target(t, 1) = G(teacher logits at position t, u) with temperature tau inside G.
     """
-    _check_order(order)
+    check_order(order)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
     b, N = input_ids.shape
@@ -97,7 +97,7 @@ def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor
                                tau, order: str, tp_group, vocab_size: int) -> torch.Tensor:
     """:func:`stage1_targets` from the teacher's vocab-parallel logits [b, N, V/tp] over the
     context, computed elsewhere (on the last pipeline stage). LongTensor [b, W, 1]."""
-    _check_order(order)
+    check_order(order)
     if logits.dim() != 3:
         raise ValueError(f"teacher logits must have shape [b, N, V/tp], got {tuple(logits.shape)}")
     b, N = logits.shape[:2]
@@ -194,7 +194,7 @@ def teacher_chain_targets(teacher: TransformerLM, input_ids: torch.Tensor, windo
     inputs: a window's token sees the context <= t and its own window's earlier tokens (the
     staircase of :mod:`.layout`). Extra memory: every layer's input over N + W*(m-1) tokens.
     """
-    _check_order(order)
+    check_order(order)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
     b, N = input_ids.shape
@@ -255,7 +255,7 @@ def noise_inversion_batch(teacher: TransformerLM, tokens: torch.Tensor, window_s
     under the teacher's p(. | x_<=t+i-1) (temperature tau), so G(that p, u_i) == x_{t+i}.
     One teacher pass over the data. ``generator`` draws the position inside each interval.
     """
-    _check_order(order)
+    check_order(order)
     if not isinstance(k, int) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     if tokens.dim() != 2 or tokens.shape[1] <= k:

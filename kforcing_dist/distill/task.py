@@ -17,6 +17,7 @@ import hashlib
 import torch
 
 from ..config.schema import DistillConfig
+from ..nn.window import sample_window_starts
 
 
 def noise_generator(seed: int, stream: str, step: int, global_micro: int) -> torch.Generator:
@@ -46,8 +47,6 @@ class DistillTask:
         self.lr_scales = {"noise_encoder.": dcfg.noise_encoder_lr_scale}
 
     def _draw(self, batch: torch.Tensor, gen: torch.Generator, context_len: int, max_start: int | None = None):
-        from .layout import sample_window_starts
-
         b = batch.shape[0]
         d = self.dcfg
         windows = 0  # every start

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.loss import resolve_tp_group
-from .inverse_cdf import _check_order, inverse_cdf_sample, invert_noise_exact
+from ..nn.inverse_cdf import check_order, inverse_cdf_sample, invert_noise_exact
 
 DEFAULT_CHUNK_ROWS = 256
 
@@ -90,7 +90,7 @@ def vp_inverse_cdf_sample(logits_local: torch.Tensor, u: torch.Tensor, tau, orde
     u [...] in [0, 1); tau a number or broadcastable to u; ``vocab_start`` is this rank's first
     id; ids >= ``vocab_size`` are padding.
     """
-    _check_order(order)
+    check_order(order)
     group = resolve_tp_group(tp_group)
     if dist.get_world_size(group) == 1:
         return inverse_cdf_sample(logits_local[..., :vocab_size], u, tau, order)
@@ -128,7 +128,7 @@ def vp_invert_noise_exact(logits_local: torch.Tensor, tokens: torch.Tensor, r: t
                           chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
     """:func:`.inverse_cdf.invert_noise_exact` on vocab-parallel logits: u (float64, like ``tokens``)
     inside G's interval of each token, so ``vp_inverse_cdf_sample(logits, u) == tokens``."""
-    _check_order(order)
+    check_order(order)
     group = resolve_tp_group(tp_group)
     if dist.get_world_size(group) == 1:
         return invert_noise_exact(logits_local[..., :vocab_size], tokens, r, tau, order)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ..distill.inverse_cdf import inverse_cdf_sample, probabilities
+from ..nn.inverse_cdf import inverse_cdf_sample, probabilities
 
 
 def _real(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

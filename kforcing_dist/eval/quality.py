@@ -118,7 +118,7 @@ def lossless_summary(teacher, student, k: int, prompts: list[list[int]], new_tok
 @torch.no_grad()
 def _first_difference_margins(teacher, prompts, ref, other, tau, seed, order) -> list[float]:
     from ..decode.generate import noise_table
-    from ..distill.inverse_cdf import cdf_interval
+    from ..nn.inverse_cdf import cdf_interval
 
     u = noise_table(len(prompts), max(map(len, ref)), seed, "cpu")
     out = []

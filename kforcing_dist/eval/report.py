@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, shards_dir_of
 from ..decode.bench import device_name
 from ..decode.errors import DecodeError
 from ..decode.format import read_decoder_config
@@ -93,7 +93,6 @@ def _jsonable(setting):
 
 def evaluate_run(cfg: Config, root: Path) -> dict:
     """Measure every finished stage of the run in ``root`` and write report.json / report.md."""
-    from ..app.teacher import shards_dir_of
     from .. import __version__
 
     t0 = time.time()
@@ -102,7 +101,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     if not (teacher_dir / "config.json").exists():
         raise DecodeError(f"no exported teacher at {teacher_dir}; run the pipeline (or train-teacher -o "
                           f"{root / 'teacher'}) first")
-    shards = Path(cfg.data.shards_dir) if cfg.data.shards_dir else shards_dir_of(cfg)
+    shards = shards_dir_of(cfg)
     teacher = load_decoder(teacher_dir)
     stages = _stage_exports(cfg, root)
     models = {k: load_decoder(path) for k, path in stages.items()}

@@ -32,12 +32,13 @@ import time
 import torch
 
 from ..config.schema import ModelConfig
-from ..distill.inverse_cdf import inverse_cdf_sample, probabilities
-from ..distill.layout import sample_window_starts
+from ..nn.inverse_cdf import inverse_cdf_sample, probabilities
+from ..nn.window import sample_window_starts
 from ..distill.losses import slot_metrics
 from ..distill.targets import self_forcing_targets, stage1_targets
 from ..model.student import PFLM
-from ..model.transformer import TransformerLM, lm_loss, pad_vocab_size
+from ..model.transformer import TransformerLM, lm_loss
+from ..nn.sizes import pad_vocab_size
 
 
 @dataclasses.dataclass

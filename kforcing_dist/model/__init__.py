@@ -3,10 +3,9 @@
 from .loss import lm_loss, vocab_parallel_cross_entropy
 from .state import (count_parameters, full_grad_dict, full_state_dict, gather_tp_tensor,
                     load_full_state_dict)
-from .transformer import PADDED_LOGIT_VALUE, TransformerLM, pad_vocab_size, validate_model_config
+from .transformer import TransformerLM, validate_model_config
 
 __all__ = [
-    "PADDED_LOGIT_VALUE", "TransformerLM", "count_parameters", "full_grad_dict", "full_state_dict",
-    "gather_tp_tensor", "lm_loss", "load_full_state_dict", "pad_vocab_size",
-    "validate_model_config", "vocab_parallel_cross_entropy",
+    "TransformerLM", "count_parameters", "full_grad_dict", "full_state_dict", "gather_tp_tensor",
+    "lm_loss", "load_full_state_dict", "validate_model_config", "vocab_parallel_cross_entropy",
 ]

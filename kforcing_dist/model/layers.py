@@ -1,7 +1,8 @@
-"""Building blocks of the causal Transformer: norms, rotary positions, attention, MLP, block.
+"""Tensor-parallel building blocks of the causal Transformer: attention, MLP, block.
 
 The linears are megatron-core tensor-parallel layers created with an explicit ``tp_group``;
-everything else (norms, rotary tables, learned positions) is replicated on every TP rank.
+everything else (norms and rotary positions from :mod:`kforcing_dist.nn`, learned positions) is
+replicated on every TP rank.
 Activations are batch-first ``[b, s, H]`` throughout (megatron's linears do not care about the
 order of the leading dimensions).
 
@@ -24,8 +25,9 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from ..config.schema import ModelConfig
-from ..sizes import ffn_hidden_size
-from ..torch_layers import Norm  # noqa: F401 (re-export: part of this module's API)
+from ..nn.norm import Norm
+from ..nn.rotary import apply_rotary
+from ..nn.sizes import ffn_hidden_size
 
 
 def normal_init(std: float):
@@ -35,49 +37,6 @@ def normal_init(std: float):
 
 def group_size_rank(tp_group) -> tuple[int, int]:
     return torch.distributed.get_world_size(tp_group), torch.distributed.get_rank(tp_group)
-
-
-# --------------------------------------------------------------------------------------------
-# Rotary position embedding (rotate-half / GPT-NeoX / Llama layout); Norm lives in torch_layers
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for explicit position ids, computed in float32 on the fly.
-
-    Computed from the ids of each call (not a precomputed table) so that arbitrary, repeated
-    or shifted positions (the student's noise slots) cost nothing extra and need no max length.
-    """
-
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head dimension, got {head_dim}")
-        if base <= 0:
-            raise ValueError(f"model.rope_base must be positive, got {base}")
-        self.head_dim = head_dim
-        self.base = float(base)
-
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [b, s] (int) -> (cos, sin), each float32 [b, 1, s, head_dim]."""
-        # Built on the ids' device each call rather than kept as a buffer: a buffer would be cast
-        # by model.to(bf16), and the cost is negligible (once per forward, shared by all layers).
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32,
-                                device=position_ids.device) / self.head_dim
-        inv_freq = 1.0 / (self.base ** exponent)
-        freqs = position_ids.to(torch.float32)[..., None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos()[:, None], emb.sin()[:, None]
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [b, heads, s, d]; cos/sin [b, 1, s, d] float32. Rotates in float32, returns x.dtype."""
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config.schema import ModelConfig
-from ..convert.layout import pipeline_name
-from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, NoiseEncoder
-from .layers import Norm, RotaryEmbedding, TransformerBlock
+from ..nn.names import plain_param_name
+from ..nn.noise import DEFAULT_NOISE_MAX_FREQ, NoiseEncoder
+from ..nn.norm import Norm
+from ..nn.rotary import RotaryEmbedding
+from .layers import TransformerBlock
 from .loss import resolve_tp_group
 from .state import full_state_dict, load_full_state_dict
 from .student import PFLM
@@ -131,7 +133,7 @@ def plain_name(name: str, num_layers: int) -> str:
     """``{layer index}.{key}`` of the pipeline module -> the plain model's parameter name (the
     same rule the offline converter applies to saved layer files)."""
     index, key = name.split(".", 1)
-    return pipeline_name(int(index), key, num_layers)
+    return plain_param_name(int(index), key, num_layers)
 
 
 def pipe_name(name: str, num_layers: int) -> str:

@@ -1,9 +1,9 @@
 """The push-forward student (PFLM): the teacher's Transformer plus a noise encoder.
 
 ``PFLM`` is a :class:`TransformerLM` whose inputs may include *noise slots*: vectors made by
-:class:`~kforcing_dist.distill.noise.NoiseEncoder` from (u, tau) instead of token embeddings.
+:class:`~kforcing_dist.nn.noise.NoiseEncoder` from (u, tau) instead of token embeddings.
 ``forward_windows`` runs a context and all its windows in one pass with the staircase layout
-of :mod:`kforcing_dist.distill.layout`; each window holds optional real tokens (the second pass
+of :mod:`kforcing_dist.nn.window`; each window holds optional real tokens (the second pass
 of progressive self-forcing) followed by noise slots, and only the noise slots go through the
 LM head. The backbone is unchanged, so the teacher's weights load as they are
 (``init_from_teacher``); the next stage starts from the previous one (``from_student``).
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..config.schema import ModelConfig
-from ..distill.layout import check_window_starts, window_layout
-from ..distill.noise import DEFAULT_NOISE_MAX_FREQ, NoiseEncoder, check_noise_features
+from ..nn.noise import DEFAULT_NOISE_MAX_FREQ, NoiseEncoder, check_noise_features
+from ..nn.window import check_window_starts, window_layout
 from .loss import resolve_tp_group
 from .state import full_state_dict, load_full_state_dict
 from .transformer import TransformerLM
@@ -56,7 +56,7 @@ class PFLM(TransformerLM):
     """Push-forward LM: k noise slots per window, one forward pass; logits are vocab-parallel.
 
     ``max_k``: the most noise slots a window may have (the stage's k). ``noise_features``: the
-    noise-feature convention (``rising`` or ``released``, see :mod:`kforcing_dist.distill.noise`);
+    noise-feature convention (``rising`` or ``released``, see :mod:`kforcing_dist.nn.noise`);
     ``noise_max_freq``: highest frequency of ``rising`` features. ``noise_init_std``: std of the
     noise encoder's linears (default ``cfg.init_std``). ``masked_token_ids``: see TransformerLM.
     """

@@ -19,17 +19,11 @@ from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
 from ..config.schema import ModelConfig
-from ..sizes import pad_vocab_size  # noqa: F401 (re-export: part of this module's API)
-from ..torch_layers import MASKED_LOGIT_VALUE
-from .layers import (Norm, RotaryEmbedding, TransformerBlock, normal_init,
-                     resolve_ffn_hidden_size)
+from ..nn.norm import Norm
+from ..nn.rotary import RotaryEmbedding
+from ..nn.sizes import MASKED_LOGIT_VALUE, PADDED_LOGIT_VALUE
+from .layers import TransformerBlock, normal_init, resolve_ffn_hidden_size
 from .loss import lm_loss, resolve_tp_group, vocab_parallel_cross_entropy  # noqa: F401 (re-export)
-
-# Value given to the logits of padded vocabulary entries. Large enough that they never win and
-# get exactly zero probability in float32 softmax, yet finite and far from the float32 limits so
-# that temperature scaling, differences of log-probs (KL) or fp16/bf16 casts stay finite.
-PADDED_LOGIT_VALUE = -1.0e4
-
 
 def validate_model_config(cfg: ModelConfig, padded_vocab_size: int, tp: int) -> None:
     """Raise ValueError for a configuration the model cannot be built with at this TP size."""

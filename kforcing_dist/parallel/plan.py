@@ -17,7 +17,7 @@ import dataclasses
 from ..config.loader import ConfigError
 from ..config.schema import Config, ModelConfig
 from ..config.validate import Layout, derive_layout, validate
-from ..sizes import ffn_hidden_size, pad_vocab_size
+from ..nn.sizes import ffn_hidden_size, pad_vocab_size
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}

@@ -44,7 +44,8 @@ def fixed_tokens():
 def write_checkpoint(rank, world, out, tp, zero, precision, kind="teacher", extra=()):
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.model.state import full_state_dict
-    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch

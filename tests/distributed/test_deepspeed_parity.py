@@ -24,7 +24,8 @@ OVERRIDES = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", 
 def _train(rank, world, tp, zero):
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.model.state import full_state_dict
-    from kforcing_dist.model.transformer import TransformerLM, lm_loss, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM, lm_loss
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
     from kforcing_dist.training.engine import build_engine

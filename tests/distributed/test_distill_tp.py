@@ -34,7 +34,7 @@ def _vocab_parallel_cdf_checks(rank, world, groups):
     import torch.distributed as dist
 
     from kforcing_dist.distill import vocab_parallel_cdf as vpc
-    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample, invert_noise_exact
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample, invert_noise_exact
 
     res = {}
     gen = torch.Generator().manual_seed(21)
@@ -82,12 +82,13 @@ def _tp_worker(rank, world):
     import torch.distributed as dist
 
     from kforcing_dist.config.schema import ModelConfig
-    from kforcing_dist.distill.layout import sample_window_starts
+    from kforcing_dist.nn.window import sample_window_starts
     from kforcing_dist.distill.losses import slot_metrics
     from kforcing_dist.distill.targets import (gather_full_vocab, noise_inversion_batch,
                                                self_forcing_targets, stage1_targets,
                                                teacher_chain_targets, vocab_parallel_argmax)
-    from kforcing_dist.model import TransformerLM, full_grad_dict, pad_vocab_size
+    from kforcing_dist.model import TransformerLM, full_grad_dict
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch

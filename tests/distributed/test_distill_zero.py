@@ -29,7 +29,8 @@ def _train(rank, world, zero, partition_frozen=False, tp=1):
     from kforcing_dist.distill.frozen import freeze
     from kforcing_dist.distill.task import DistillTask
     from kforcing_dist.model.student import PFLM
-    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
     from kforcing_dist.training.engine import build_engine

@@ -15,7 +15,8 @@ def _worker(rank, world, tp, partition):
     from kforcing_dist.config.schema import ModelConfig
     from kforcing_dist.distill.frozen import Float32Island, freeze
     from kforcing_dist.distill.targets import gather_full_vocab, stage1_targets
-    from kforcing_dist.model import TransformerLM, pad_vocab_size
+    from kforcing_dist.model import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
 

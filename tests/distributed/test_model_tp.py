@@ -40,9 +40,8 @@ def _tp_worker(rank, world):
     from megatron.core import tensor_parallel
 
     from kforcing_dist.config.schema import ModelConfig
-    from kforcing_dist.model import (PADDED_LOGIT_VALUE, TransformerLM, full_grad_dict,
-                                     full_state_dict, lm_loss, load_full_state_dict,
-                                     pad_vocab_size)
+    from kforcing_dist.model import TransformerLM, full_grad_dict, full_state_dict, lm_loss, load_full_state_dict
+    from kforcing_dist.nn.sizes import PADDED_LOGIT_VALUE, pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
 

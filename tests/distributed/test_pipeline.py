@@ -75,7 +75,8 @@ def _teacher_run(cfg, layout, groups, workdir):
 
     from kforcing_dist.model.loss import lm_loss
     from kforcing_dist.model.pipeline import build_pipeline_model, plain_state_dict
-    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.training.engine import build_engine
     from kforcing_dist.training.export import export_decoder
 

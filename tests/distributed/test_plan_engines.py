@@ -48,7 +48,8 @@ def _held(engine, zero: int) -> dict:
 def _measure(rank, world, cases):
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.model.student import PFLM
-    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
     from kforcing_dist.training.engine import build_engine

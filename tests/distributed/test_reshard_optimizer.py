@@ -54,7 +54,8 @@ def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
 
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.convert.reshard import reshard
-    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
     from kforcing_dist.training.export import full_weights

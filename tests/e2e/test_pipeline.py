@@ -93,7 +93,8 @@ def _random_exports(rank, world, root, shards):
     from kforcing_dist.config import load_config
     from kforcing_dist.data.tokenizer import load_tokenizer
     from kforcing_dist.decode.format import save_decoder
-    from kforcing_dist.model import TransformerLM, full_state_dict, pad_vocab_size
+    from kforcing_dist.model import TransformerLM, full_state_dict
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch

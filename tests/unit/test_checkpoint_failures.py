@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 def tiny_trainer(groups, out, *overrides):
     from kforcing_dist.config import derive_layout, load_config
-    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.training.trainer import LMTask, LMTrainer
 
     cfg, text = load_config(None, BASE + ["train.micro_batch_size=2", f"output_dir={out}", *overrides])

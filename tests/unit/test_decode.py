@@ -15,7 +15,7 @@ import torch
 
 from kforcing_dist.config.schema import ModelConfig
 from kforcing_dist.decode import DecodeError, load_decoder, read_decoder_config, save_decoder
-from kforcing_dist.distill.noise import NoiseEncoder
+from kforcing_dist.nn.noise import NoiseEncoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -47,7 +47,8 @@ def small_cfg(**kw) -> ModelConfig:
 def build(groups, cfg: ModelConfig, seed: int = 0):
     """A random TransformerLM with sharpened attention (at init std 0.02 attention is almost
     uniform, which would hide position and mask mistakes under rounding)."""
-    from kforcing_dist.model import TransformerLM, pad_vocab_size
+    from kforcing_dist.model import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
 
     torch.manual_seed(seed)
     padded = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, groups.tp_size)
@@ -259,8 +260,8 @@ def test_import_without_megatron_or_deepspeed():
         "sys.modules['deepspeed'] = None\n"
         "import kforcing_dist.decode as d\n"
         "from kforcing_dist.decode import generate, load_decoder, save_decoder, DecoderLM\n"
-        "bad = sorted(m for m in sys.modules if m.startswith('kforcing_dist.model') or "
-        "m.startswith('kforcing_dist.parallel') or m.startswith('kforcing_dist.training'))\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('kforcing_dist.model', "
+        "'kforcing_dist.parallel', 'kforcing_dist.training', 'kforcing_dist.distill')))\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kforcing_dist.decode import generate, generate_lossless, noise_table
-from kforcing_dist.decode.model import apply_rotary, rotary_tables
-from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
+from kforcing_dist.nn.rotary import apply_rotary, rotary_tables
+from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
 from tests.unit.test_decode_generate import PROMPTS, V, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

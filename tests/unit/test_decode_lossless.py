@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kforcing_dist.decode import DecodeError, generate, generate_lossless, noise_table
-from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
+from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
 from tests.unit.test_decode_generate import PROMPTS, V, biased, make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py

@@ -96,7 +96,7 @@ def chi2_statistic(counts: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[f
 @pytest.mark.parametrize("order", ["vocab", "sorted"])
 @pytest.mark.parametrize("tau", [1.0, 0.6])
 def test_inverse_cdf_reproduces_p(order, tau):
-    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample, probabilities
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample, probabilities
 
     gen = torch.Generator().manual_seed(123)
     n, V = 20_000, 24
@@ -120,7 +120,7 @@ def test_inverse_cdf_reproduces_p(order, tau):
 
 @pytest.mark.parametrize("order", ["vocab", "sorted"])
 def test_cdf_interval_contains_u(order):
-    from kforcing_dist.distill.inverse_cdf import cdf_interval, inverse_cdf_sample
+    from kforcing_dist.nn.inverse_cdf import cdf_interval, inverse_cdf_sample
 
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(64, 50, generator=gen) * 3
@@ -132,7 +132,7 @@ def test_cdf_interval_contains_u(order):
 
 
 def test_sorted_order_small_u_gives_argmax():
-    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
 
     logits = torch.randn(32, 40, generator=torch.Generator().manual_seed(6))
     u = torch.full((32,), 1e-9, dtype=torch.float64)
@@ -142,7 +142,7 @@ def test_sorted_order_small_u_gives_argmax():
 
 @pytest.mark.parametrize("order", ["vocab", "sorted"])
 def test_invert_noise_exact(order):
-    from kforcing_dist.distill.inverse_cdf import (cdf_interval, inverse_cdf_sample, invert_noise,
+    from kforcing_dist.nn.inverse_cdf import (cdf_interval, inverse_cdf_sample, invert_noise,
                                                    invert_noise_exact)
 
     gen = torch.Generator().manual_seed(8)
@@ -162,7 +162,7 @@ def test_invert_noise_exact(order):
 
 
 def test_window_layout_by_hand():
-    from kforcing_dist.distill.layout import window_layout
+    from kforcing_dist.nn.window import window_layout
 
     pos, mask = window_layout(3, torch.tensor([[0, 2]]), 2)
     assert pos.tolist() == [[0, 1, 2, 1, 2, 3, 4]]
@@ -179,7 +179,7 @@ def test_window_layout_by_hand():
 
 
 def test_window_layout_rejects_bad_starts():
-    from kforcing_dist.distill.layout import window_layout
+    from kforcing_dist.nn.window import window_layout
 
     with pytest.raises(ValueError, match=r"\[0, 2\]"):
         window_layout(3, torch.tensor([[0, 3]]), 2)
@@ -190,7 +190,7 @@ def test_window_layout_rejects_bad_starts():
 
 
 def test_sample_window_starts():
-    from kforcing_dist.distill.layout import sample_window_starts
+    from kforcing_dist.nn.window import sample_window_starts
 
     gen = torch.Generator().manual_seed(0)
     s = sample_window_starts(4, 10, 3, gen)
@@ -257,7 +257,7 @@ def _changed(a, b):
 
 def test_slot_visibility(groups):
     """Inputs the mask hides change nothing at a slot; visible ones change it."""
-    from kforcing_dist.distill.layout import all_window_starts
+    from kforcing_dist.nn.window import all_window_starts
 
     student = build_student(groups, small_cfg(), max_k=3)
     ids, ws, u = ids_of(), all_window_starts(2, N), noise(2, N, 3)
@@ -351,7 +351,7 @@ def test_init_from_teacher_and_from_student(groups, cfg_name):
 
 @pytest.mark.parametrize("order", ["vocab", "sorted"])
 def test_stage1_targets_equal_truncated_teacher(groups, order):
-    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
     from kforcing_dist.distill.targets import stage1_targets
 
     teacher = build_teacher(groups, small_cfg())
@@ -407,7 +407,7 @@ def test_self_forcing_equals_two_sequential_passes(groups, cfg_name):
 def test_teacher_chain_equals_sequential_teacher_passes(groups, cfg_name, m):
     """Each window's chain against the plain teacher on context[:t+1] + y_1..y_{j-1}, one
     ordinary causal pass per token (float64 weights)."""
-    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
     from kforcing_dist.distill.targets import teacher_chain_targets
     from kforcing_dist.model import TransformerLM
 
@@ -437,8 +437,8 @@ def test_teacher_chain_equals_sequential_teacher_passes(groups, cfg_name, m):
 
 @pytest.mark.parametrize("order", ["vocab", "sorted"])
 def test_noise_inversion_reproduces_data(groups, order):
-    from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
-    from kforcing_dist.distill.layout import sample_window_starts
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
+    from kforcing_dist.nn.window import sample_window_starts
     from kforcing_dist.distill.targets import noise_inversion_batch
 
     k = 3

@@ -14,7 +14,7 @@ import torch
 
 from kforcing_dist.config.schema import Config
 from kforcing_dist.decode import DecodeError, save_decoder
-from kforcing_dist.distill.inverse_cdf import inverse_cdf_sample
+from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
 from kforcing_dist.eval.metrics import (agreement, entropy_per_sample, teacher_nll, teacher_path,
                                         unigram_entropy)
 from kforcing_dist.eval.report import evaluate_run, resolve_sample_len, tau_warnings

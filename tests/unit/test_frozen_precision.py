@@ -27,7 +27,7 @@ def _capture_final_norm_input(model):
 def _u_below_boundaries(logits: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """u [b, W, 1] just below the upper CDF boundary (vocab order, tau 1) of each window's most
     likely token: G gives that token under these logits, the next one if the boundary drops."""
-    from kforcing_dist.distill.inverse_cdf import probabilities
+    from kforcing_dist.nn.inverse_cdf import probabilities
 
     b, W = starts.shape
     at = logits.gather(1, starts[:, :, None].expand(b, W, logits.shape[-1]))[..., :VOCAB]

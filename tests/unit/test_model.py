@@ -23,7 +23,8 @@ def small_cfg(**kw) -> ModelConfig:
 
 
 def build(groups, cfg: ModelConfig, seed: int = 0, dtype=torch.float32):
-    from kforcing_dist.model import TransformerLM, pad_vocab_size
+    from kforcing_dist.model import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
 
     torch.manual_seed(seed)
     padded = pad_vocab_size(cfg.vocab_size, cfg.make_vocab_size_divisible_by, groups.tp_size)
@@ -258,7 +259,7 @@ def test_keys_longer_than_queries(groups):
 
 
 def test_padded_vocab_never_wins(groups):
-    from kforcing_dist.model import PADDED_LOGIT_VALUE
+    from kforcing_dist.nn.sizes import PADDED_LOGIT_VALUE
 
     model = build(groups, small_cfg(lm_head_bias=True))
     with torch.no_grad():
@@ -369,7 +370,7 @@ def test_bf16_params(groups):
 
 
 def test_pad_vocab_size():
-    from kforcing_dist.model import pad_vocab_size
+    from kforcing_dist.nn.sizes import pad_vocab_size
 
     assert pad_vocab_size(100, 64, 1) == 128
     assert pad_vocab_size(128, 64, 1) == 128

@@ -28,7 +28,8 @@ VARIANTS = {
 @pytest.mark.parametrize("student", [False, True])
 def test_inventory_matches_the_real_model(groups, one_thread, name, student):
     from kforcing_dist.model.student import PFLM
-    from kforcing_dist.model.transformer import TransformerLM, pad_vocab_size
+    from kforcing_dist.model.transformer import TransformerLM
+    from kforcing_dist.nn.sizes import pad_vocab_size
 
     cfg = ModelConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=32,
                       **VARIANTS[name])

@@ -106,7 +106,7 @@ def test_released_noise_encoder_is_the_documented_maths():
 
     import torch.nn.functional as F
 
-    from kforcing_dist.distill.noise import NoiseEncoder
+    from kforcing_dist.nn.noise import NoiseEncoder
 
     H = 16
     torch.manual_seed(0)

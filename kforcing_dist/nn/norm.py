@@ -1,18 +1,10 @@
-"""Plain-torch layers shared by the tensor-parallel model and the engine-free decoder.
-
-Nothing here imports megatron-core or DeepSpeed, so ``kforcing_dist.decode`` can use the very
-same code as training (one definition of the maths, not two that must agree).
-"""
+"""The norm layer (LayerNorm or RMSNorm) of the tensor-parallel model and the decoder."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# The released checkpoints set their mask token's logit to this before softmax/argmax; every
-# model carrying ``masked_token_ids`` (training and decoder) does the same.
-MASKED_LOGIT_VALUE = -1000.0
 
 
 class Norm(nn.Module):

@@ -1,10 +1,17 @@
-"""Model-size arithmetic shared by the model, the decoder and the job planner (no torch import).
-
-Kept apart from ``kforcing_dist.model`` so that ``kforcing-dist plan`` sizes a job without
-importing torch or megatron-core.
+"""Model-size arithmetic and vocabulary-padding values shared by the model, the decoder and the
+job planner (no torch import, so that ``kforcing-dist plan`` sizes a job without torch or
+megatron-core).
 """
 
 from __future__ import annotations
+
+# Value given to the logits of padded vocabulary entries. Large enough that they never win and
+# get exactly zero probability in float32 softmax, yet finite and far from the float32 limits so
+# that temperature scaling, differences of log-probs (KL) or fp16/bf16 casts stay finite.
+PADDED_LOGIT_VALUE = -1.0e4
+# The released checkpoints set their mask token's logit to this before softmax/argmax; every
+# model carrying ``masked_token_ids`` (training and decoder) does the same.
+MASKED_LOGIT_VALUE = -1000.0
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

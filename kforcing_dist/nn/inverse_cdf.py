@@ -14,7 +14,8 @@ import torch
 ORDERS = ("vocab", "sorted")
 
 
-def _check_order(order: str) -> None:
+def check_order(order: str) -> None:
+    """ValueError unless ``order`` is one of ORDERS."""
     if order not in ORDERS:
         raise ValueError(f"cdf order must be one of {ORDERS}, got {order!r}")
 
@@ -38,7 +39,7 @@ def _ordered(probs: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tenso
 
 def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: str = "vocab") -> torch.Tensor:
     """G(x, u): logits [..., V], u [...] in [0, 1) -> token ids [...] (int64)."""
-    _check_order(order)
+    check_order(order)
     probs = probabilities(logits, tau)
     ordered, perm = _ordered(probs, order)
     cdf = ordered.cumsum(-1)
@@ -56,7 +57,7 @@ def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: st
 
 def _cdf_positions(logits: torch.Tensor, tokens: torch.Tensor, tau, order: str):
     """(ordered probabilities, their cumulative sum, each token's index in CDF order [..., 1])."""
-    _check_order(order)
+    check_order(order)
     ordered, perm = _ordered(probabilities(logits, tau), order)
     if perm is None:
         pos = tokens.unsqueeze(-1)
