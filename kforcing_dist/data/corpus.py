@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..fsio import write_json_atomic
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -327,9 +328,7 @@ def build_builtin_corpus(cache_dir: Path, min_bytes: int, progress: bool = False
         "files_available": len(files), "min_bytes": min_bytes, "python": sys.version.split()[0],
         "build_seconds": round(elapsed, 3),
     }
-    tmp_meta = cache_dir / f".{CORPUS_META_FILE}.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_meta, cache_dir / CORPUS_META_FILE)
+    write_json_atomic(cache_dir / CORPUS_META_FILE, meta, sort_keys=False)
     logger.info("built-in corpus: %d documents, %.1f MB from %d files in %.1f s", len(docs), total / 1e6,
                 scanned, elapsed)
     return CorpusInfo(path=data_path, sha256=meta["sha256"], bytes=total, documents=len(docs),

@@ -30,12 +30,12 @@ import bisect
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..fsio import write_json_atomic
 from .errors import DataError
 
 FORMAT_VERSION = 1
@@ -179,10 +179,7 @@ def read_metadata(shards_dir) -> dict:
 
 def write_metadata(shards_dir, meta: dict) -> None:
     """Write ``metadata.json`` atomically."""
-    path = Path(shards_dir) / METADATA_FILE
-    tmp = path.with_name(f".{METADATA_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(Path(shards_dir) / METADATA_FILE, meta)
 
 
 class TokenDataset:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..fsio import write_bytes_atomic, write_json_atomic
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,7 @@ class Tokenizer(abc.ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for name, data in self.defining_files():
-            tmp = directory / f".{name}.tmp-{os.getpid()}"
-            tmp.write_bytes(data)
-            os.replace(tmp, directory / name)
+            write_bytes_atomic(directory / name, data)
 
     def describe(self) -> dict:
         """The identity recorded in shard metadata and checkpoints."""
@@ -397,7 +396,5 @@ def build_or_load_tokenizer(tok_cfg, documents_factory: Callable[[], Iterable[st
     tok.save(work_dir)
     record = {"key": key, "fingerprint": tok.fingerprint, "settings": settings, "documents": len(docs),
               "bytes": nbytes, "train_seconds": round(elapsed, 3)}
-    tmp = work_dir / f".{SPM_TRAIN_INFO}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, info_path)
+    write_json_atomic(info_path, record, sort_keys=False)
     return SentencePieceTokenizer.from_file(model_path)

@@ -13,7 +13,6 @@ speedup vs batch). Every output names the device. Plain torch (+ matplotlib for 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -22,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..fsio import write_atomic, write_text_atomic
 from ..nn.noise import DEFAULT_NOISE_MAX_FREQ, noise_section
 from .errors import DecodeError
 from .format import FORMAT_VERSION, MODEL_FIELDS
@@ -319,17 +319,6 @@ def random_models(model_config: dict, *, max_k: int, device="cpu", dtype=torch.f
 # Outputs
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name in the same folder, then rename: never a half file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def render_bench_markdown(result: dict) -> str:
     s = result["settings"]
     lines = [f"# Decode benchmark on {result['device']}", "",
@@ -419,7 +408,7 @@ def plot_bench(result: dict, folder: Path) -> list[Path]:
         fig.suptitle(f"{ylabel}: {result['device']} ({result['dtype']})", fontsize=10)
         fig.tight_layout()
         path = folder / fname
-        _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+        write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths
@@ -430,8 +419,8 @@ def write_bench(result: dict, folder) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "bench.json", "md": folder / "bench.md"}
-    _atomic_write(paths["json"], lambda p: p.write_text(json.dumps(result, indent=2)))
-    _atomic_write(paths["md"], lambda p: p.write_text(render_bench_markdown(result)))
+    write_text_atomic(paths["json"], json.dumps(result, indent=2))
+    write_text_atomic(paths["md"], render_bench_markdown(result))
     for p in plot_bench(result, folder):
         paths[p.stem] = p
     return paths

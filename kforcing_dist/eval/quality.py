@@ -142,7 +142,7 @@ def plot_frontier(frontier: dict, path: Path, title: str) -> Path:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    from ..decode.bench import _atomic_write
+    from ..fsio import write_atomic
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for name, rows in frontier.items():
@@ -157,7 +157,7 @@ def plot_frontier(frontier: dict, path: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    write_atomic(path, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     return path
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import CheckpointError
-from ..fsio import fsync_path, fsync_tree, human_bytes, tree_size
+from ..fsio import fsync_path, fsync_tree, human_bytes, tree_size, write_json_atomic
 
 MARKER = "COMPLETE"
 # what a failed or interrupted save / export leaves behind (see temp_dir_for and save_decoder)
@@ -33,15 +33,6 @@ class DamagedFile(Exception):
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, required: tuple[str, ...] = ()) -> dict:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
+
+from ..fsio import write_text_atomic
 
 log = logging.getLogger("kforcing_dist")
 
@@ -42,9 +43,7 @@ class MetricsWriter:
                 if record.get("step", 0) <= step:
                     kept.append(line)
             if len(kept) != len(lines):
-                tmp = self.path.with_name(f".{self.path.name}.tmp")
-                tmp.write_text("".join(f"{line}\n" for line in kept))
-                os.replace(tmp, self.path)
+                write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
                 log.info("%s: dropped %d records after step %d (this run replays those steps)",
                          self.path, len(lines) - len(kept), step)
         if self.tb is not None:

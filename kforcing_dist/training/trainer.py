@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, Layout, config_to_yaml
+from ..fsio import write_json_atomic
 from ..parallel.groups import ParallelGroups, any_rank
 from . import checkpoint as ckpt
 from .engine import build_engine, resolve_precision
@@ -177,11 +178,11 @@ class LMTrainer:
     def _finish_save(self, tmp: Path) -> None:
         (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
         (tmp / "original_config.yaml").write_text(self.original_yaml)
-        ckpt.write_json_atomic(tmp / "trainer_state.json", self._state())
+        write_json_atomic(tmp / "trainer_state.json", self._state())
         meta = {"kind": self.kind, "format": "kforcing-dist-train/1", "precision": self.precision,
                 "versions": _versions(), "model": dataclasses.asdict(self.cfg.model),
                 **self.extra_metadata, **{"layout": self._state()["layout"]}}
-        ckpt.write_json_atomic(tmp / "metadata.json", meta)
+        write_json_atomic(tmp / "metadata.json", meta)
         if self.save_extras is not None:
             self.save_extras(tmp)
         ckpt.finish_save(self.ckpt_root, self.step, {"kind": self.kind})
