@@ -30,7 +30,8 @@ def run_cli(*args, env_extra: dict | None = None, check: bool = True, timeout: f
     proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {args}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"command failed ({proc.returncode}): {args}\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
 
 

@@ -114,7 +114,8 @@ def stage_config(cfg: Config, k: int, model_cfg: dict) -> Config:
     out.output_dir = str(run_root(cfg) / stage_name(k))
     out.model = ModelConfig(**model_cfg)
     out.train = dataclasses.replace(
-        cfg.train, max_steps=d.stage_steps[d.stages.index(k)] if d.stage_steps else d.max_steps, lr=d.lr, min_lr=d.min_lr, warmup_steps=d.warmup_steps,
+        cfg.train, max_steps=d.stage_steps[d.stages.index(k)] if d.stage_steps else d.max_steps,
+        lr=d.lr, min_lr=d.min_lr, warmup_steps=d.warmup_steps,
         micro_batch_size=d.micro_batch_size or cfg.train.micro_batch_size,
         seq_len=d.seq_len or cfg.train.seq_len, eval_interval=d.eval_interval,
         global_batch_size=0 if d.micro_batch_size else cfg.train.global_batch_size)

@@ -124,7 +124,8 @@ def _universal_on_rank0(ck: TrainingCheckpoint, scratch: Path, groups) -> None:
 
 
 def _repair_zero3_universal_load(engine, universal_dir: Path) -> None:
-    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
+    """Undo two slips of DeepSpeed 0.19's ZeRO-3 universal load
+    (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``):
 
     - it gives every parameter group the first group's hyperparameters: put back each group's own
       (no weight decay on norms and biases, scaled LRs), as the source saved them;

@@ -190,7 +190,8 @@ def consolidate_weights(ck: TrainingCheckpoint) -> dict[str, torch.Tensor]:
         shards = [_zero_rank_weights(eng, r, dp, zero) for r in range(tp)]
     # DeepSpeed numbers its mp_rank_XX files over the model-parallel ranks: tp x pp of them with a
     # pipeline (its grid's slice rank), tp without; layer files carry the TP rank alone
-    mp_ranks = {int(m.group(1)) for p in eng.iterdir() if (m := re.match(r"(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_", p.name))}
+    mp_ranks = {int(m.group(1)) for p in eng.iterdir()
+                if (m := re.match(r"(?:zero_pp_rank_\d+_)?mp_rank_(\d+)_", p.name))}
     layer_ranks = {int(m.group(1)) for p in eng.iterdir() if (m := re.match(r"layer_\d+-model_(\d+)-", p.name))}
     extra_ranks = sorted((mp_ranks - set(range(tp * pp))) | (layer_ranks - set(range(tp))))
     if extra_ranks:

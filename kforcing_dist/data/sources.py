@@ -150,7 +150,8 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for damaged files
-        raise DataError(f"cannot read the parquet file {path} ({e}); check that it is a complete parquet file.") from None
+        raise DataError(f"cannot read the parquet file {path} ({e}); check that it is a complete "
+                        f"parquet file.") from None
     names = pf.schema_arrow.names
     if field not in names:
         raise DataError(f"parquet file {path} has no column {field!r} (it has: {', '.join(names)}); set "

@@ -184,7 +184,8 @@ class HFTokenizer(Tokenizer):
         try:
             from tokenizers import Tokenizer as _HFTok
         except ImportError as e:
-            raise DataError(f"tokenizer.kind 'hf' needs the 'tokenizers' package ({e}); pip install tokenizers.") from None
+            raise DataError(f"tokenizer.kind 'hf' needs the 'tokenizers' package ({e}); "
+                            f"pip install tokenizers.") from None
         if HF_FILE not in files:
             raise DataError(f"{source} has no {HF_FILE}; tokenizer.path must be a Hugging Face tokenizer folder "
                             f"holding {HF_FILE} (save one with tokenizer.save_pretrained).")

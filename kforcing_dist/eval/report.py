@@ -278,7 +278,8 @@ def render_markdown(r: dict) -> str:
         lines += ["", "chance: an independent draw from the teacher matches (slot: sum p^2; block: "
                   "E[p(block)]); mode baseline: a student that ignores u and always emits the teacher's "
                   "most likely token (slot: E[max p] along the teacher's path, i.e. from slot 2 on given "
-                  "the teacher's own earlier tokens; block: the teacher's greedy block); a student that uses u beats both, and emits the teacher's mode about "
+                  "the teacher's own earlier tokens; block: the teacher's greedy block); a student that uses u "
+                  "beats both, and emits the teacher's mode about "
                   "as often as the mode baseline (a collapsed one: nearly always). vs chained k/2 "
                   "student: agreement with the self-forcing target this stage learned (its new error); "
                   "chained k/2 vs teacher: the error it inherited.", ""]

@@ -57,7 +57,8 @@ ASSUMPTIONS = (
     "block b*L*(2e*H [q/k/v input] + 2e*H [MLP input] + 16*H [two norms computed in fp32] + 5e*H/t "
     "[q, GQA-expanded k and v, attention output and its reshaped copy] + c*e*F/t [c = 4 swiglu, 2 gelu] "
     "+ e*L [students: the staircase mask as the additive bias the masked SDPA kernels keep]) + b*L*L "
-    "[students: the boolean mask, once]; within 5% of the bytes autograd saves on CPU (a test checks); the last stage adds the head on the S slots (the teacher: S = N) b*S*(e*H + (e+16)*V/t) "
+    "[students: the boolean mask, once]; within 5% of the bytes autograd saves on CPU (a test checks); "
+    "the last stage adds the head on the S slots (the teacher: S = N) b*S*(e*H + (e+16)*V/t) "
     "[model-dtype logits, fp32 copies for the padding mask and the cross-entropy]; stage 0 adds the noise encoder "
     "b*S*(16*H [fp64 features] + 12*e*H). 1F1B keeps min(pp - stage, grad_accum) micro-batches in flight.",
     "Teacher pass (forward-only, transient, counted on top): stage k1 fp32 logits b*N*V/t*4 plus the "

@@ -36,7 +36,8 @@ def _held(engine, zero: int) -> dict:
     if zero == 0:
         return {"weights": _nbytes(params), "master_weights": 0, "optimizer_moments": moments}
     if zero in (1, 2):
-        return {"weights": _nbytes(opt.bit16_groups_flat), "master_weights": _nbytes(opt.single_partition_of_fp32_groups),
+        return {"weights": _nbytes(opt.bit16_groups_flat),
+                "master_weights": _nbytes(opt.single_partition_of_fp32_groups),
                 "optimizer_moments": moments}
     weights = _nbytes(p.ds_tensor for p in params) + _nbytes(p.data for p in params if p.ds_persist)
     # in fp32 ZeRO-3 steps on the partitions themselves: no separate master copy

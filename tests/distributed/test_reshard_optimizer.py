@@ -62,7 +62,8 @@ def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
     from kforcing_dist.training.trainer import LMTask, LMTrainer
 
     cfg, text = load_config(None, BASE + [f"parallel.zero_stage={zero}", f"train.micro_batch_size={MICRO}",
-                                          f"train.global_batch_size={GLOBAL_BATCH}", f"train.precision={precision}", f"parallel.tp={tp}",
+                                          f"train.global_batch_size={GLOBAL_BATCH}", f"train.precision={precision}",
+                                          f"parallel.tp={tp}",
                                           f"output_dir={out}"])
     groups = init_model_parallel(tp, 1, init_distributed(resolve_launch(), "gloo"))
     layout = derive_layout(cfg, world)

@@ -3,7 +3,8 @@
 
 Debian's packages (slurmctld, slurmd, slurm-client, munge) are installed with apt-get when they
 are missing; ``ClusterUnavailable`` says why a cluster cannot be had here (not root, no apt, no
-packages), so the tests can skip with that reason. (Slurm 22.05 from Debian on one host: munge with its own key and socket, slurmctld/slurmd in the foreground, stopped by PID.)
+packages), so the tests can skip with that reason. (Slurm 22.05 from Debian on one host: munge
+with its own key and socket, slurmctld/slurmd in the foreground, stopped by PID.)
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ def _reference_logits(sd, ids):
         x = x + (att @ v).transpose(1, 2).reshape(ids.shape[0], s, H) @ w[p + "attn_out.weight"].t()
         h = F.gelu(ln(x, w[p + "norm2.weight"]) @ w[p + "mlp.0.weight"].t() + w[p + "mlp.0.bias"], approximate="tanh")
         x = x + h @ w[p + "mlp.2.weight"].t() + w[p + "mlp.2.bias"]
-    logits = ln(x, w["output_layer.norm_final.weight"]) @ w["output_layer.linear.weight"].t() + w["output_layer.linear.bias"]
+    logits = (ln(x, w["output_layer.norm_final.weight"]) @ w["output_layer.linear.weight"].t()
+              + w["output_layer.linear.bias"])
     logits[..., MASK] = -1000.0
     return logits
 

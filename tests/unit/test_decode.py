@@ -169,7 +169,8 @@ def test_pflm_reference_matches_training_model(groups, tmp_path, name):
     got = dec.pflm_logits(ctx, u, 0.7)
     torch.testing.assert_close(got, ref, rtol=0, atol=ATOL)
     # per-sequence tau as a tensor
-    torch.testing.assert_close(dec.pflm_logits(ctx, u, torch.tensor([0.7, 0.7], dtype=torch.float64)), got, rtol=0, atol=0)
+    tau = torch.tensor([0.7, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(dec.pflm_logits(ctx, u, tau), got, rtol=0, atol=0)
     # slot i depends on u_1..u_i only, and does depend on them
     u2 = u.clone()
     u2[:, 2] = (u2[:, 2] + 0.37) % 1.0
