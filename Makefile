@@ -7,7 +7,7 @@ RUN ?= runs/demo
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test smoke config-docs clean
+.PHONY: setup demo test lint smoke config-docs clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,8 +23,11 @@ demo: setup
 smoke: setup
 	$(CLI) pipeline -c configs/smoke.yaml -o runs/smoke
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: setup
+	$(VENV)/bin/ruff check kforcing_dist tests bench tools
 
 config-docs: setup
 	$(PY) -m kforcing_dist.config.reference --update docs/config.md
