@@ -197,3 +197,22 @@ def test_exported_folder_loads_with_auto_tokenizer_and_generates_like_our_decode
     assert hf_out == ours[0, ids.shape[1]:].tolist()
     pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok)
     assert pipe(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith(prompt)
+
+
+def test_hf_tokenizer_without_config_gets_one_naming_its_eos(tmp_path):
+    # a bare tokenizer.json (EOS found by name): AutoTokenizer needs tokenizer_config.json to know it
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from kforcing_dist.data.tokenizer import HFTokenizer
+
+    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    raw = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = WhitespaceSplit()
+    ours = HFTokenizer({"tokenizer.json": raw.to_str().encode()})
+    _our_decoder(tmp_path, tokenizer=ours)
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token == "</s>" and tok.eos_token_id == ours.eos_id == 1
+    assert tok("w3 w7 w98").input_ids == ours.encode("w3 w7 w98") == [5, 9, 100]
