@@ -433,7 +433,8 @@ def spm_to_tokenizers(proto: bytes):
     m.ParseFromString(proto)
     spec, trainer = m.normalizer_spec, m.trainer_spec
     pieces = [(p.piece, p.score) for p in m.pieces]
-    normal, unigram, bpe, control, user = 1, 1, 2, 3, 4  # ModelProto.SentencePiece.Type / TrainerSpec.ModelType
+    unigram, bpe = 1, 2  # TrainerSpec.ModelType
+    normal, control, user = 1, 3, 4  # ModelProto.SentencePiece.Type
     if trainer.model_type == unigram:
         tok = Tokenizer(Unigram(pieces, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback))
     elif trainer.model_type == bpe:
@@ -484,7 +485,7 @@ def hf_tokenizer_files(decoder_folder, model_max_length: int) -> dict[str, bytes
     else:
         from tokenizers import Tokenizer as _Tok
         fast = _Tok.from_str(files[HF_FILE].decode())
-    name = lambda i: None if i is None else fast.id_to_token(int(i))  # noqa: E731
+    name = lambda i: None if i is None else fast.id_to_token(int(i))
     special = {k: v for k, v in (("bos_token", name(tok.bos_id)), ("eos_token", name(tok.eos_id)),
                                  ("unk_token", unk)) if v is not None}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,

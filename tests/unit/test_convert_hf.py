@@ -149,8 +149,10 @@ def test_broken_hf_folders_are_refused(tmp_path):
 
 
 def _sentencepiece(model_type):
-    from kforcing_dist.data.tokenizer import train_sentencepiece
     import random
+
+    from kforcing_dist.data.tokenizer import train_sentencepiece
+
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(400)]
     docs = [" ".join(rng.choice(words) for _ in range(60)) + " 12 345.\n" + rng.choice(["Ünïcödé — 中文", "a\tb", "x  y"])
