@@ -19,6 +19,17 @@ def doc_field(default: Any, doc: str, choices: tuple | None = None):
     return field(default=default, metadata=meta)
 
 
+def field_choices(section: type, name: str) -> tuple:
+    """The allowed values the schema declares for field ``name`` of the dataclass ``section``.
+
+    Validators read them here, so adding a choice is one edit to its ``doc_field``.
+    """
+    for f in dataclasses.fields(section):
+        if f.name == name and f.metadata.get("choices"):
+            return tuple(f.metadata["choices"])
+    raise KeyError(f"{section.__name__}.{name} declares no choices")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = doc_field(0, "Vocabulary size before padding; 0 takes it from the tokenizer.")
@@ -47,6 +58,10 @@ class ModelConfig:
     attention_backend: str = doc_field(
         "auto", "auto: fused SDPA kernels on GPU, torch SDPA on CPU; math: the plain reference path.",
         ("auto", "sdpa", "math"))
+
+
+# the ModelConfig fields whose values the schema restricts (validators loop over them)
+MODEL_CHOICE_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("choices"))
 
 
 @dataclass
@@ -118,7 +133,8 @@ class TrainConfig:
     beta2: float = doc_field(0.95, "AdamW beta2.")
     adam_eps: float = doc_field(1e-8, "AdamW epsilon.")
     grad_clip: float = doc_field(1.0, "Clip the global gradient norm to this (0: off).")
-    precision: str = doc_field("auto", "auto: bf16 on a GPU that supports it when parallel.zero_stage >= 1, else fp32; bf16 needs ZeRO >= 1.",
+    precision: str = doc_field("auto", "auto: bf16 on a GPU that supports it when parallel.zero_stage >= 1, "
+                                       "else fp32; bf16 needs ZeRO >= 1.",
                                ("auto", "fp32", "bf16"))
     seed: int = doc_field(42, "Seed of the weight initialisation.")
     eval_interval: int = doc_field(200, "Run validation every this many steps (0: only at the end).")

@@ -135,6 +135,21 @@ def _train_problems(cfg: Config, world_size: int) -> list[str]:
     return out
 
 
+def data_value_problems(d) -> list[str]:
+    """The rules on ``data``'s numbers (a DataConfig): the one source of truth, which prepare_data applies too."""
+    out = []
+    if not 0 < d.valid_fraction < 0.5:
+        out.append(f"data.valid_fraction={d.valid_fraction} must lie in (0, 0.5); use e.g. 0.01")
+    if d.shard_tokens < 1024:
+        out.append(f"data.shard_tokens={d.shard_tokens} must be >= 1024; use e.g. 4000000")
+    if d.num_workers < 1:
+        out.append(f"data.num_workers={d.num_workers} must be >= 1 (1 tokenises in this process); use e.g. 2")
+    if d.max_documents < 0 or d.builtin_min_bytes < 0:
+        out.append(f"data.max_documents={d.max_documents} and data.builtin_min_bytes={d.builtin_min_bytes} "
+                   f"must be >= 0 (max_documents 0 reads every document)")
+    return out
+
+
 def _data_problems(cfg: Config, check_files: bool) -> list[str]:
     d, tok, out = cfg.data, cfg.tokenizer, []
     if d.source == "files":
@@ -152,10 +167,7 @@ def _data_problems(cfg: Config, check_files: bool) -> list[str]:
         out.append("data.hf_name and data.hf_path are both set; set only one (hf_path: a save_to_disk folder)")
     if d.source == "hf" and d.hf_path and check_files and not Path(d.hf_path).expanduser().is_dir():
         out.append(f"data.hf_path: {d.hf_path} is not a folder (give a folder written by datasets' save_to_disk)")
-    if not 0 < d.valid_fraction < 0.5:
-        out.append(f"data.valid_fraction={d.valid_fraction} must lie in (0, 0.5)")
-    if d.shard_tokens < 1024 or d.num_workers < 1 or d.max_documents < 0 or d.builtin_min_bytes < 0:
-        out.append("data.shard_tokens must be >= 1024, data.num_workers >= 1, data.max_documents >= 0")
+    out += data_value_problems(d)
     if tok.path and check_files and not Path(tok.path).exists():
         out.append(f"tokenizer.path: {tok.path} does not exist (give a SentencePiece .model file or a "
                    f"local Hugging Face tokenizer folder, or leave it empty to train one)")

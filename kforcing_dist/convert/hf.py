@@ -392,9 +392,10 @@ def weights_to_hf(family: str, m: Mapping, w: Mapping[str, torch.Tensor]) -> dic
             for ours, theirs in (("input_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
                 out[p + theirs + ".weight"] = w[q + ours + ".weight"]
                 out[p + theirs + ".bias"] = bias(q + ours + ".bias", H)
-            qkv = torch.stack([w[q + f"attention.{n}.weight"].view(nh, hd, H) for n in ("q_proj", "k_proj", "v_proj")], 1)
+            projections = ("q_proj", "k_proj", "v_proj")
+            qkv = torch.stack([w[q + f"attention.{n}.weight"].view(nh, hd, H) for n in projections], 1)
             out[p + "attention.query_key_value.weight"] = qkv.reshape(3 * H, H).contiguous()
-            qkv_b = torch.stack([bias(q + f"attention.{n}.bias", H).view(nh, hd) for n in ("q_proj", "k_proj", "v_proj")], 1)
+            qkv_b = torch.stack([bias(q + f"attention.{n}.bias", H).view(nh, hd) for n in projections], 1)
             out[p + "attention.query_key_value.bias"] = qkv_b.reshape(3 * H).contiguous()
             out[p + "attention.dense.weight"] = w[q + "attention.out_proj.weight"]
             out[p + "attention.dense.bias"] = bias(q + "attention.out_proj.bias", H)
@@ -409,6 +410,94 @@ def weights_to_hf(family: str, m: Mapping, w: Mapping[str, torch.Tensor]) -> dic
     if not m["tie_embeddings"]:
         out[head_key] = w["lm_head.weight"]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer: what AutoTokenizer.from_pretrained needs (tokenizer.json + tokenizer_config.json +
+# special_tokens_map.json), written with the ``tokenizers`` library alone
+
+
+def spm_to_tokenizers(proto: bytes):
+    """(a ``tokenizers.Tokenizer`` that encodes like the SentencePiece model ``proto`` (serialized ModelProto),
+    its unknown piece).
+
+    Follows the model's own normalizer spec (charsmap, extra-whitespace removal, dummy prefix, whitespace
+    escaping). Built as transformers' ``SpmConverter.build_tokenizer_from_spm_proto`` does, without
+    needing transformers. No whitespace pre-split is needed: SentencePiece's trainer never makes a piece
+    with an inner ``▁``, so no segmentation crosses one. Control pieces (BOS/EOS) become special added tokens, so
+    a literal ``</s>`` in text encodes as EOS here, where SentencePiece spells it out.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers
+    from tokenizers.models import BPE, Unigram
+
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(proto)
+    spec, trainer = m.normalizer_spec, m.trainer_spec
+    pieces = [(p.piece, p.score) for p in m.pieces]
+    unigram, bpe = 1, 2  # TrainerSpec.ModelType
+    normal, control, user = 1, 3, 4  # ModelProto.SentencePiece.Type
+    if trainer.model_type == unigram:
+        tok = Tokenizer(Unigram(pieces, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback))
+    elif trainer.model_type == bpe:
+        # merges ranked by the merged piece's score, as SentencePiece's BPE applies them
+        score = {p.piece: (-p.score, i) for i, p in enumerate(m.pieces) if p.type == normal}
+        ranked = sorted((score[t], t[:j], t[j:]) for t in score for j in range(1, len(t))
+                        if t[:j] in score and t[j:] in score)
+        tok = Tokenizer(BPE({p: i for i, (p, _) in enumerate(pieces)}, [(a, b) for _, a, b in ranked],
+                            unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=trainer.byte_fallback))
+    else:
+        raise CheckpointError(f"the SentencePiece model type {trainer.model_type} (char/word) has no Hugging Face "
+                              f"tokenizer equivalent here; only unigram and bpe tokenizers can be exported")
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend(" "))
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.add_tokens([AddedToken(p.piece, normalized=False, special=p.type == control)
+                    for p in m.pieces if p.type in (control, user)])
+    steps = [decoders.Replace("▁", " ")] + ([decoders.ByteFallback()] if trainer.byte_fallback else [])
+    steps.append(decoders.Fuse())
+    if spec.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    return tok, trainer.unk_piece
+
+
+def hf_tokenizer_files(decoder_folder, model_max_length: int) -> dict[str, bytes]:
+    """The transformers tokenizer files for the tokenizer saved in a decoder folder ({} when it has none).
+
+    A Hugging Face tokenizer travels as is (its tokenizer_config.json written if missing); a SentencePiece
+    one is converted (:func:`spm_to_tokenizers`). No BOS/EOS is added on encode: training never did.
+    """
+    from ..data.tokenizer import HF_FILE, SPM_FILE, SentencePieceTokenizer
+    from ..decode.format import load_decoder_tokenizer
+
+    tok = load_decoder_tokenizer(decoder_folder)
+    if tok is None:
+        return {}
+    files = dict(tok.defining_files())
+    unk = None
+    if isinstance(tok, SentencePieceTokenizer):
+        fast, unk = spm_to_tokenizers(files.pop(SPM_FILE))
+        files = {HF_FILE: fast.to_str().encode()}
+    else:
+        from tokenizers import Tokenizer as _Tok
+        fast = _Tok.from_str(files[HF_FILE].decode())
+
+    def name(i):
+        return None if i is None else fast.id_to_token(int(i))
+
+    special = {k: v for k, v in (("bos_token", name(tok.bos_id)), ("eos_token", name(tok.eos_id)),
+                                 ("unk_token", unk)) if v is not None}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
+              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False, **special}
+    files.setdefault("tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    files.setdefault("special_tokens_map.json", (json.dumps(special, indent=2) + "\n").encode())
+    return files
 
 
 def export_hf(decoder_folder, out, *, overwrite: bool = False) -> Path:
@@ -445,11 +534,8 @@ def export_hf(decoder_folder, out, *, overwrite: bool = False) -> Path:
     try:
         tmp.mkdir()
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tok = src / "tokenizer"
-        if (tok / "tokenizer.json").is_file():  # a Hugging Face tokenizer travels as is
-            for f in tok.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+        for name, data in hf_tokenizer_files(src, m["max_seq_len"]).items():
+            (tmp / name).write_bytes(data)
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")  # last: marks it complete
         apply_umask(tmp)  # safetensors writes 0600; others may read what the umask allows
         fsync_tree(tmp)

@@ -153,7 +153,8 @@ def _check_existing(shards_dir: Path, inputs: dict, key: str) -> dict | None:
         return None
     if meta.get("inputs_key") != key:
         changed = _diff(meta.get("inputs", {}), inputs)
-        raise DataError(f"{shards_dir} holds shards made from other inputs (changed: {', '.join(changed) or 'unknown'}); "
+        raise DataError(f"{shards_dir} holds shards made from other inputs "
+                        f"(changed: {', '.join(changed) or 'unknown'}); "
                         f"delete it or choose another data.shards_dir.")
     for split in SPLITS:
         TokenDataset(shards_dir, split)  # checks every shard file: there, its size, its sampled checksum
@@ -198,14 +199,12 @@ class _SplitReader:
 
 
 def _validate(cfg) -> None:
-    d = cfg.data
-    if not 0.0 < d.valid_fraction < 1.0:
-        raise DataError(f"data.valid_fraction must be between 0 and 1 (exclusive), got {d.valid_fraction}; "
-                        f"use e.g. 0.01.")
-    if d.shard_tokens <= 0:
-        raise DataError(f"data.shard_tokens must be positive, got {d.shard_tokens}; use e.g. 4000000.")
-    if d.num_workers < 0:
-        raise DataError(f"data.num_workers must be 0 or more, got {d.num_workers}; use e.g. 2.")
+    # the config validator's rules, so that prepare_data called directly accepts exactly what `check` does
+    from ..config.validate import data_value_problems
+
+    problems = data_value_problems(cfg.data)
+    if problems:
+        raise DataError("; ".join(problems))
 
 
 def prepare_data(cfg, shards_dir, progress: bool = True, cache_dir=None) -> dict:

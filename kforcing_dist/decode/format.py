@@ -32,7 +32,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ..config.schema import ModelConfig
+from ..config.schema import MODEL_CHOICE_FIELDS, ModelConfig, field_choices
 from ..nn.noise import DEFAULT_NOISE_MAX_FREQ, LEGACY_NOISE_FEATURES, NOISE_FEATURES, noise_section
 from ..fsio import apply_umask, fsync_path, fsync_tree
 from ..nn.sizes import ffn_hidden_size
@@ -101,9 +101,8 @@ def _check_model_section(model: Any, where: str) -> dict:
     if H % nh or nh % nkv:
         raise DecodeError(f"{where}: model.num_heads={nh} must divide hidden_size={H} and be a "
                           f"multiple of the key/value heads ({nkv})")
-    for name, allowed in (("position", ("rope", "learned")), ("norm", ("layernorm", "rmsnorm")),
-                          ("activation", ("gelu_tanh", "swiglu")),
-                          ("attention_backend", ("auto", "sdpa", "math"))):
+    for name in MODEL_CHOICE_FIELDS:
+        allowed = field_choices(ModelConfig, name)
         if m[name] not in allowed:
             raise DecodeError(f"{where}: model.{name} must be one of {allowed}, got {m[name]!r}")
     if m["position"] == "rope" and (H // nh) % 2:

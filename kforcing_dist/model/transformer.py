@@ -18,7 +18,7 @@ from torch import nn
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
 
-from ..config.schema import ModelConfig
+from ..config.schema import MODEL_CHOICE_FIELDS, ModelConfig, field_choices
 from ..nn.norm import Norm
 from ..nn.rotary import RotaryEmbedding
 from ..nn.sizes import MASKED_LOGIT_VALUE, PADDED_LOGIT_VALUE
@@ -46,17 +46,12 @@ def validate_model_config(cfg: ModelConfig, padded_vocab_size: int, tp: int) -> 
     if nh % tp or nkv % tp:
         raise ValueError(f"model.num_heads={nh} and key/value heads={nkv} must both be "
                          f"divisible by parallel.tp={tp}")
-    if cfg.position not in ("rope", "learned"):
-        raise ValueError(f"model.position must be rope or learned, got {cfg.position!r}")
+    for name in MODEL_CHOICE_FIELDS:
+        allowed = field_choices(ModelConfig, name)
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if cfg.position == "rope" and (H // nh) % 2:
         raise ValueError(f"rotary positions need an even head dimension, got {H // nh}")
-    if cfg.attention_backend not in ("auto", "sdpa", "math"):
-        raise ValueError(f"model.attention_backend must be auto, sdpa or math, "
-                         f"got {cfg.attention_backend!r}")
-    if cfg.activation not in ("gelu_tanh", "swiglu"):
-        raise ValueError(f"model.activation must be gelu_tanh or swiglu, got {cfg.activation!r}")
-    if cfg.norm not in ("layernorm", "rmsnorm"):
-        raise ValueError(f"model.norm must be layernorm or rmsnorm, got {cfg.norm!r}")
     ffn = resolve_ffn_hidden_size(cfg)
     if ffn <= 0 or ffn % tp:
         raise ValueError(f"MLP width {ffn} (model.ffn_hidden_size) must be positive and "

@@ -207,3 +207,32 @@ def test_higher_stage_targets_choices_and_pipeline_refusal():
     assert "teacher_chain with parallel.pp=2" in text and "use self_forcing or parallel.pp: 1" in text
     cfg.distill.stages = [1]  # no stage past the first: nothing to refuse
     check(cfg, world_size=2)
+
+
+@pytest.mark.parametrize("name", ["norm", "activation", "position", "attention_backend"])
+def test_model_validators_read_their_choices_from_the_schema(name, monkeypatch):
+    # Narrow one field's choices in the schema to its first value: every model-config validator
+    # must follow (the second value becomes invalid), which holds only if none keeps its own list.
+    import dataclasses
+    import types
+
+    from kforcing_dist.config.schema import MODEL_CHOICE_FIELDS, ModelConfig
+    from kforcing_dist.decode.errors import DecodeError
+    from kforcing_dist.decode.format import FORMAT_VERSION, validate_decoder_config
+    from kforcing_dist.model.transformer import validate_model_config
+
+    assert name in MODEL_CHOICE_FIELDS
+    field = ModelConfig.__dataclass_fields__[name]
+    first, second = field.metadata["choices"][:2]
+    monkeypatch.setattr(field, "metadata", types.MappingProxyType({**field.metadata, "choices": (first,)}))
+    # learned positions need no even head dim; swiglu/rmsnorm/math need nothing else
+    cfg = ModelConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=48, **{name: second})
+    with pytest.raises(ValueError, match=f"model.{name} must be one of {first}, got '{second}'"):
+        validate_model_config(cfg, padded_vocab_size=128, tp=1)
+    conf = {"format": FORMAT_VERSION, "kind": "ar", "model": dataclasses.asdict(cfg), "padded_vocab_size": 128}
+    with pytest.raises(DecodeError, match=f"model.{name} must be one of"):
+        validate_decoder_config(conf)
+    # and the first value still passes both
+    ok = dataclasses.replace(cfg, **{name: first})
+    validate_model_config(ok, padded_vocab_size=128, tp=1)
+    validate_decoder_config({**conf, "model": dataclasses.asdict(ok)})

@@ -80,9 +80,11 @@ def test_import_then_export_matches_transformers(build, tmp_path, one_thread):
     assert (again - got).abs().max().item() < TOL
 
 
-def _our_decoder(tmp_path, **model):
-    base = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=64)
-    conf = {"format": "kforcing-dist-decoder/1", "kind": "ar", "padded_vocab_size": 128,
+def _our_decoder(tmp_path, tokenizer=None, **model):
+    vocab = tokenizer.vocab_size if tokenizer is not None else VOCAB
+    padded = -(-vocab // 64) * 64
+    base = dict(vocab_size=vocab, hidden_size=32, num_layers=2, num_heads=4, max_seq_len=64)
+    conf = {"format": "kforcing-dist-decoder/1", "kind": "ar", "padded_vocab_size": padded,
             "model": {**dataclasses.asdict(ModelConfig()), **base, **model}}
     dec = DecoderLM(conf).init_random_(seed=3, std=0.3)
     sd = {k: v for k, v in dec.state_dict().items()}
@@ -91,7 +93,8 @@ def _our_decoder(tmp_path, **model):
         for k in sd:
             if "norm" in k or k.endswith("bias"):
                 sd[k] = torch.randn(sd[k].shape, generator=gen) * 0.3
-    save_decoder(tmp_path / "ours", kind="ar", model_config=conf["model"], padded_vocab_size=128, state_dict=sd)
+    save_decoder(tmp_path / "ours", kind="ar", model_config=conf["model"], padded_vocab_size=padded, state_dict=sd,
+                 tokenizer=tokenizer)
     return load_decoder(tmp_path / "ours")
 
 
@@ -143,3 +146,75 @@ def test_broken_hf_folders_are_refused(tmp_path):
     torch.save({"w": torch.zeros(1), "obj": _Payload()}, tmp_path / "hf" / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="objects other than tensors"):
         import_hf(tmp_path / "hf")
+
+
+def _sentencepiece(model_type):
+    import random
+
+    from kforcing_dist.data.tokenizer import train_sentencepiece
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(400)]
+    tails = ["Ünïcödé — 中文", "a\tb", "x  y"]
+    docs = [" ".join(rng.choice(words) for _ in range(60)) + " 12 345.\n" + rng.choice(tails) for _ in range(300)]
+    return train_sentencepiece(docs, 400, model_type=model_type)
+
+
+# edge cases of SentencePiece's normalisation: leading/double spaces, newlines and tabs (byte pieces),
+# digits, characters never seen in training (byte fallback), an empty text
+TEXTS = ["Hello world", " leading space", "two  spaces\n\nnew\tlines", "1234567 digits", "🙂 unseen 𝔘 ž",
+         "", " ", "trailing  "]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_tokenizer_converts_to_the_same_ids(model_type):
+    from kforcing_dist.convert.hf import spm_to_tokenizers
+
+    sp = _sentencepiece(model_type)
+    fast, unk = spm_to_tokenizers(sp.defining_files()[0][1])
+    assert unk == "<unk>"
+    for text in TEXTS:
+        ids = fast.encode(text, add_special_tokens=False).ids
+        assert ids == sp.encode(text), text
+        assert fast.decode(ids, skip_special_tokens=False) == sp.decode(ids), text
+
+
+def test_exported_folder_loads_with_auto_tokenizer_and_generates_like_our_decoder(tmp_path, one_thread):
+    sp = _sentencepiece("unigram")
+    dec = _our_decoder(tmp_path, tokenizer=sp, rope_base=500.0)
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = "two  spaces and 42 digits\n🙂"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert ids[0].tolist() == sp.encode(prompt)  # no BOS added: training never did
+    assert tok.eos_token_id == sp.eos_id and tok.decode(ids[0]) == prompt
+    with torch.no_grad():
+        hf_out = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                pad_token_id=sp.eos_id)[0, ids.shape[1]:].tolist()
+        ours = ids
+        for _ in range(8):  # greedy with our decoder's logits
+            nxt = dec.logits(ours)[0, -1, :sp.vocab_size].argmax()
+            ours = torch.cat([ours, nxt.view(1, 1)], 1)
+    assert hf_out == ours[0, ids.shape[1]:].tolist()
+    pipe = transformers.pipeline("text-generation", model=model, tokenizer=tok)
+    assert pipe(prompt, max_new_tokens=4, do_sample=False)[0]["generated_text"].startswith(prompt)
+
+
+def test_hf_tokenizer_without_config_gets_one_naming_its_eos(tmp_path):
+    # a bare tokenizer.json (EOS found by name): AutoTokenizer needs tokenizer_config.json to know it
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from kforcing_dist.data.tokenizer import HFTokenizer
+
+    words = ["<unk>", "</s>"] + [f"w{i}" for i in range(VOCAB - 2)]
+    raw = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    raw.pre_tokenizer = WhitespaceSplit()
+    ours = HFTokenizer({"tokenizer.json": raw.to_str().encode()})
+    _our_decoder(tmp_path, tokenizer=ours)
+    export_hf(tmp_path / "ours", tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token == "</s>" and tok.eos_token_id == ours.eos_id == 1
+    assert tok("w3 w7 w98").input_ids == ours.encode("w3 w7 w98") == [5, 9, 100]

@@ -653,3 +653,17 @@ def test_valid_batches_fixed_and_sharded(prepared):
     assert 0 < len(many) < 10_000  # capped at what the split holds
     with pytest.raises(DataError, match="valid_fraction"):
         list(valid_batches(ArrayDataset(np.zeros(10, np.uint16)), 16, 2, 3))
+
+
+@pytest.mark.parametrize("field,value", [("valid_fraction", 0.7), ("valid_fraction", 0.0), ("num_workers", 0),
+                                         ("shard_tokens", 100)])
+def test_prepare_data_refuses_what_the_config_validator_refuses(field, value, tmp_path):
+    # one rule: prepare_data, called directly, raises the validator's own message before any work
+    from kforcing_dist.config import validate
+
+    cfg = small_config(source="files", paths=[str(tmp_path / "never-read.txt")], **{field: value})
+    problems = [p for p in validate(cfg, check_files=False) if p.startswith(f"data.{field}=")]
+    assert len(problems) == 1
+    with pytest.raises(DataError) as err:
+        prepare_data(cfg, tmp_path / "data", progress=False, cache_dir=tmp_path / "cache")
+    assert problems[0] in str(err.value)
