@@ -4,7 +4,7 @@
 Each argument is ``MULTIPLIER=RUN_FOLDER`` for a run evaluated with ``kforcing-dist evaluate``
 (its ``report.json``), e.g. the demo's stage steps at 1x, 2x and 4x. Prints a Markdown table of
 k1 slot-1 agreement and k4 block agreement (with the teacher's chance and mode baselines) and
-draws both against the budget into ``--out``::
+draws both against the budget into ``--out``. A run evaluated without k4 adds a k1 point only::
 
     python bench/budget_curve.py 1=runs/demo 2=runs/demo-2x 4=runs/demo-4x --out budget_curve.png
 """
@@ -31,27 +31,34 @@ def read_point(spec: str) -> dict:
         raise ValueError(f"{path} does not exist; run `kforcing-dist evaluate` "
                          f"on {folder} first")
     stages = json.loads(path.read_text())["stages"]
-    missing = [k for k in ("k1", "k4") if k not in stages]
-    if missing:
-        raise ValueError(f"{path} has no stage {', '.join(missing)}; the curve "
-                         f"needs k1 and k4 evaluated")
-    k1, k4 = stages["k1"], stages["k4"]
-    return {"budget": budget, "run": folder,
-            "k1_slot1": k1["slot_agreement"][0], "k1_mode": k1["mode_baseline"]["slot"][0],
-            "k1_chance": k1["chance_level_per_slot"][0],
-            "k4_block": k4["block_agreement"], "k4_mode": k4["mode_baseline"]["block"],
-            "k4_chance": k4["block_chance"], "contexts": k4["contexts"]}
+    if "k1" not in stages:
+        raise ValueError(f"{path} has no stage k1; the curve needs k1 (and k4) evaluated")
+    k1, k4 = stages["k1"], stages.get("k4")
+    point = {"budget": budget, "run": folder, "contexts": k1["contexts"],
+             "k1_slot1": k1["slot_agreement"][0], "k1_mode": k1["mode_baseline"]["slot"][0],
+             "k1_chance": k1["chance_level_per_slot"][0],
+             "k4_block": None, "k4_mode": None, "k4_chance": None}
+    if k4 is not None:
+        point.update(k4_block=k4["block_agreement"], k4_mode=k4["mode_baseline"]["block"],
+                     k4_chance=k4["block_chance"])
+    return point
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def table(points: list[dict]) -> str:
     lines = ["| budget | k1 slot-1 agreement | k4 block agreement | contexts | run |",
              "| --- | --- | --- | --- | --- |"]
     for p in points:
-        lines.append(f"| {p['budget']:g}x | {p['k1_slot1']:.1%} | {p['k4_block']:.1%} | {p['contexts']} "
+        lines.append(f"| {p['budget']:g}x | {_percent(p['k1_slot1'])} | {_percent(p['k4_block'])} | {p['contexts']} "
                      f"| `{p['run']}` |")
-    p = points[0]
-    lines.append(f"\nTeacher baselines (same held-out contexts): k1 chance {p['k1_chance']:.1%}, mode "
-                 f"{p['k1_mode']:.1%}; k4 block chance {p['k4_chance']:.1%}, mode {p['k4_mode']:.1%}.")
+    k1 = points[0]
+    k4 = next((p for p in points if p["k4_block"] is not None), None)
+    lines.append(f"\nTeacher baselines (same held-out contexts): k1 chance {k1['k1_chance']:.1%}, mode "
+                 f"{k1['k1_mode']:.1%}" + ("" if k4 is None else f"; k4 block chance {k4['k4_chance']:.1%}, "
+                                                                  f"mode {k4['k4_mode']:.1%}") + ".")
     return "\n".join(lines)
 
 
@@ -66,10 +73,12 @@ def plot(points: list[dict], out: Path) -> None:
     for ax, key, title, baselines in (
             (axes[0], "k1_slot1", "k1 slot-1 agreement", (("k1_mode", "mode baseline"), ("k1_chance", "chance"))),
             (axes[1], "k4_block", "k4 block agreement", (("k4_mode", "mode baseline"), ("k4_chance", "chance")))):
-        ax.plot(budgets, [100 * p[key] for p in points], "o-", label="student")
+        have = [p for p in points if p[key] is not None]
+        ax.plot([p["budget"] for p in have], [100 * p[key] for p in have], "o-", label="student")
         for base_key, label in baselines:
-            ax.axhline(100 * points[0][base_key], linestyle="--", linewidth=1, color="grey" if label == "chance"
-                       else "tab:orange", label=f"teacher {label}")
+            if have:
+                ax.axhline(100 * have[0][base_key], linestyle="--", linewidth=1,
+                           color="grey" if label == "chance" else "tab:orange", label=f"teacher {label}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [f"{b:g}x" for b in budgets])
         ax.set_xlabel("stage budget (x the demo's steps)")

@@ -47,10 +47,23 @@ def test_bad_spec_is_a_usage_error(spec, capsys):
     assert exc.value.code == 2 and "MULTIPLIER=RUN_FOLDER" in capsys.readouterr().err
 
 
-def test_missing_stage_names_it(tmp_path, capsys):
+def test_a_run_without_k4_adds_a_k1_point_only(tmp_path, capsys):
+    curve = _load()
+    both = _report(tmp_path / "1x", 0.4, 0.07)
+    k1_only = tmp_path / "4x"
+    _report(k1_only, 0.5, 0.1)
+    report = json.loads((k1_only / "report.json").read_text())
+    del report["stages"]["k4"]
+    (k1_only / "report.json").write_text(json.dumps(report))
+    assert curve.main([f"1={both}", f"4={k1_only}", "--out", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| 4x | 50.0% | - |" in out and "k4 block chance 4.0%" in out
+
+
+def test_missing_k1_names_it(tmp_path, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / "report.json").write_text(json.dumps({"stages": {"k1": {}}}))
+    (folder / "report.json").write_text(json.dumps({"stages": {"k4": {}}}))
     with pytest.raises(SystemExit) as exc:
         _load().main([f"1={folder}"])
-    assert exc.value.code == 2 and "no stage k4" in capsys.readouterr().err
+    assert exc.value.code == 2 and "no stage k1" in capsys.readouterr().err
