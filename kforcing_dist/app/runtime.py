@@ -16,6 +16,11 @@ from .paths import RUN_FOLDER, output_folder
 
 log = logging.getLogger("kforcing_dist")
 
+# Test-only fault injection: exit abruptly (no save, no clean-up) right after this step, to
+# prove that a crashed run resumes exactly. Never set in normal use.
+CRASH_ENV = "KFORCING_DIST_CRASH_AFTER_STEP"
+CRASH_EXIT_CODE = 17
+
 
 def setup_logging(rank: int) -> None:
     """INFO on rank 0, warnings only elsewhere, so a multi-process run prints one story."""
@@ -25,6 +30,20 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("kforcing_dist").setLevel(level)
     for noisy in ("DeepSpeed", "deepspeed", "megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def crash_hook_from_env():
+    """The trainer's ``after_step`` hook that kills the process (exit 17, nothing saved or closed)
+    once the step named by ``KFORCING_DIST_CRASH_AFTER_STEP`` is done; None when it is not set."""
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    if not crash_after:
+        return None
+
+    def crash(step: int) -> None:
+        if step == crash_after:
+            os._exit(CRASH_EXIT_CODE)
+
+    return crash
 
 
 def install_stop_signals(flag: StopFlag) -> None:

@@ -11,8 +11,8 @@ import torch
 from ..config import Config, check, derive_layout, shards_dir_of
 from ..data import DataError
 from .paths import RUN_FOLDER, output_folder
-from .runtime import (distributed, finished_result, install_stop_signals, own_run_folder, setup_logging,
-                      validated_launch)
+from .runtime import (crash_hook_from_env, distributed, finished_result, install_stop_signals, own_run_folder,
+                      setup_logging, validated_launch)
 
 log = logging.getLogger("kforcing_dist")
 
@@ -93,7 +93,7 @@ def train_then_export(trainer, export):
     """Resume, train, and ``export(result)`` unless stopped early; the trainer is closed either way."""
     try:
         trainer.resume()
-        result = trainer.train()
+        result = trainer.train(after_step=crash_hook_from_env())
         if not result.stopped_early:
             export(result)
     finally:
@@ -107,7 +107,8 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
     from ..nn.sizes import pad_vocab_size
     from ..training.checkpoint import list_complete
     from ..training.export import export_decoder
-    from ..training.trainer import LMTask, LMTrainer
+    from ..training.task import LMTask
+    from ..training.trainer import LMTrainer
 
     out = Path(cfg.output_dir)
     with own_run_folder(out, "train-teacher", groups):

@@ -2,10 +2,10 @@
 
 The weights are consolidated offline (:mod:`.training`), padded to the target's vocabulary padding,
 sliced into a freshly built model at the target layout, wrapped in the same DeepSpeed engine the
-trainer builds, and saved with the trainer's own ``save`` (atomic, COMPLETE marker). Carried: the
-weights, step and tokens seen, the data sampler's position, the LR schedule (DeepSpeed's scheduler
-state), the engine's step counters, and - see :func:`optimizer_carry` - the Adam state (fp32 master
-weights, ``exp_avg``, ``exp_avg_sq``, ``step``):
+trainer builds, and saved by the trainer's Checkpointer (:mod:`kforcing_dist.training.checkpointer`:
+atomic, COMPLETE marker). Carried: the weights, step and tokens seen, the data sampler's position,
+the LR schedule (DeepSpeed's scheduler state), the engine's step counters, and - see
+:func:`optimizer_carry` - the Adam state (fp32 master weights, ``exp_avg``, ``exp_avg_sq``, ``step``):
 
 - same TP, PP, ZeRO stage and DP size, or ZeRO-0 (not partitioned over DP): DeepSpeed's
   ``load_checkpoint`` reads the source files as they are;
@@ -36,26 +36,6 @@ from .universal import TAG as UNIVERSAL_TAG
 from .universal import to_universal
 
 log = logging.getLogger("kforcing_dist")
-
-
-class _CarriedSampler:
-    """Stands in for the data sampler while saving: its state is the source checkpoint's."""
-
-    def __init__(self, state: dict):
-        self._state = state
-
-    def state_dict(self) -> dict:
-        return dict(self._state)
-
-
-class _TaskKind:
-    """What the trainer needs of a task to build an engine and save: its kind and LR groups."""
-
-    def __init__(self, kind: str, lr_scales: dict | None):
-        self.kind, self.lr_scales = kind, lr_scales
-
-    def pipe_loss(self, *_):  # a pipeline engine wants a loss function; a reshard never trains
-        raise RuntimeError("a resharding job does not train")
 
 
 def _engine_counters(ck: TrainingCheckpoint) -> dict:
@@ -154,8 +134,9 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str,
     state was carried (:func:`optimizer_carry`), reset reason or None).
     """
     from ..model.pipeline import build_model, load_plain_state_dict
+    from ..training.checkpointer import Checkpointer
+    from ..training.engine import build_engine, resolve_precision
     from ..training.export import fit_vocab_rows
-    from ..training.trainer import LMTrainer
 
     ck = read_training_checkpoint(source)
     if dataclasses.asdict(cfg.model) != ck.meta["model"]:
@@ -200,13 +181,13 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str,
         if (ck.path / "tokenizer").is_dir():
             shutil.copytree(ck.path / "tokenizer", folder / "tokenizer")
 
-    trainer = LMTrainer(cfg, original_yaml, groups, layout, model, _TaskKind(kind, lr_scales),
-                        _CarriedSampler(src_sampler), lambda: iter(()), out, extra_metadata=extra,
-                        save_extras=save_extras, load_universal=how == CARRY_UNIVERSAL)
+    precision = resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage)
+    engine = build_engine(model.to(groups.device), cfg, layout, groups, precision, lr_scales,
+                          load_universal=how == CARRY_UNIVERSAL)
+    checkpointer = Checkpointer(cfg, original_yaml, groups, layout, engine, kind, precision, out, extra, save_extras)
     # the universal checkpoint lives beside the target's checkpoints (shared storage on a cluster)
     scratch = out / ".reshard-universal"
     try:
-        engine = trainer.engine
         if how == CARRY_UNIVERSAL:
             _universal_on_rank0(ck, scratch, groups)
             # DeepSpeed re-partitions the fp32 masters and moments for this DP size; the weights it
@@ -231,10 +212,8 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str,
             for name in ("global_steps", "global_samples", "skipped_steps"):
                 if counters[name] is not None:
                     setattr(engine, name, counters[name])
-        trainer.step, trainer.tokens_seen = ck.state["step"], ck.state.get("tokens_seen", 0)
-        path = trainer.save()
+        path = checkpointer.save(ck.state["step"], ck.state.get("tokens_seen", 0), dict(src_sampler))
     finally:
-        trainer.close()
         if how == CARRY_UNIVERSAL and groups.world_rank == 0:
             shutil.rmtree(scratch, ignore_errors=True)
     return path, how, reason

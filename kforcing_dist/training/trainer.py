@@ -1,9 +1,11 @@
-"""The teacher trainer: step, validate, save, resume, close.
+"""The trainer: one DeepSpeed engine, one data sampler and a task; steps, validation, the loop.
 
-A class that owns one DeepSpeed engine and one data sampler and saves/restores all of its
-state (engine = model + optimizer + LR schedule; sampler position; step counters), so a
-resumed run continues exactly where the interrupted one stopped. Stop requests (signals, a
-wall-clock budget) are agreed across ranks at a step boundary, then every rank saves and exits.
+:class:`LMTrainer` trains a model under a DeepSpeed engine driven by a :class:`~.task.Task` (the
+teacher's :class:`~.task.LMTask` or a distillation stage's). Its state (engine = model + optimizer +
+LR schedule; sampler position; step counters) is saved and restored by a
+:class:`~.checkpointer.Checkpointer`, so a resumed run continues exactly where the interrupted one
+stopped. Stop requests (signals, a wall-clock budget) are agreed across ranks at a step boundary,
+then every rank saves and exits.
 """
 
 from __future__ import annotations
@@ -11,26 +13,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..config import Config, Layout, config_to_yaml
-from ..fsio import write_json_atomic
+from ..config import Config, Layout
 from ..parallel.groups import ParallelGroups, any_rank
 from . import checkpoint as ckpt
+from .checkpointer import Checkpointer
 from .engine import build_engine, resolve_precision
 from .metrics import MetricsWriter, read_log
+from .task import Task
 
 log = logging.getLogger("kforcing_dist")
-
-# Test-only fault injection: exit abruptly (no save, no clean-up) right after this step, to
-# prove that a crashed run resumes exactly. Never set in normal use.
-CRASH_ENV = "KFORCING_DIST_CRASH_AFTER_STEP"
 
 
 @dataclasses.dataclass
@@ -54,212 +52,58 @@ class StopFlag:
         self.requested, self.reason = True, reason
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"torch": torch.__version__}
-    for name in ("deepspeed", "megatron-core"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-class LMTask:
-    """Next-token prediction: the AR teacher's objective.
-
-    A task turns one micro-batch of tokens into (loss, metrics); the trainer is the same for
-    the teacher and every distillation stage. ``step``/``micro`` let a task derive its noise
-    from the position in training (so a resumed run draws exactly the same noise).
-    """
-
-    kind = "teacher"
-
-    def __init__(self, tp_group):
-        self.tp_group = tp_group
-        self.records: list[dict[str, float]] = []  # pipeline: per-micro-batch scalars (last stage)
-
-    def train_loss(self, engine, batch: torch.Tensor, step: int, micro: int):
-        from ..model.loss import lm_loss
-
-        return lm_loss(engine(batch[:, :-1]), batch[:, 1:], self.tp_group), {}
-
-    def eval_loss(self, engine, batch: torch.Tensor, index: int):
-        return self.train_loss(engine, batch, -1, index)
-
-    # pipeline parallelism: the engine pulls (inputs, labels) per micro-batch; the loss runs on
-    # the last stage and appends each micro-batch's scalars to ``records``
-    def pipe_micro_batches(self, batches: list[torch.Tensor], step: int | None) -> list[tuple]:
-        return [(b[:, :-1], b[:, 1:]) for b in batches]
-
-    def pipe_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from ..model.loss import lm_loss
-
-        loss = lm_loss(logits, labels, self.tp_group)
-        self.records.append({"loss": loss.item()})
-        return loss
-
-
 class LMTrainer:
     """Trains a model on a token sampler under a DeepSpeed engine, driven by a task.
 
-    ``task`` (e.g. :class:`LMTask`) computes each micro-batch's loss and metrics.
-    ``valid_batches`` is a callable returning a fresh iterator of the fixed validation
-    micro-batches for this rank. ``load_universal``: the engine loads DeepSpeed universal checkpoints
-    (only ``convert reshard`` sets it, to carry the optimizer across a data-parallel change).
+    ``task`` computes each micro-batch's loss and metrics. ``valid_batches`` is a callable returning
+    a fresh iterator of the fixed validation micro-batches for this rank. ``extra_metadata`` and
+    ``save_extras``: see :class:`~.checkpointer.Checkpointer`.
     """
 
     def __init__(self, cfg: Config, original_yaml: str, groups: ParallelGroups, layout: Layout,
-                 model: torch.nn.Module, task, sampler, valid_batches: Callable,
+                 model: torch.nn.Module, task: Task, sampler, valid_batches: Callable,
                  output_dir: Path, extra_metadata: dict, save_extras: Callable[[Path], None] | None = None,
-                 stop_flag: StopFlag | None = None, load_universal: bool = False):
-        self.cfg, self.original_yaml, self.groups, self.layout = cfg, original_yaml, groups, layout
+                 stop_flag: StopFlag | None = None):
+        self.cfg, self.groups, self.layout = cfg, groups, layout
         self.task, self.sampler, self.valid_batches = task, sampler, valid_batches
-        kind = task.kind
+        self.kind = task.kind
         self.output_dir = Path(output_dir)
-        self.ckpt_root = self.output_dir / "checkpoints"
-        self.extra_metadata, self.save_extras, self.kind = extra_metadata, save_extras, kind
         self.stop_flag = stop_flag or StopFlag()
-        self.precision = resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage)
+        precision = resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage)
         self.pipelined = layout.pp > 1
         if self.pipelined:
             # a DeepSpeed pipeline computes the loss on its last stage with the module's loss_fn
             model.loss_fn = task.pipe_loss
-        self.engine = build_engine(model.to(groups.device), cfg, layout, groups, self.precision,
-                                   getattr(task, "lr_scales", None), load_universal)
+        self.engine = build_engine(model.to(groups.device), cfg, layout, groups, precision, task.lr_scales)
+        self.checkpointer = Checkpointer(cfg, original_yaml, groups, layout, self.engine, self.kind, precision,
+                                         self.output_dir, extra_metadata, save_extras)
         self.step = 0
         self.tokens_seen = 0
+        self.tokens_per_step = layout.global_batch_size * cfg.train.seq_len
         self.is_logger = groups.is_logging_rank
         self.metrics = MetricsWriter(self.output_dir, self.is_logger, cfg.logging.tensorboard)
         self._start_time = time.time()
 
-    # ----------------------------------------------------------------- state
-    def _state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
-                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
-                           "zero_stage": self.cfg.parallel.zero_stage}}
-
+    # ----------------------------------------------------------- checkpoints
     def save(self) -> Path:
-        """Save engine + trainer state into ``checkpoints/step-N`` atomically (all ranks call).
-
-        A part that fails on any rank (a full disk) fails the save on every rank: the temporary
-        folder is removed and CheckpointError says how much space the save needed.
-        """
-        rank0 = self.groups.world_rank == 0
-        tmp = ckpt.temp_dir_for(self.ckpt_root, self.step)
-        self._save_part(lambda: ckpt.begin_save(self.ckpt_root, self.step) if rank0 else None)
-        self._save_part(lambda: self.engine.save_checkpoint(str(tmp), tag="engine", save_latest=False))
-        self._save_part(lambda: self._finish_save(tmp) if rank0 else None)
-        return self.ckpt_root / ckpt.step_dir_name(self.step)
-
-    def _save_part(self, write: Callable[[], object]) -> None:
-        """Run one part of a save on this rank, then agree with the other ranks whether every part
-        succeeded (the agreement is also the barrier between the parts)."""
-        cause = None
-        try:
-            write()
-        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
-            cause = exc
-            # without tracebacks: their frames keep the half-written file open, and its space in
-            # use, while the error reports the free space
-            link = exc
-            while link is not None:
-                link.__traceback__, link = None, link.__context__
-        if not any_rank(cause is not None, self.groups.device):
-            return
-        if self.groups.world_rank == 0:
-            raise ckpt.failed_save(self.ckpt_root, self.step, cause) from cause
-        raise ckpt.CheckpointError(
-            f"saving checkpoint {ckpt.step_dir_name(self.step)} failed"
-            + (f" on this rank ({type(cause).__name__}: {cause})" if cause else " on another rank")
-            + "; rank 0 removed the partial save and reports the space it needs") from cause
-
-    def _finish_save(self, tmp: Path) -> None:
-        (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
-        (tmp / "original_config.yaml").write_text(self.original_yaml)
-        write_json_atomic(tmp / "trainer_state.json", self._state())
-        meta = {"kind": self.kind, "format": "kforcing-dist-train/1", "precision": self.precision,
-                "versions": _versions(), "model": dataclasses.asdict(self.cfg.model),
-                **self.extra_metadata, **{"layout": self._state()["layout"]}}
-        write_json_atomic(tmp / "metadata.json", meta)
-        if self.save_extras is not None:
-            self.save_extras(tmp)
-        ckpt.finish_save(self.ckpt_root, self.step, {"kind": self.kind})
-        ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last)
+        """Save the engine and this trainer's state as ``checkpoints/step-N`` (all ranks call)."""
+        return self.checkpointer.save(self.step, self.tokens_seen, self.sampler.state_dict())
 
     def resume(self) -> Path | None:
-        """Load the newest complete checkpoint under the run folder, if any.
-
-        A checkpoint that cannot be read (a truncated engine file, a garbled JSON file) stops the
-        run with CheckpointError naming the file and the previous complete checkpoint; with
-        ``checkpoint.resume_fallback`` that one is loaded instead (the damaged one is marked
-        DAMAGED). The metrics log is cut back to the resumed step, so replayed steps appear once.
-        """
-        newest_first = [path for _, path in reversed(ckpt.list_complete(self.ckpt_root))]
-        if newest_first and self.cfg.checkpoint.resume == "never":
-            raise ckpt.CheckpointError(
-                f"{self.output_dir} already holds checkpoint {newest_first[0].name} and checkpoint.resume=never; "
-                f"choose another -o/--output-dir or set checkpoint.resume=auto to continue it")
-        for i, path in enumerate(newest_first):
-            state, damage = self._load(path)
-            if not any_rank(damage is not None, self.groups.device):
-                self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-                self.sampler.load_state_dict(state["sampler"])
-                self.metrics.truncate_after(self.step)
-                if self.is_logger:
-                    log.info("resumed from %s (step %d)", path, self.step)
-                return path
-            damage = damage or "it could not be loaded on another rank"
-            previous = newest_first[i + 1] if i + 1 < len(newest_first) else None
-            if not self.cfg.checkpoint.resume_fallback or previous is None:
-                offer = (f"resume from the previous complete checkpoint {previous.name} with --set "
-                         f"checkpoint.resume_fallback=true, or delete {path}" if previous is not None else
-                         f"no earlier complete checkpoint exists: restore the file, or delete {path} to start over")
-                raise ckpt.CheckpointError(f"checkpoint {path} is damaged: {damage}; {offer}")
-            log.warning("checkpoint %s is damaged (%s): resuming from the previous complete one, %s "
-                        "(checkpoint.resume_fallback); %s is marked DAMAGED", path, damage, previous.name, path.name)
-            if self.groups.world_rank == 0:
-                ckpt.mark_damaged(path, damage)
-        self.metrics.truncate_after(0)  # no checkpoint: this run starts at step 0
-        return None
-
-    def _load(self, path: Path) -> tuple[dict | None, str | None]:
-        """(trainer state, None) once ``path`` is loaded into the engine on this rank, or (None, what
-        is damaged). A checkpoint that does not fit this run raises CheckpointError."""
-        try:
-            state = ckpt.read_json(path / "trainer_state.json", ("step", "tokens_seen", "sampler", "layout"))
-            meta = ckpt.read_json(path / "metadata.json", ("kind", "model"))
-        except ckpt.DamagedFile as exc:
-            return None, str(exc)
-        self._check_compatible(path, state, meta)
-        try:
-            load_path, _ = self.engine.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
-                                                       load_lr_scheduler_states=True)
-        except Exception as exc:  # noqa: BLE001 - torch/DeepSpeed raise many types for an unreadable file
-            return None, ckpt.describe_engine_damage(path / "engine", exc)
-        if load_path is None:
-            return None, f"DeepSpeed found no engine state in {path / 'engine'}"
-        return state, None
-
-    def _check_compatible(self, path: Path, state: dict, meta: dict) -> None:
-        problems = []
-        if meta.get("kind") != self.kind:
-            problems.append(f"it holds a {meta.get('kind')!r} model, this run trains a {self.kind!r}")
-        mine = self._state()["layout"]
-        if state["layout"] != mine:
-            problems.append(f"its parallel layout {state['layout']} differs from this run's {mine}")
-        if meta.get("model") != dataclasses.asdict(self.cfg.model):
-            diff = {k: (v, getattr(self.cfg.model, k, None)) for k, v in (meta.get("model") or {}).items()
-                    if getattr(self.cfg.model, k, None) != v}
-            problems.append(f"its model config differs (checkpoint, this run): {diff}")
-        for key, value in self.extra_metadata.items():
-            if key in meta and meta[key] != value:
-                problems.append(f"its {key} is {meta[key]!r}, this run has {value!r}")
-        if problems:
-            raise ckpt.CheckpointError(
-                f"cannot resume from {path}: " + "; ".join(problems)
-                + ". Use another -o/--output-dir, or start from a matching config.")
+        """Continue from the newest complete checkpoint under the run folder, if any (see
+        :meth:`Checkpointer.resume`). The metrics log is cut back to the resumed step, so replayed
+        steps appear once."""
+        resumed = self.checkpointer.resume()
+        if resumed is None:
+            self.metrics.truncate_after(0)  # no checkpoint: this run starts at step 0
+            return None
+        path, state = resumed
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.metrics.truncate_after(self.step)
+        if self.is_logger:
+            log.info("resumed from %s (step %d)", path, self.step)
+        return path
 
     # ------------------------------------------------------------- training
     def _agree_stop(self) -> bool:
@@ -289,18 +133,36 @@ class LMTrainer:
         self.engine.step()
         return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}}
 
-    def _pipe_train_step(self) -> list[dict[str, float]]:
+    def _pipe_train_records(self, batches: Sequence[torch.Tensor]) -> list[dict[str, float]]:
         """One optimizer step of a pipeline engine: all micro-batches through ``train_batch``.
 
         Per-micro-batch metrics exist on the last stage; other stages record the mean loss
         (DeepSpeed broadcasts it), which is all they log or check.
         """
-        batches = [self.sampler.next_batch().to(self.groups.device) for _ in range(self.layout.grad_accum)]
+        batches = [b.to(self.groups.device) for b in batches]
         self.task.records = []
         micro = self.task.pipe_micro_batches(batches, self.step)
         self.engine.reset_activation_shape()
         loss = self.engine.train_batch(iter(micro))
         return self.task.records if self.engine.is_last_stage() else [{"loss": float(loss)}]
+
+    def next_batches(self) -> list[torch.Tensor]:
+        """This rank's micro-batches of the next optimizer step, from the sampler."""
+        return [self.sampler.next_batch() for _ in range(self.layout.grad_accum)]
+
+    def train_step(self, batches: Sequence[torch.Tensor]) -> dict[str, float]:
+        """One optimizer step on this rank's ``layout.grad_accum`` micro-batches; advances the step
+        and tokens-seen counters and returns the loss and the task's metrics, averaged over the
+        data-parallel ranks (every rank gets the same numbers)."""
+        if len(batches) != self.layout.grad_accum:
+            raise ValueError(f"an optimizer step takes {self.layout.grad_accum} micro-batches, got {len(batches)}")
+        if self.pipelined:
+            records = self._pipe_train_records(batches)
+        else:
+            records = [self._micro_step(batch, m) for m, batch in enumerate(batches)]
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return self._dp_mean(self._mean(records))
 
     def _pipe_validate(self) -> list[dict[str, float]]:
         batches = [b.to(self.groups.device) for b in self.valid_batches()]
@@ -329,10 +191,11 @@ class LMTrainer:
         out["val_ppl"] = math.exp(min(out["val_loss"], 50.0))
         return out
 
-    def train(self) -> TrainResult:
+    def train(self, after_step: Callable[[int], None] | None = None) -> TrainResult:
+        """Train to ``train.max_steps`` (or a stop request), logging, validating and saving on the
+        way. ``after_step(step)`` runs once each step is done and any checkpoint of it saved (the
+        app's test-only crash injection)."""
         t = self.cfg.train
-        tokens_per_step = self.layout.global_batch_size * t.seq_len
-        crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
         bar = None
         if self.is_logger and self.cfg.logging.progress_bar:
             from tqdm.auto import tqdm
@@ -344,14 +207,8 @@ class LMTrainer:
         window_t, window_tokens = time.time(), 0
         self.engine.train()
         while self.step < t.max_steps:
-            if self.pipelined:
-                records = self._pipe_train_step()
-            else:
-                records = [self._micro_step(self.sampler.next_batch(), m) for m in range(self.layout.grad_accum)]
-            self.step += 1
-            self.tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            scalars = self._dp_mean(self._mean(records))
+            scalars = self.train_step(self.next_batches())
+            window_tokens += self.tokens_per_step
             last_loss = scalars["loss"]
             if not math.isfinite(last_loss):
                 raise FloatingPointError(f"loss is {last_loss} at step {self.step}; lower train.lr or check data")
@@ -375,8 +232,8 @@ class LMTrainer:
             stop = self._agree_stop()
             if self.step % self.cfg.checkpoint.save_interval == 0 or self.step == t.max_steps or stop:
                 last_ckpt = self.save()
-            if crash_after and self.step == crash_after:
-                os._exit(17)
+            if after_step is not None:
+                after_step(self.step)
             if stop:
                 stopped = True
                 if self.is_logger:
@@ -386,7 +243,7 @@ class LMTrainer:
         if bar is not None:
             bar.close()
         if last_ckpt is None:  # resumed at max_steps: nothing to do, point at the last checkpoint
-            last_ckpt = ckpt.latest_complete(self.ckpt_root)
+            last_ckpt = ckpt.latest_complete(self.checkpointer.root)
             last_loss, val, tok_s = self._logged_figures(last_loss, val, tok_s)
         return TrainResult(self.step, stopped, last_loss, val, tok_s, last_ckpt)
 

@@ -49,7 +49,8 @@ def write_checkpoint(rank, world, out, tp, zero, precision, kind="teacher", extr
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
-    from kforcing_dist.training.trainer import LMTask, LMTrainer
+    from kforcing_dist.training.task import LMTask
+    from kforcing_dist.training.trainer import LMTrainer
 
     cfg, text = load_config(None, BASE + [f"parallel.tp={tp}", f"parallel.zero_stage={zero}",
                                           f"train.precision={precision}", "train.micro_batch_size=2",
@@ -71,9 +72,7 @@ def write_checkpoint(rank, world, out, tp, zero, precision, kind="teacher", extr
     trainer = LMTrainer(cfg, text, groups, layout, model, task, RandomSampler(2, 100 + groups.dp_rank),
                         lambda: iter(()), out, extra_metadata=extra_meta)
     for _ in range(2):
-        for m in range(layout.grad_accum):
-            trainer._micro_step(trainer.sampler.next_batch(), m)
-        trainer.step += 1
+        trainer.train_step(trainer.next_batches())
     path = trainer.save()
     engine = trainer.engine
     ctx = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))

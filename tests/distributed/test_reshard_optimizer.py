@@ -59,7 +59,8 @@ def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
     from kforcing_dist.training.export import full_weights
-    from kforcing_dist.training.trainer import LMTask, LMTrainer
+    from kforcing_dist.training.task import LMTask
+    from kforcing_dist.training.trainer import LMTrainer
 
     cfg, text = load_config(None, BASE + [f"parallel.zero_stage={zero}", f"train.micro_batch_size={MICRO}",
                                           f"train.global_batch_size={GLOBAL_BATCH}", f"train.precision={precision}",
@@ -82,9 +83,8 @@ def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
         assert trainer.resume() is not None and trainer.step == SAVE_AT
     steps = {}
     while trainer.step < LAST:
-        records = [trainer._micro_step(trainer.sampler.next_batch(), m) for m in range(layout.grad_accum)]
-        trainer.step += 1
-        steps[trainer.step] = {"loss": trainer._dp_mean(trainer._mean(records))["loss"],
+        loss = trainer.train_step(trainer.next_batches())["loss"]
+        steps[trainer.step] = {"loss": loss,
                                "grad_norm": float(trainer.engine.get_global_grad_norm()),
                                "lr": trainer.engine.get_lr()[0],
                                "params": {k: v.numpy().copy() for k, v in

@@ -18,7 +18,8 @@ def tiny_trainer(groups, out, *overrides):
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.model.transformer import TransformerLM
     from kforcing_dist.nn.sizes import pad_vocab_size
-    from kforcing_dist.training.trainer import LMTask, LMTrainer
+    from kforcing_dist.training.task import LMTask
+    from kforcing_dist.training.trainer import LMTrainer
 
     cfg, text = load_config(None, BASE + ["train.micro_batch_size=2", f"output_dir={out}", *overrides])
     padded = pad_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, 1)
@@ -31,8 +32,7 @@ def tiny_trainer(groups, out, *overrides):
 
 def train_and_save(trainer, steps):
     for _ in range(steps):
-        trainer._micro_step(trainer.sampler.next_batch(), 0)
-        trainer.step += 1
+        trainer.train_step(trainer.next_batches())
         trainer.save()
 
 
