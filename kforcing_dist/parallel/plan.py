@@ -319,9 +319,9 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     """Validate ``cfg`` for ``nodes x gpus_per_node`` ranks and size one stage's job per rank.
 
     ``stage``: teacher (pretraining, no frozen model) or k1/k2/... (a distillation stage, with
-    the distill.* batch and sequence settings). ``frozen_dtype``: auto (as ``app.distill`` holds the
-    frozen models: distill.frozen_precision, float32 with a pipeline), or fp32 / bf16 to size another
-    choice of the frozen body (a bf16 one with its float32 head). Raises ConfigError naming every problem.
+    the distill.* batch and sequence settings). ``frozen_dtype``: auto (as ``distill.frozen.load_frozen``
+    holds the frozen models: distill.frozen_precision, float32 with a pipeline), or fp32 / bf16 to size
+    another choice of the frozen body (a bf16 one with its float32 head). Raises ConfigError naming every problem.
     """
     problems = []
     if nodes < 1 or gpus_per_node < 1:

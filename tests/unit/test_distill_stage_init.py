@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from kforcing_dist.app.distill import previous_student, stage_noise
 from kforcing_dist.config import ConfigError, load_config, validate
 from kforcing_dist.config.schema import Config
 from kforcing_dist.decode.format import save_decoder
 from kforcing_dist.training.checkpoint import CheckpointError
+from kforcing_dist.stage import Stage
 from tests.released_parity import imported
 
 
@@ -22,6 +22,14 @@ def released(tmp_path_factory):
 
 def _cfg(tmp_path, *overrides):
     return load_config(None, list(overrides), str(tmp_path / "run"))[0]
+
+
+def previous_student(cfg, k):
+    return Stage(cfg, k).previous()
+
+
+def stage_noise(cfg, prev_conf):
+    return Stage(cfg, 2).noise(prev_conf)
 
 
 def test_init_from_student_starts_the_stage_after_it(released, tmp_path):

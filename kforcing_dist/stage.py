@@ -1,0 +1,182 @@
+"""One step of the recipe: the AR teacher (k = 0) or distillation stage k of a run.
+
+A run folder (``output_dir``) holds ``data/``, ``teacher/``, ``k1/``, ``k2/``, ... (each a
+training run folder whose finished model is exported to ``export/``). A :class:`Stage` knows,
+from the run's config alone, its run and export folders, where it reads the AR teacher from
+(``distill.teacher`` or ``<run>/teacher/export``) and the student it starts from (the previous
+stage's export or ``distill.init_from_student``), the config it trains with, and which model it
+builds. The commands (``app/``), the memory plan, resharding and the run report all ask it, so
+these answers are made in one place.
+
+Imports only config, decode (to read decoder folders) and model (lazily, to build): the memory
+plan in ``parallel/`` uses it too, so it must not reach the training side.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+from .config import Config, ConfigError, shards_dir_of
+from .config.schema import ModelConfig
+from .errors import CheckpointError
+
+TEACHER = 0  # the k of the AR teacher's stage
+
+
+def stage_name(k: int) -> str:
+    """The folder (and --stage) name of stage ``k``: teacher, k1, k2, ..."""
+    return "teacher" if k == TEACHER else f"k{k}"
+
+
+def parse_stage(text: str) -> int:
+    """``--stage k2`` (or ``2``) -> 2."""
+    t = text.lower().lstrip("k")
+    if not t.isdigit() or int(t) < 1:
+        raise ConfigError([f"--stage {text!r}: expected k1, k2, k4 or k8"], "command line")
+    return int(t)
+
+
+def require_export(path: Path, what: str, fix: str, kind: str) -> dict:
+    """The decoder config of the export ``path`` that must hold a ``kind`` ("ar"/"pflm") model;
+    CheckpointError naming ``what`` and the ``fix`` when it is missing or holds another kind."""
+    from .decode.format import read_decoder_config
+
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{what} not found at {path} (no config.json); {fix}")
+    conf = read_decoder_config(path)
+    if conf.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {conf.get('kind')!r} model but {what} must be {kind!r}; {fix}")
+    return conf
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Stage ``k`` (0: the AR teacher) of the run whose config is ``cfg`` (``output_dir``: the run folder)."""
+
+    cfg: Config
+    k: int
+
+    @property
+    def name(self) -> str:
+        return stage_name(self.k)
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.k == TEACHER
+
+    @property
+    def root(self) -> Path:
+        """The run folder holding every stage."""
+        return Path(self.cfg.output_dir)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / self.name
+
+    @property
+    def export_dir(self) -> Path:
+        return self.run_dir / "export"
+
+    @property
+    def export_kind(self) -> str:
+        """The decoder kind this stage exports: "ar" (the teacher) or "pflm"."""
+        return "ar" if self.is_teacher else "pflm"
+
+    @property
+    def teacher_export(self) -> Path:
+        """The AR teacher's decoder folder: distill.teacher (a run folder or export) or <run>/teacher/export."""
+        if self.cfg.distill.teacher:
+            p = Path(self.cfg.distill.teacher)
+            return p / "export" if (p / "export" / "config.json").exists() else p
+        return Stage(self.cfg, TEACHER).export_dir
+
+    @property
+    def teacher_summary(self) -> Path:
+        """The teacher run's teacher_summary.json (beside its export; absent for an imported teacher)."""
+        return self.teacher_export.parent / "teacher_summary.json"
+
+    def require_teacher(self) -> dict:
+        """The AR teacher export's decoder config (CheckpointError naming the fix when missing)."""
+        return require_export(self.teacher_export, "the AR teacher export", "train it first (`kforcing-dist "
+                              f"train-teacher -o {self.root / 'teacher'}`) or set distill.teacher", "ar")
+
+    def previous(self) -> tuple[Path, dict]:
+        """The stage-k/2 student that stage k (> 1) starts from and its decoder config:
+        distill.init_from_student when set, else <run>/k{k/2}/export."""
+        d, k = self.cfg.distill, self.k
+        if d.init_from_student:
+            path = Path(d.init_from_student)
+            conf = require_export(path, "distill.init_from_student", "give a PFLM decoder folder (a stage's "
+                                  "export/ or one written by `kforcing-dist convert from-kforcing`)", "pflm")
+            what, fix = "distill.init_from_student", f"run the stage it continues: --stage k{2 * conf['max_k']}"
+        else:
+            path = Stage(self.cfg, k // 2).export_dir
+            conf = require_export(path, f"the stage-k{k // 2} export", f"run `kforcing-dist distill --stage "
+                                  f"k{k // 2}` first, or set distill.init_from_student to a PFLM decoder folder",
+                                  "pflm")
+            what, fix = f"the stage-k{k // 2} export", f"re-run stage k{k // 2} or set distill.init_from_student"
+        if conf["max_k"] != k // 2:
+            raise CheckpointError(f"{what} {path} holds a k={conf['max_k']} student (max_k {conf['max_k']}), but "
+                                  f"stage k{k} starts from a k={k // 2} one; {fix}")
+        return path, conf
+
+    def noise(self, prev_conf: dict | None) -> dict:
+        """The noise-feature convention of the stage's student ({"features", "max_freq"}): the config's
+        for stage 1, the previous student's for a later stage (ConfigError when the config explicitly
+        asks for another: the weights were trained under that one)."""
+        from .config.loader import is_given
+        from .nn.noise import noise_section
+
+        cfg, d = self.cfg, self.cfg.distill
+        if prev_conf is None:
+            return noise_section(d.noise_features, d.noise_max_freq)
+        prev = prev_conf["noise"]
+        clash = []
+        if is_given(cfg, "distill.noise_features") and d.noise_features != prev["features"]:
+            clash.append(f"distill.noise_features={d.noise_features!r} but the student it starts from uses "
+                         f"{prev['features']!r}")
+        if prev["features"] == "rising" and is_given(cfg, "distill.noise_max_freq") \
+                and float(d.noise_max_freq) != prev["max_freq"]:
+            clash.append(f"distill.noise_max_freq={d.noise_max_freq} but the student it starts from uses "
+                         f"{prev['max_freq']}")
+        if clash:
+            raise ConfigError([f"{c}: a later stage keeps its previous student's noise features; remove the key "
+                               f"(or set it to the student's value)" for c in clash], "the config")
+        return dict(prev)
+
+    def config(self, model_cfg: dict | None = None, noise: dict | None = None) -> Config:
+        """The config the stage trains with: its run folder and the run's token shards; for a
+        distillation stage the distill.* schedule, the architecture ``model_cfg`` (the teacher's,
+        from its export; None keeps model.*, as the memory plan does) and the noise convention
+        ``noise`` it really trains with (recorded in its checkpoints)."""
+        cfg, d = self.cfg, self.cfg.distill
+        out = copy.deepcopy(cfg)
+        out.output_dir = str(self.run_dir)
+        if self.is_teacher or not out.data.shards_dir:
+            out.data.shards_dir = str(shards_dir_of(cfg))
+        if self.is_teacher:
+            return out
+        if model_cfg is not None:
+            out.model = ModelConfig(**model_cfg)
+        out.train = dataclasses.replace(
+            cfg.train, max_steps=d.stage_steps[d.stages.index(self.k)] if d.stage_steps else d.max_steps,
+            lr=d.lr, min_lr=d.min_lr, warmup_steps=d.warmup_steps,
+            micro_batch_size=d.micro_batch_size or cfg.train.micro_batch_size,
+            seq_len=d.seq_len or cfg.train.seq_len, eval_interval=d.eval_interval,
+            global_batch_size=0 if d.micro_batch_size else cfg.train.global_batch_size)
+        if noise is not None:
+            out.distill.noise_features = noise["features"]
+            if noise["max_freq"] is not None:
+                out.distill.noise_max_freq = noise["max_freq"]
+        return out
+
+    def build_model(self, model_cfg: ModelConfig, padded_vocab_size: int, groups, pp: int, *,
+                    noise: dict | None = None, masked_token_ids=()):
+        """This stage's model at the layout: a TransformerLM (the teacher) or a PFLM with max_k = k
+        and the noise convention ``noise``, as a pipeline module when ``pp`` > 1."""
+        from .model.pipeline import build_model
+
+        return build_model(model_cfg, padded_vocab_size, groups, pp, max_k=self.k, noise=noise,
+                           masked_token_ids=masked_token_ids)
