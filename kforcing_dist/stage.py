@@ -85,6 +85,21 @@ class Stage:
         return "ar" if self.is_teacher else "pflm"
 
     @property
+    def teacher_chain(self) -> bool:
+        """Stage 2k takes its targets from the AR teacher (distill.higher_stage_targets=teacher_chain)."""
+        return self.k > 1 and self.cfg.distill.higher_stage_targets == "teacher_chain"
+
+    @property
+    def needs_ar_teacher(self) -> bool:
+        """The stage holds the frozen AR teacher: stage 1, the teacher chain, or the noise inversion loss."""
+        return self.k >= 1 and (self.k == 1 or self.teacher_chain or self.cfg.distill.noise_inversion_weight > 0)
+
+    @property
+    def needs_previous_student(self) -> bool:
+        """The stage holds the frozen stage-k/2 student (its self-forcing targets)."""
+        return self.k > 1 and not self.teacher_chain
+
+    @property
     def teacher_export(self) -> Path:
         """The AR teacher's decoder folder: distill.teacher (a run folder or export) or <run>/teacher/export."""
         if self.cfg.distill.teacher:

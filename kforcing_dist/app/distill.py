@@ -40,8 +40,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     stage, teacher_stage, prev_stage = Stage(cfg, k), Stage(cfg, TEACHER), Stage(cfg, k // 2)
     ar_path = stage.teacher_export
     # teacher_chain: stage 2k's targets come from the AR teacher, the frozen stage k is not needed
-    chain = k > 1 and d.higher_stage_targets == "teacher_chain"
-    need_ar = k == 1 or chain or d.noise_inversion_weight > 0
+    chain, need_ar = stage.teacher_chain, stage.needs_ar_teacher
     ar_conf = stage.require_teacher() if need_ar else None
     if k == 1 and d.init_from_student:
         raise ConfigError([f"distill.init_from_student={d.init_from_student}: stage k1 starts from the AR teacher; "
@@ -76,7 +75,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
 
         ar = load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
         prev = load_frozen(prev_path, lambda: student(prev_stage), groups, scfg, layout) \
-            if k > 1 and not chain else None
+            if stage.needs_previous_student else None
         torch.manual_seed(d.seed)
         model = student(stage)
         # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)

@@ -10,6 +10,7 @@ import torch
 
 from ..config import Config, check, derive_layout, shards_dir_of
 from ..data import DataError
+from ..stage import TEACHER, Stage
 from .paths import RUN_FOLDER, output_folder
 from .runtime import (distributed, finished_result, install_stop_signals, own_run_folder, setup_logging,
                       validated_launch)
@@ -103,7 +104,6 @@ def train_then_export(trainer, export):
 
 def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
     """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
-    from ..model.transformer import TransformerLM
     from ..nn.sizes import pad_vocab_size
     from ..training.checkpoint import list_complete
     from ..training.export import export_decoder
@@ -117,12 +117,8 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
         layout = derive_layout(cfg, info.world_size)
         padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
         torch.manual_seed(cfg.train.seed)
-        if layout.pp > 1:
-            from ..model.pipeline import build_pipeline_model
-
-            model = build_pipeline_model(cfg.model, padded, groups)  # same weights as the plain model
-        else:
-            model = TransformerLM(cfg.model, padded, groups.tp_group)
+        # a pipeline module with pp > 1 (same weights as the plain model)
+        model = Stage(cfg, TEACHER).build_model(cfg.model, padded, groups, layout.pp)
         if cfg.train.init_from and not list_complete(out / "checkpoints"):
             from ..convert.init import init_from_decoder
 
