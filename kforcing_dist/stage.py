@@ -187,6 +187,16 @@ class Stage:
                 out.distill.noise_max_freq = noise["max_freq"]
         return out
 
+    def export_fields(self, noise: dict | None = None, masked_token_ids=()) -> dict:
+        """What the stage's decoder folder records besides the weights (``export_decoder``'s
+        keywords): "ar" for the teacher; a stage's max_k, noise convention, masked tokens, the
+        tau range it trained on and its CDF order."""
+        if self.is_teacher:
+            return {"kind": "ar"}
+        d = self.cfg.distill
+        return {"kind": "pflm", "max_k": self.k, "noise": noise, "masked_token_ids": masked_token_ids,
+                "tau_range": (d.tau_min, d.tau_max), "cdf_order": d.cdf_order}
+
     def build_model(self, model_cfg: ModelConfig, padded_vocab_size: int, groups, pp: int, *,
                     noise: dict | None = None, masked_token_ids=()):
         """This stage's model at the layout: a TransformerLM (the teacher) or a PFLM with max_k = k

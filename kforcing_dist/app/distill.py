@@ -56,7 +56,7 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     check(scfg, info.world_size, source=f"stage k{k}")
     shards, tokenizer = ensure_shards(scfg, info.world_size, "the config")
     resolve_vocab(scfg, tokenizer)
-    out = Path(scfg.output_dir)
+    out = stage.run_dir
     out.mkdir(parents=True, exist_ok=True)
 
     with own_run_folder(out, f"distill --stage k{k}", groups):
@@ -96,11 +96,9 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
                             "noise": noise, "masked_token_ids": list(masked)},
             save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
         result = train_then_export(trainer, lambda res: export_decoder(
-            trainer.engine.module, groups, out / "export", kind="pflm", model_cfg=scfg.model, padded_vocab_size=padded,
-            zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, max_k=k, noise=noise,
-            masked_token_ids=masked, tau_range=(d.tau_min, d.tau_max),
-            cdf_order=d.cdf_order, source={"checkpoint": str(res.checkpoint), "step": res.step,
-                                           "teacher": str(targets_from)}))
+            trainer.engine.module, groups, stage.export_dir, model_cfg=scfg.model, padded_vocab_size=padded,
+            zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, **stage.export_fields(noise, masked),
+            source={"checkpoint": str(res.checkpoint), "step": res.step, "teacher": str(targets_from)}))
         if groups.is_logging_rank:
             write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
             log.info("stage k%d: step %d, %s", k, result.step,

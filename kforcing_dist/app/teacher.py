@@ -110,6 +110,8 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
     from ..training.trainer import LMTask, LMTrainer
 
     out = Path(cfg.output_dir)
+    # cfg is the teacher run's own (output_dir: the teacher's folder): only the stage's model and export
+    stage = Stage(cfg, TEACHER)
     with own_run_folder(out, "train-teacher", groups):
         done = finished_result(out, cfg.train.max_steps, "teacher_summary.json")
         if done is not None:
@@ -118,7 +120,7 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
         padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
         torch.manual_seed(cfg.train.seed)
         # a pipeline module with pp > 1 (same weights as the plain model)
-        model = Stage(cfg, TEACHER).build_model(cfg.model, padded, groups, layout.pp)
+        model = stage.build_model(cfg.model, padded, groups, layout.pp)
         if cfg.train.init_from and not list_complete(out / "checkpoints"):
             from ..convert.init import init_from_decoder
 
@@ -130,8 +132,8 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
             extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
             save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
         result = train_then_export(trainer, lambda res: export_decoder(
-            trainer.engine.module, groups, out / "export", kind="ar", model_cfg=cfg.model, padded_vocab_size=padded,
-            zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer,
+            trainer.engine.module, groups, out / "export", model_cfg=cfg.model, padded_vocab_size=padded,
+            zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer, **stage.export_fields(),
             source={"checkpoint": str(res.checkpoint), "step": res.step}))
         if groups.is_logging_rank:
             s = write_summary(out / "teacher_summary.json", result, info, layout)

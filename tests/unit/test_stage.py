@@ -51,3 +51,12 @@ def test_frozen_models_of_a_stage(tmp_path, overrides, k, ar, prev):
     plan = make_plan(stage.cfg, 1, 1, stage.name) if k else None
     if plan:
         assert ("AR teacher" in plan.frozen_model, f"k{k // 2} student" in plan.frozen_model) == (ar, prev)
+
+
+def test_export_fields(tmp_path):
+    cfg = _cfg(tmp_path, "distill.tau_min=0.5", "distill.cdf_order=sorted")
+    assert Stage(cfg, TEACHER).export_fields() == {"kind": "ar"}
+    noise = {"features": "rising", "max_freq": 64.0}
+    assert Stage(cfg, 2).export_fields(noise, [7]) == {
+        "kind": "pflm", "max_k": 2, "noise": noise, "masked_token_ids": [7], "tau_range": (0.5, cfg.distill.tau_max),
+        "cdf_order": "sorted"}
