@@ -52,6 +52,21 @@ def require_export(path: Path, what: str, fix: str, kind: str) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageInputs:
+    """What distillation stage k reads, resolved from the run's folders and the config."""
+
+    teacher: Path               # the AR teacher's export (loaded when the stage needs it)
+    teacher_conf: dict | None   # its decoder config, when the stage needs it
+    previous: Path | None       # the stage-k/2 student's export (stage k > 1)
+    previous_conf: dict | None
+    targets_from: Path          # the frozen model whose outputs are the targets
+    init_from: Path             # the weights the student starts from (stage 1: the teacher's)
+    arch: dict                  # the architecture (model.*) every model of the stage shares
+    noise: dict                 # the student's noise convention (Stage.noise)
+    masked_token_ids: list      # tokens masked in every model of the stage (and in its export)
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage:
     """Stage ``k`` (0: the AR teacher) of the run whose config is ``cfg`` (``output_dir``: the run folder)."""
 
@@ -136,6 +151,29 @@ class Stage:
             raise CheckpointError(f"{what} {path} holds a k={conf['max_k']} student (max_k {conf['max_k']}), but "
                                   f"stage k{k} starts from a k={k // 2} one; {fix}")
         return path, conf
+
+    def inputs(self) -> StageInputs:
+        """The exports distillation stage k reads and what they fix for it, checked (ConfigError /
+        CheckpointError naming the fix)."""
+        d, k = self.cfg.distill, self.k
+        if k not in d.stages:
+            raise ConfigError([f"stage k{k} is not in distill.stages={d.stages}"], "command line")
+        ar_path = self.teacher_export
+        ar_conf = self.require_teacher() if self.needs_ar_teacher else None
+        if k == 1 and d.init_from_student:
+            raise ConfigError([f"distill.init_from_student={d.init_from_student}: stage k1 starts from the AR "
+                               f"teacher; the folder starts the stage k = 2 x its max_k (run that --stage)"],
+                              "the config")
+        prev_path, prev_conf = self.previous() if k > 1 else (None, None)
+        noise = self.noise(prev_conf)
+        # teacher_chain: stage 2k's targets come from the AR teacher, the frozen stage k is not needed
+        return StageInputs(
+            ar_path, ar_conf, prev_path, prev_conf,
+            targets_from=ar_path if k == 1 or self.teacher_chain else prev_path,
+            init_from=ar_path if k == 1 else prev_path,
+            arch=(ar_conf or prev_conf)["model"], noise=noise,
+            # a released model's mask token stays masked in every model of the stage (and in its export)
+            masked_token_ids=(prev_conf or ar_conf)["masked_token_ids"])
 
     def noise(self, prev_conf: dict | None) -> dict:
         """The noise-feature convention of the stage's student ({"features", "max_freq"}): the config's

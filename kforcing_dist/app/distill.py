@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError, check, derive_layout
+from ..config import Config, check, derive_layout
 from ..stage import TEACHER, Stage, parse_stage
 from .runtime import distributed, finished_result, install_stop_signals, own_run_folder, validated_launch
 from .teacher import (ensure_shards, resolve_vocab, samplers, teacher_setup, train_teacher, train_then_export,
@@ -35,24 +35,11 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     from ..training.trainer import LMTrainer
 
     d = cfg.distill
-    if k not in d.stages:
-        raise ConfigError([f"stage k{k} is not in distill.stages={d.stages}"], "command line")
     stage, teacher_stage, prev_stage = Stage(cfg, k), Stage(cfg, TEACHER), Stage(cfg, k // 2)
-    ar_path = stage.teacher_export
-    # teacher_chain: stage 2k's targets come from the AR teacher, the frozen stage k is not needed
-    chain, need_ar = stage.teacher_chain, stage.needs_ar_teacher
-    ar_conf = stage.require_teacher() if need_ar else None
-    if k == 1 and d.init_from_student:
-        raise ConfigError([f"distill.init_from_student={d.init_from_student}: stage k1 starts from the AR teacher; "
-                           f"the folder starts the stage k = 2 x its max_k (run that --stage)"], "the config")
-    prev_path, prev_conf = stage.previous() if k > 1 else (None, None)
-    targets_from = ar_path if k == 1 or chain else prev_path
-    arch = (ar_conf or prev_conf)["model"]
-    noise = stage.noise(prev_conf)
-    # a released model's mask token stays masked in every model of the stage (and in its export)
-    masked = (prev_conf or ar_conf)["masked_token_ids"]
+    src = stage.inputs()
+    noise, masked = src.noise, src.masked_token_ids
     # the stage's config (saved in its checkpoints) records the convention it really trains with
-    scfg = stage.config(arch, noise)
+    scfg = stage.config(src.arch, noise)
     check(scfg, info.world_size, source=f"stage k{k}")
     shards, tokenizer = ensure_shards(scfg, info.world_size, "the config")
     resolve_vocab(scfg, tokenizer)
@@ -71,16 +58,15 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
 
         def ar_model():
             return teacher_stage.build_model(scfg.model, padded, groups, layout.pp,
-                                             masked_token_ids=ar_conf["masked_token_ids"])
+                                             masked_token_ids=src.teacher_conf["masked_token_ids"])
 
-        ar = load_frozen(ar_path, ar_model, groups, scfg, layout) if need_ar else None
-        prev = load_frozen(prev_path, lambda: student(prev_stage), groups, scfg, layout) \
+        ar = load_frozen(src.teacher, ar_model, groups, scfg, layout) if stage.needs_ar_teacher else None
+        prev = load_frozen(src.previous, lambda: student(prev_stage), groups, scfg, layout) \
             if stage.needs_previous_student else None
         torch.manual_seed(d.seed)
         model = student(stage)
         # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
-        init_from = ar_path if k == 1 else prev_path
-        init_weights = export_weights(init_from, padded)
+        init_weights = export_weights(src.init_from, padded)
         if k == 1:  # the fresh noise encoder (on the first pipeline stage only, with pp > 1)
             to_plain = getattr(model, "plain_name", lambda n: n)
             init_weights.update({to_plain(n): p.detach().cpu() for n, p in model.named_parameters()
@@ -92,13 +78,13 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
         trainer = LMTrainer(
             scfg, original_yaml, groups, layout, model, task, sampler, valid, out,
             extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
-                            "cdf_order": d.cdf_order, "teacher": str(targets_from),
+                            "cdf_order": d.cdf_order, "teacher": str(src.targets_from),
                             "noise": noise, "masked_token_ids": list(masked)},
             save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
         result = train_then_export(trainer, lambda res: export_decoder(
             trainer.engine.module, groups, stage.export_dir, model_cfg=scfg.model, padded_vocab_size=padded,
             zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, **stage.export_fields(noise, masked),
-            source={"checkpoint": str(res.checkpoint), "step": res.step, "teacher": str(targets_from)}))
+            source={"checkpoint": str(res.checkpoint), "step": res.step, "teacher": str(src.targets_from)}))
         if groups.is_logging_rank:
             write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
             log.info("stage k%d: step %d, %s", k, result.step,

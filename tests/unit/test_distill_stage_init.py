@@ -80,3 +80,20 @@ def test_config_checks(tmp_path):
     assert not validate(_cfg(tmp_path, "distill.noise_max_freq=0.5", "distill.noise_features=released"))
     with pytest.raises(ConfigError, match="'sideways' is not one of 'rising', 'released'"):
         _cfg(tmp_path, "distill.noise_features=sideways")
+
+
+def test_stage_inputs_name_the_targets_and_the_starting_weights(released, tmp_path):
+    """Stage 8 from an imported k4 student: self-forcing targets from that student, teacher_chain
+    targets from the AR teacher named by distill.teacher (which the stage then loads too)."""
+    base = ("distill.stages=[1,2,4,8]", f"distill.init_from_student={released['pflm']}",
+            f"distill.teacher={released['ar']}")
+    own = Stage(_cfg(tmp_path, *base), 8).inputs()
+    assert (own.targets_from, own.init_from, own.teacher_conf) == (released["pflm"], released["pflm"], None)
+    assert own.noise["features"] == "released" and own.arch == own.previous_conf["model"]
+    chain = Stage(_cfg(tmp_path, *base, "distill.higher_stage_targets=teacher_chain"), 8).inputs()
+    assert (chain.targets_from, chain.init_from) == (released["ar"], released["pflm"])
+    assert chain.teacher_conf["kind"] == "ar"
+    with pytest.raises(ConfigError, match="stage k8 is not in distill.stages"):
+        Stage(_cfg(tmp_path, *base[1:]), 8).inputs()
+    with pytest.raises(ConfigError, match="stage k1 starts from the AR teacher"):
+        Stage(_cfg(tmp_path, *base), 1).inputs()
