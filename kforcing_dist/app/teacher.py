@@ -10,6 +10,7 @@ import torch
 
 from ..config import Config, check, derive_layout, shards_dir_of
 from ..data import DataError
+from ..stage import TEACHER, Stage
 from .paths import RUN_FOLDER, output_folder
 from .runtime import (crash_hook_from_env, distributed, finished_result, install_stop_signals, own_run_folder,
                       setup_logging, validated_launch)
@@ -103,7 +104,6 @@ def train_then_export(trainer, export):
 
 def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
     """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
-    from ..model.transformer import TransformerLM
     from ..nn.sizes import pad_vocab_size
     from ..training.checkpoint import list_complete
     from ..training.export import export_decoder
@@ -111,6 +111,8 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
     from ..training.trainer import LMTrainer
 
     out = Path(cfg.output_dir)
+    # cfg is the teacher run's own (output_dir: the teacher's folder): only the stage's model and export
+    stage = Stage(cfg, TEACHER)
     with own_run_folder(out, "train-teacher", groups):
         done = finished_result(out, cfg.train.max_steps, "teacher_summary.json")
         if done is not None:
@@ -118,12 +120,8 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
         layout = derive_layout(cfg, info.world_size)
         padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
         torch.manual_seed(cfg.train.seed)
-        if layout.pp > 1:
-            from ..model.pipeline import build_pipeline_model
-
-            model = build_pipeline_model(cfg.model, padded, groups)  # same weights as the plain model
-        else:
-            model = TransformerLM(cfg.model, padded, groups.tp_group)
+        # a pipeline module with pp > 1 (same weights as the plain model)
+        model = stage.build_model(cfg.model, padded, groups, layout.pp)
         if cfg.train.init_from and not list_complete(out / "checkpoints"):
             from ..convert.init import init_from_decoder
 
@@ -135,8 +133,8 @@ def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, t
             extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
             save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
         result = train_then_export(trainer, lambda res: export_decoder(
-            trainer.engine.module, groups, out / "export", kind="ar", model_cfg=cfg.model, padded_vocab_size=padded,
-            zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer,
+            trainer.engine.module, groups, out / "export", model_cfg=cfg.model, padded_vocab_size=padded,
+            zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer, **stage.export_fields(),
             source={"checkpoint": str(res.checkpoint), "step": res.step}))
         if groups.is_logging_rank:
             s = write_summary(out / "teacher_summary.json", result, info, layout)

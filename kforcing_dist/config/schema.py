@@ -202,8 +202,9 @@ class DistillConfig:
     micro_batch_size: int = doc_field(0, "Sequences per rank per pass in a stage; 0: train.micro_batch_size.")
     seq_len: int = doc_field(0, "Context tokens per distillation sequence; 0: train.seq_len.")
     eval_interval: int = doc_field(0, "Validate every this many steps (0: only at the end).")
-    teacher: str = doc_field("", "Teacher of stage 1: a training checkpoint folder or run folder; empty: "
-                                 "<output_dir>/teacher (the pipeline's layout).")
+    teacher: str = doc_field("", "The AR teacher the stages distil and the report measures against: its run "
+                                 "folder (its export/ is read) or a decoder folder; empty: <output_dir>/teacher/export "
+                                 "(the pipeline's layout).")
     init_from_student: str = doc_field(
         "", "A PFLM decoder folder (e.g. from convert from-kforcing) that stage k = 2 x its max_k starts from, "
             "as the frozen previous student and the initial weights, instead of <output_dir>/k{k/2}/export; "

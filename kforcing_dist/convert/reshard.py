@@ -133,7 +133,8 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str,
     ``groups``/``layout``: the running target job's. Returns (checkpoint folder, how the optimizer
     state was carried (:func:`optimizer_carry`), reset reason or None).
     """
-    from ..model.pipeline import build_model, load_plain_state_dict
+    from ..model.pipeline import load_plain_state_dict
+    from ..stage import TEACHER, Stage
     from ..training.checkpointer import Checkpointer
     from ..training.engine import build_engine, resolve_precision
     from ..training.export import fit_vocab_rows
@@ -156,14 +157,15 @@ def reshard(source, cfg, original_yaml: str, groups, layout) -> tuple[Path, str,
     padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
     full = fit_vocab_rows(consolidate_weights(ck), padded)
     torch.manual_seed(cfg.train.seed)
-    k = 0 if kind == "teacher" else int(STUDENT_KIND_RE.match(kind).group(1))
+    k = TEACHER if kind == "teacher" else int(STUDENT_KIND_RE.match(kind).group(1))
     lr_scales = {"noise_encoder.": cfg.distill.noise_encoder_lr_scale} if k else None
     if k and (cfg.distill.noise_features, cfg.distill.noise_max_freq) != \
             (ck.config.distill.noise_features, ck.config.distill.noise_max_freq):
         raise CheckpointError("the target config changes distill.noise_features / noise_max_freq; resharding "
                               "keeps the model: only parallel.* (and the batch split) may differ")
-    model = build_model(cfg.model, padded, groups, layout.pp, max_k=k, noise=checkpoint_noise(ck) if k else None,
-                        masked_token_ids=ck.meta.get("masked_token_ids", []))
+    # the model the stage that wrote the checkpoint trains (only its model choice: cfg is the target run's)
+    model = Stage(cfg, k).build_model(cfg.model, padded, groups, layout.pp, noise=checkpoint_noise(ck) if k else None,
+                                      masked_token_ids=ck.meta.get("masked_token_ids", []))
     load_plain_state_dict(model, full, groups)
     extra = {k: v for k, v in ck.meta.items()
              if k not in ("kind", "format", "precision", "versions", "model", "layout", "resharded_from",

@@ -105,3 +105,32 @@ def freeze(model: torch.nn.Module, groups: ParallelGroups, precision: str, parti
                                            dist_init_required=False)
     engine.eval()
     return engine.module
+
+
+def export_weights(folder, padded_vocab_size: int) -> dict[str, torch.Tensor]:
+    """The full weights of a decoder folder, checked like ``generate`` checks them (size recorded in
+    config.json, readable safetensors, names and shapes: a DecodeError naming the fix), with the
+    vocabulary rows fitted to this run's padding."""
+    from ..decode.format import load_decoder_weights
+    from ..training.export import fit_vocab_rows
+
+    return fit_vocab_rows(load_decoder_weights(folder), padded_vocab_size)
+
+
+def load_frozen(folder, builder, groups: ParallelGroups, cfg, layout):
+    """Build a model with ``builder()``, load the full weights exported in ``folder``, freeze it.
+
+    A pipeline model comes back as a forward-only :class:`PipelineForward` on its own
+    optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` and
+    ``distill.frozen_precision`` of the stage's config ``cfg`` say (:func:`freeze`).
+    """
+    from ..model.pipeline import PipelineForward, is_pipeline, load_plain_state_dict
+    from ..training.engine import build_frozen_pipeline_engine, resolve_precision
+
+    model = builder()
+    weights = export_weights(folder, model.padded_vocab_size)
+    load_plain_state_dict(model, weights, groups)
+    if is_pipeline(model):
+        return PipelineForward(build_frozen_pipeline_engine(model, layout))
+    return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage),
+                  cfg.distill.partition_frozen, cfg.distill.frozen_precision)

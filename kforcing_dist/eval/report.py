@@ -1,14 +1,16 @@
 """The run report: ``report.json`` + ``report.md`` for a pipeline run folder.
 
-Reads the exported decoder folders (``teacher/export``, ``kK/export``) and the held-out split of
-the run's token shards, so it runs engine-free on one process, after the pipeline or alone
-(``kforcing-dist evaluate``). Agreement is measured on held-out contexts against chance and the
-mode baseline; samples are full-length continuations of short held-out prompts (repetition
-drift shows only in long samples), students with their per-k frequency penalty and without.
+Reads the exported decoder folders (``kK/export`` and the AR teacher's: ``teacher/export``, or
+where ``distill.teacher`` names it) and the held-out split of the run's token shards, so it runs
+engine-free on one process, after the pipeline or alone (``kforcing-dist evaluate``). Agreement is
+measured on held-out contexts against chance and the mode baseline; samples are full-length
+continuations of short held-out prompts (repetition drift shows only in long samples), students
+with their per-k frequency penalty and without.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ from ..decode.errors import DecodeError
 from ..decode.format import read_decoder_config
 from ..decode.generate import generate, load_decoder
 from ..decode.penalty import penalty_for_k
+from ..stage import TEACHER, Stage
 from .metrics import agreement, draw_noise, sample_stats, teacher_path
 from .quality import (Judge, frontier_markdown, lossless_markdown, lossless_summary, plot_frontier,
                       quality_frontier)
@@ -45,10 +48,11 @@ def heldout_windows(shards: Path, count: int, length: int) -> torch.Tensor:
     return torch.tensor([ds.window(s, length).tolist() for s in starts], dtype=torch.long)
 
 
-def _stage_exports(cfg: Config, root: Path) -> dict[int, Path]:
+def _stage_exports(run: Stage) -> dict[int, Path]:
+    """{k: export folder} of the run's finished distillation stages."""
     found = {}
-    for k in cfg.distill.stages:
-        p = root / f"k{k}" / "export"
+    for k in run.cfg.distill.stages:
+        p = Stage(run.cfg, k).export_dir
         if (p / "config.json").exists():
             found[k] = p
     return found
@@ -97,13 +101,14 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
 
     t0 = time.time()
     ev, dec = cfg.eval, cfg.decode
-    teacher_dir = root / "teacher" / "export"
+    run = Stage(dataclasses.replace(cfg, output_dir=str(root)), TEACHER)
+    teacher_dir = run.teacher_export
     if not (teacher_dir / "config.json").exists():
         raise DecodeError(f"no exported teacher at {teacher_dir}; run the pipeline (or train-teacher -o "
-                          f"{root / 'teacher'}) first")
+                          f"{run.run_dir}) first, or set distill.teacher")
     shards = shards_dir_of(cfg)
     teacher = load_decoder(teacher_dir)
-    stages = _stage_exports(cfg, root)
+    stages = _stage_exports(run)
     models = {k: load_decoder(path) for k, path in stages.items()}
     configs = {k: read_decoder_config(path) for k, path in stages.items()}
     orders = {k: c.get("cdf_order", "vocab") for k, c in configs.items()}
@@ -125,7 +130,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
                                "ignore_eos": True, "teacher_sampling": "multinomial"},
                     "warnings": warnings}
 
-    summary_path = root / "teacher" / "teacher_summary.json"
+    summary_path = run.teacher_summary
     tsum = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     report["teacher"] = {"val_ppl": tsum.get("val_ppl"), "val_loss": tsum.get("val_loss"),
                          "tokens_per_s_train": tsum.get("tokens_per_s"), "params": teacher.num_parameters()

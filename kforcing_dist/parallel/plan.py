@@ -18,6 +18,7 @@ from ..config.loader import ConfigError
 from ..config.schema import Config, ModelConfig
 from ..config.validate import Layout, derive_layout, validate
 from ..nn.sizes import ffn_hidden_size, pad_vocab_size
+from ..stage import TEACHER, Stage, stage_name
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -270,8 +271,8 @@ class Plan:
 
 def parse_stage(text: str, stages: list[int]) -> int:
     """'teacher' -> 0, 'k1'/'k2'/... -> k (must be in distill.stages)."""
-    if text == "teacher":
-        return 0
+    if text == stage_name(TEACHER):
+        return TEACHER
     if text.startswith("k") and text[1:].isdigit() and int(text[1:]) in stages:
         return int(text[1:])
     raise ConfigError([f"--stage {text!r}: use teacher or one of "
@@ -319,9 +320,9 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     """Validate ``cfg`` for ``nodes x gpus_per_node`` ranks and size one stage's job per rank.
 
     ``stage``: teacher (pretraining, no frozen model) or k1/k2/... (a distillation stage, with
-    the distill.* batch and sequence settings). ``frozen_dtype``: auto (as ``app.distill`` holds the
-    frozen models: distill.frozen_precision, float32 with a pipeline), or fp32 / bf16 to size another
-    choice of the frozen body (a bf16 one with its float32 head). Raises ConfigError naming every problem.
+    the distill.* batch and sequence settings). ``frozen_dtype``: auto (as ``distill.frozen.load_frozen``
+    holds the frozen models: distill.frozen_precision, float32 with a pipeline), or fp32 / bf16 to size
+    another choice of the frozen body (a bf16 one with its float32 head). Raises ConfigError naming every problem.
     """
     problems = []
     if nodes < 1 or gpus_per_node < 1:
@@ -334,7 +335,8 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
         raise ConfigError(problems, "command line")
     world = nodes * gpus_per_node
     k = parse_stage(stage, cfg.distill.stages)
-    scfg = _stage_config(cfg, k)
+    job = Stage(cfg, k)
+    scfg = job.config()
     problems = validate(scfg, world, check_files=False)
     if problems:
         raise ConfigError(problems, f"{source} (world size {world} = {nodes} nodes x {gpus_per_node} GPUs)")
@@ -365,11 +367,11 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     student = parameter_inventory(scfg.model, tp, noise_encoder=k > 0)
     frozen_inv = []
     frozen_name = "none"
-    chain = k > 1 and scfg.distill.higher_stage_targets == "teacher_chain"
-    if k == 1 or chain or (k > 1 and scfg.distill.noise_inversion_weight > 0):
+    chain = job.teacher_chain
+    if job.needs_ar_teacher:
         frozen_inv += parameter_inventory(scfg.model, tp, noise_encoder=False)
         frozen_name = "AR teacher"
-    if k > 1 and not chain:
+    if job.needs_previous_student:
         frozen_inv += parameter_inventory(scfg.model, tp, noise_encoder=True)
         frozen_name = f"stage-k{k // 2} student" + (" + AR teacher" if frozen_name != "none" else "")
 
@@ -453,7 +455,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
                                 sum(p.numel for p in frozen_mine), mem, comm, in_flight))
 
     return Plan(source, nodes, gpus_per_node, layout, zero, precision, frozen,
-                "teacher" if k == 0 else f"k{k}", k, frozen_name, b, N, W, L, vocab, V_pad, total_params,
+                job.name, k, frozen_name, b, N, W, L, vocab, V_pad, total_params,
                 int(gpu_memory_gb * GIB), stages, warnings)
 
 
@@ -481,20 +483,6 @@ def _step_comm(n: int, dp: int, tp: int, zero: int, accum: int, blocks: int, fir
     comm["pp_p2p_teacher"] = int(not last) * accum * teacher_row  # forward only: sent downstream
     comm["total"] = sum(comm.values())
     return comm
-
-
-def _stage_config(cfg: Config, k: int) -> Config:
-    """The config the job trains with: train.* for the teacher, distill.* batch/sequence for a stage."""
-    import copy
-
-    out = copy.deepcopy(cfg)
-    if k:
-        d = cfg.distill
-        out.train = dataclasses.replace(
-            cfg.train, micro_batch_size=d.micro_batch_size or cfg.train.micro_batch_size,
-            seq_len=d.seq_len or cfg.train.seq_len,
-            global_batch_size=0 if d.micro_batch_size else cfg.train.global_batch_size)
-    return out
 
 
 # --------------------------------------------------------------------------------------------

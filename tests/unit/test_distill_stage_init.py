@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from kforcing_dist.app.distill import previous_student, stage_noise
 from kforcing_dist.config import ConfigError, load_config, validate
 from kforcing_dist.config.schema import Config
 from kforcing_dist.decode.format import save_decoder
 from kforcing_dist.training.checkpoint import CheckpointError
+from kforcing_dist.stage import Stage
 from tests.released_parity import imported
 
 
@@ -22,6 +22,14 @@ def released(tmp_path_factory):
 
 def _cfg(tmp_path, *overrides):
     return load_config(None, list(overrides), str(tmp_path / "run"))[0]
+
+
+def previous_student(cfg, k):
+    return Stage(cfg, k).previous()
+
+
+def stage_noise(cfg, prev_conf):
+    return Stage(cfg, 2).noise(prev_conf)
 
 
 def test_init_from_student_starts_the_stage_after_it(released, tmp_path):
@@ -72,3 +80,20 @@ def test_config_checks(tmp_path):
     assert not validate(_cfg(tmp_path, "distill.noise_max_freq=0.5", "distill.noise_features=released"))
     with pytest.raises(ConfigError, match="'sideways' is not one of 'rising', 'released'"):
         _cfg(tmp_path, "distill.noise_features=sideways")
+
+
+def test_stage_inputs_name_the_targets_and_the_starting_weights(released, tmp_path):
+    """Stage 8 from an imported k4 student: self-forcing targets from that student, teacher_chain
+    targets from the AR teacher named by distill.teacher (which the stage then loads too)."""
+    base = ("distill.stages=[1,2,4,8]", f"distill.init_from_student={released['pflm']}",
+            f"distill.teacher={released['ar']}")
+    own = Stage(_cfg(tmp_path, *base), 8).inputs()
+    assert (own.targets_from, own.init_from, own.teacher_conf) == (released["pflm"], released["pflm"], None)
+    assert own.noise["features"] == "released" and own.arch == own.previous_conf["model"]
+    chain = Stage(_cfg(tmp_path, *base, "distill.higher_stage_targets=teacher_chain"), 8).inputs()
+    assert (chain.targets_from, chain.init_from) == (released["ar"], released["pflm"])
+    assert chain.teacher_conf["kind"] == "ar"
+    with pytest.raises(ConfigError, match="stage k8 is not in distill.stages"):
+        Stage(_cfg(tmp_path, *base[1:]), 8).inputs()
+    with pytest.raises(ConfigError, match="stage k1 starts from the AR teacher"):
+        Stage(_cfg(tmp_path, *base), 1).inputs()

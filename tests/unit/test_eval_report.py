@@ -265,3 +265,21 @@ def test_agreement_only_report(tmp_path):
     r = evaluate_run(cfg, tmp_path)
     assert {"frontier", "lossless", "speed"}.isdisjoint(r) and r["stages"]["k2"]["block_agreement"] >= 0
     assert "## Decode speed" not in (tmp_path / "report.md").read_text()
+
+
+def test_report_reads_the_teacher_named_by_distill_teacher(tmp_path):
+    """A run whose stages distilled a teacher trained elsewhere (distill.teacher: its run folder)
+    is evaluated against that teacher, with that run's validation perplexity."""
+    cfg = _tiny_run(tmp_path / "run")
+    cfg.eval.frontier_taus, cfg.eval.lossless, cfg.eval.speed_batches = [], False, []
+    elsewhere = tmp_path / "pretrained" / "teacher"
+    elsewhere.parent.mkdir()
+    (tmp_path / "run" / "teacher").rename(elsewhere)
+    (elsewhere / "teacher_summary.json").write_text(json.dumps({"val_ppl": 12.5, "val_loss": 2.5}))
+    with pytest.raises(DecodeError, match="set distill.teacher"):
+        evaluate_run(cfg, tmp_path / "run")
+    cfg.distill.teacher = str(elsewhere)
+    r = evaluate_run(cfg, tmp_path / "run")
+    assert r["teacher"]["val_ppl"] == 12.5 and set(r["stages"]) == {"k1", "k2"}
+    cfg.distill.teacher = str(elsewhere / "export")  # the export folder itself
+    assert evaluate_run(cfg, tmp_path / "run")["teacher"]["val_ppl"] == 12.5

@@ -134,11 +134,10 @@ def test_frozen_precision_is_validated(groups):
 
 @pytest.mark.parametrize("frozen_precision,dtype", [("fp32", torch.float32), ("auto", torch.bfloat16)])
 def test_distill_loads_frozen_models_at_the_configured_precision(groups, tmp_path, frozen_precision, dtype):
-    """app/distill.py's loader under bf16 training: distill.frozen_precision reaches freeze."""
-    from kforcing_dist.app.distill import _load_frozen
+    """The stage's frozen-model loader under bf16 training: distill.frozen_precision reaches freeze."""
     from kforcing_dist.config import load_config
     from kforcing_dist.decode import save_decoder
-    from kforcing_dist.distill.frozen import Float32Island
+    from kforcing_dist.distill.frozen import Float32Island, load_frozen
     from kforcing_dist.model.state import full_state_dict
 
     cfg = small_cfg()
@@ -146,7 +145,7 @@ def test_distill_loads_frozen_models_at_the_configured_precision(groups, tmp_pat
                           state_dict=full_state_dict(build_teacher(groups, cfg), groups))
     run_cfg, _ = load_config(None, ["train.precision=bf16", "parallel.zero_stage=1",
                                     f"distill.frozen_precision={frozen_precision}"])
-    frozen = _load_frozen(folder, lambda: build_teacher(groups, cfg, seed=9), groups, run_cfg, None)
+    frozen = load_frozen(folder, lambda: build_teacher(groups, cfg, seed=9), groups, run_cfg, None)
     assert {p.dtype for p in frozen.parameters()} == {dtype}
     assert isinstance(frozen.lm_head, Float32Island) == (frozen_precision == "auto")
     with torch.no_grad():
