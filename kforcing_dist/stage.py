@@ -30,12 +30,17 @@ def stage_name(k: int) -> str:
     return "teacher" if k == TEACHER else f"k{k}"
 
 
-def parse_stage(text: str) -> int:
-    """``--stage k2`` (or ``2``) -> 2."""
-    t = text.lower().lstrip("k")
-    if not t.isdigit() or int(t) < 1:
-        raise ConfigError([f"--stage {text!r}: expected k1, k2, k4 or k8"], "command line")
-    return int(t)
+def parse_stage(text: str, stages: list[int] | None = None, *, teacher: bool = False) -> int:
+    """``--stage k2`` (or ``2``) -> 2; ``teacher`` -> 0 when ``teacher`` is allowed. With ``stages``
+    (distill.stages) the stage must be one of them. ConfigError naming the choices otherwise."""
+    t = text.lower()
+    if teacher and t == stage_name(TEACHER):
+        return TEACHER
+    digits = t[1:] if t.startswith("k") else t
+    if digits.isdigit() and int(digits) >= 1 and (stages is None or int(digits) in stages):
+        return int(digits)
+    choices = ", ".join(f"k{k}" for k in stages) + " (distill.stages)" if stages else "k1, k2, k4 or k8"
+    raise ConfigError([f"--stage {text!r}: use {'teacher or ' if teacher else ''}{choices}"], "command line")
 
 
 def require_export(path: Path, what: str, fix: str, kind: str) -> dict:

@@ -19,27 +19,19 @@ import torch
 from ..config import Config, check, derive_layout
 from ..stage import TEACHER, Stage, parse_stage
 from .runtime import distributed, finished_result, install_stop_signals, own_run_folder, validated_launch
-from .teacher import (ensure_shards, resolve_vocab, samplers, teacher_setup, train_teacher, train_then_export,
-                      write_summary)
+from .teacher import ensure_shards, resolve_vocab, teacher_setup, train_teacher, train_then_export, write_summary
 
 log = logging.getLogger("kforcing_dist")
 
 
 def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
     """Train (or resume) stage k inside a distributed context and export it."""
-    from ..distill.frozen import export_weights, load_frozen
-    from ..distill.task import DistillTask
-    from ..model.pipeline import load_plain_state_dict
-    from ..nn.sizes import pad_vocab_size
-    from ..training.export import export_decoder
-    from ..training.trainer import LMTrainer
+    from ..stage_trainer import build_stage_trainer
 
-    d = cfg.distill
-    stage, teacher_stage, prev_stage = Stage(cfg, k), Stage(cfg, TEACHER), Stage(cfg, k // 2)
+    stage = Stage(cfg, k)
     src = stage.inputs()
-    noise, masked = src.noise, src.masked_token_ids
     # the stage's config (saved in its checkpoints) records the convention it really trains with
-    scfg = stage.config(src.arch, noise)
+    scfg = stage.config(src.arch, src.noise)
     check(scfg, info.world_size, source=f"stage k{k}")
     shards, tokenizer = ensure_shards(scfg, info.world_size, "the config")
     resolve_vocab(scfg, tokenizer)
@@ -51,40 +43,9 @@ def distill_stage(cfg: Config, original_yaml: str, k: int, info, groups, stop):
         if done is not None:
             return done
         layout = derive_layout(scfg, info.world_size)
-        padded = pad_vocab_size(scfg.model.vocab_size, scfg.model.make_vocab_size_divisible_by, layout.tp)
-
-        def student(of: Stage):
-            return of.build_model(scfg.model, padded, groups, layout.pp, noise=noise, masked_token_ids=masked)
-
-        def ar_model():
-            return teacher_stage.build_model(scfg.model, padded, groups, layout.pp,
-                                             masked_token_ids=src.teacher_conf["masked_token_ids"])
-
-        ar = load_frozen(src.teacher, ar_model, groups, scfg, layout) if stage.needs_ar_teacher else None
-        prev = load_frozen(src.previous, lambda: student(prev_stage), groups, scfg, layout) \
-            if stage.needs_previous_student else None
-        torch.manual_seed(d.seed)
-        model = student(stage)
-        # initialisation: every teacher weight (stage 1) or the whole previous student (stage 2k)
-        init_weights = export_weights(src.init_from, padded)
-        if k == 1:  # the fresh noise encoder (on the first pipeline stage only, with pp > 1)
-            to_plain = getattr(model, "plain_name", lambda n: n)
-            init_weights.update({to_plain(n): p.detach().cpu() for n, p in model.named_parameters()
-                                 if to_plain(n).startswith("noise_encoder.")})
-        load_plain_state_dict(model, init_weights, groups)
-
-        sampler, valid = samplers(scfg, shards, layout, groups)
-        task = DistillTask(k, d, groups, ar_teacher=ar, prev_student=prev)
-        trainer = LMTrainer(
-            scfg, original_yaml, groups, layout, model, task, sampler, valid, out,
-            extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded, "k": k,
-                            "cdf_order": d.cdf_order, "teacher": str(src.targets_from),
-                            "noise": noise, "masked_token_ids": list(masked)},
-            save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
-        result = train_then_export(trainer, lambda res: export_decoder(
-            trainer.engine.module, groups, stage.export_dir, model_cfg=scfg.model, padded_vocab_size=padded,
-            zero_stage=scfg.parallel.zero_stage, tokenizer=tokenizer, **stage.export_fields(noise, masked),
-            source={"checkpoint": str(res.checkpoint), "step": res.step, "teacher": str(src.targets_from)}))
+        built = build_stage_trainer(stage, scfg, original_yaml, groups, layout, shards, tokenizer, inputs=src,
+                                    stop_flag=stop)
+        result = train_then_export(built.trainer, built.export)
         if groups.is_logging_rank:
             write_summary(out / "stage_summary.json", result, info, layout, {"k": k})
             log.info("stage k%d: step %d, %s", k, result.step,

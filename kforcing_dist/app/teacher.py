@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 
 from ..config import Config, check, derive_layout, shards_dir_of
 from ..data import DataError
@@ -65,22 +64,6 @@ def resolve_vocab(cfg: Config, tokenizer) -> None:
                         f"{tokenizer.vocab_size} tokens; set model.vocab_size: 0 to take the tokenizer's size")
 
 
-def samplers(cfg: Config, shards: Path, layout, groups):
-    """The training sampler and the validation-batch factory of this rank."""
-    from ..data.sampler import TokenSampler, valid_batches
-    from ..data.shards import TokenDataset
-
-    train_ds, valid_ds = TokenDataset(shards, "train"), TokenDataset(shards, "valid")
-    sampler = TokenSampler(train_ds, cfg.train.seq_len, layout.micro_batch_size, groups.dp_rank, groups.dp_size,
-                           seed=cfg.data.seed)
-
-    def valid():
-        return valid_batches(valid_ds, cfg.train.seq_len, layout.micro_batch_size, cfg.train.eval_batches,
-                             groups.dp_rank, groups.dp_size)
-
-    return sampler, valid
-
-
 def write_summary(path: Path, result, info, layout, extra: dict | None = None) -> dict:
     val = result.val or {}
     summary = {"step": result.step, "stopped_early": result.stopped_early, "train_loss": result.last_loss,
@@ -104,38 +87,18 @@ def train_then_export(trainer, export):
 
 def train_teacher(cfg: Config, original_yaml: str, info, groups, shards: Path, tokenizer, stop):
     """Train (or resume) the AR teacher in ``cfg.output_dir`` and export it; inside a distributed context."""
-    from ..nn.sizes import pad_vocab_size
-    from ..training.checkpoint import list_complete
-    from ..training.export import export_decoder
-    from ..training.task import LMTask
-    from ..training.trainer import LMTrainer
+    from ..stage_trainer import build_stage_trainer
 
     out = Path(cfg.output_dir)
-    # cfg is the teacher run's own (output_dir: the teacher's folder): only the stage's model and export
-    stage = Stage(cfg, TEACHER)
     with own_run_folder(out, "train-teacher", groups):
         done = finished_result(out, cfg.train.max_steps, "teacher_summary.json")
         if done is not None:
             return done
         layout = derive_layout(cfg, info.world_size)
-        padded = pad_vocab_size(cfg.model.vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp)
-        torch.manual_seed(cfg.train.seed)
-        # a pipeline module with pp > 1 (same weights as the plain model)
-        model = stage.build_model(cfg.model, padded, groups, layout.pp)
-        if cfg.train.init_from and not list_complete(out / "checkpoints"):
-            from ..convert.init import init_from_decoder
-
-            init_from_decoder(model, cfg.train.init_from, cfg.model, groups.tp_group, tokenizer)
-            log.info("teacher initialised from %s", cfg.train.init_from)
-        sampler, valid = samplers(cfg, shards, layout, groups)
-        trainer = LMTrainer(
-            cfg, original_yaml, groups, layout, model, LMTask(groups.tp_group), sampler, valid, out,
-            extra_metadata={"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded},
-            save_extras=lambda folder: tokenizer.save(folder / "tokenizer"), stop_flag=stop)
-        result = train_then_export(trainer, lambda res: export_decoder(
-            trainer.engine.module, groups, out / "export", model_cfg=cfg.model, padded_vocab_size=padded,
-            zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer, **stage.export_fields(),
-            source={"checkpoint": str(res.checkpoint), "step": res.step}))
+        # cfg is the teacher run's own (output_dir: the teacher's folder)
+        built = build_stage_trainer(Stage(cfg, TEACHER), cfg, original_yaml, groups, layout, shards, tokenizer,
+                                    stop_flag=stop)
+        result = train_then_export(built.trainer, built.export)
         if groups.is_logging_rank:
             s = write_summary(out / "teacher_summary.json", result, info, layout)
             log.info("teacher: step %d, val loss %s, val ppl %s, %.0f tokens/s, checkpoint %s", result.step,

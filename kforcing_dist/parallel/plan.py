@@ -18,7 +18,7 @@ from ..config.loader import ConfigError
 from ..config.schema import Config, ModelConfig
 from ..config.validate import Layout, derive_layout, validate
 from ..nn.sizes import ffn_hidden_size, pad_vocab_size
-from ..stage import TEACHER, Stage, stage_name
+from ..stage import Stage, parse_stage
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -269,16 +269,6 @@ class Plan:
         return out
 
 
-def parse_stage(text: str, stages: list[int]) -> int:
-    """'teacher' -> 0, 'k1'/'k2'/... -> k (must be in distill.stages)."""
-    if text == stage_name(TEACHER):
-        return TEACHER
-    if text.startswith("k") and text[1:].isdigit() and int(text[1:]) in stages:
-        return int(text[1:])
-    raise ConfigError([f"--stage {text!r}: use teacher or one of "
-                       + ", ".join(f"k{k}" for k in stages) + " (distill.stages)"], "command line")
-
-
 def resolve_vocab_size(cfg: Config) -> int:
     """model.vocab_size, else the size of the SentencePiece model prepare-data would train."""
     if cfg.model.vocab_size:
@@ -334,7 +324,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     if problems:
         raise ConfigError(problems, "command line")
     world = nodes * gpus_per_node
-    k = parse_stage(stage, cfg.distill.stages)
+    k = parse_stage(stage, cfg.distill.stages, teacher=True)
     job = Stage(cfg, k)
     scfg = job.config()
     problems = validate(scfg, world, check_files=False)

@@ -1,9 +1,10 @@
 """Pipeline parallelism (DeepSpeed PipelineModule + megatron-core TP layers) equals one process.
 
-The AR teacher trains 3 ZeRO-1 steps (2 micro-batches each, clipping active) at PP=2 and
-TP=2 x PP=2; losses, gradient norms and parameters are compared with a plain one-process
-engine built from the same seed. The PP=2 run also saves a checkpoint, resumes it in a fresh
-engine and must continue bit for bit, and its export must equal the reference's.
+Every run goes through the real trainer (``LMTrainer.train_step``: its micro-batch split, pipeline
+step and data-parallel averaging). The AR teacher trains 3 ZeRO-1 steps (2 micro-batches each,
+clipping active) at PP=2 and TP=2 x PP=2; losses, gradient norms and parameters are compared with
+a plain one-process run built from the same seed. The PP=2 run also saves a checkpoint, resumes
+it in a fresh trainer and must continue bit for bit, and its export must equal the reference's.
 Distillation stages k=1 (targets from the frozen AR teacher, forward-only on the same stages)
 and k=2 (self-forcing double pass, tokens sent back from the last stage to the first) train
 the same way through DistillTask, at PP=2 and TP=2 x PP=2, against one process.
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
+from tests.distributed.trainer_harness import real_trainer
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -36,12 +38,12 @@ def _setup(tp, pp, micro, extra=()):
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel
     from kforcing_dist.parallel.launch import resolve_launch
 
-    cfg, _ = load_config(None, OVERRIDES + list(extra) + [f"parallel.tp={tp}", f"parallel.pp={pp}",
-                                                          f"train.micro_batch_size={micro}"])
+    cfg, text = load_config(None, OVERRIDES + list(extra) + [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                                             f"train.micro_batch_size={micro}"])
     info = resolve_launch()
     device = init_distributed(info, "gloo")
     groups = init_model_parallel(tp, pp, device)
-    return cfg, derive_layout(cfg, info.world_size), groups
+    return cfg, text, derive_layout(cfg, info.world_size), groups
 
 
 def _teacher_batches():
@@ -49,87 +51,65 @@ def _teacher_batches():
     return [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen) for _ in range(STEPS)]
 
 
-def _micro_parts(batch, layout, groups):
-    micro, dp = layout.micro_batch_size, layout.dp
-    return [batch[(m * dp + groups.dp_rank) * micro:][:micro] for m in range(layout.grad_accum)]
-
-
 def _worker(rank, world, tp, pp, workdir, runs):
     """One launch per layout: every run of ``runs`` (teacher, k1, k2) in the same process group."""
     from kforcing_dist.parallel.groups import shutdown
 
-    cfg, layout, groups = _setup(tp, pp, GLOBAL_BATCH // 2 // (world // (tp * pp)), DISTILL)
+    cfg, text, layout, groups = _setup(tp, pp, GLOBAL_BATCH // 2 // (world // (tp * pp)), DISTILL)
     assert layout.grad_accum == 2
     out = {}
     if "teacher" in runs:
-        out["teacher"] = _teacher_run(cfg, layout, groups, workdir)
+        out["teacher"] = _teacher_run(cfg, text, layout, groups, workdir)
     for k in (1, 2):
         if f"k{k}" in runs:
-            out[f"k{k}"] = _distill_run(cfg, layout, groups, k)
+            out[f"k{k}"] = _distill_run(cfg, text, layout, groups, k, workdir)
     shutdown()
     return out
 
 
-def _teacher_run(cfg, layout, groups, workdir):
-    import torch.distributed as dist
-
-    from kforcing_dist.model.loss import lm_loss
-    from kforcing_dist.model.pipeline import build_pipeline_model, plain_state_dict
-    from kforcing_dist.model.transformer import TransformerLM
+def _teacher_run(cfg, text, layout, groups, workdir):
+    from kforcing_dist.model.pipeline import build_model, plain_state_dict
     from kforcing_dist.nn.sizes import pad_vocab_size
-    from kforcing_dist.training.engine import build_engine
     from kforcing_dist.training.export import export_decoder
+    from kforcing_dist.training.task import LMTask
 
     tp, pp = layout.tp, layout.pp
     padded = pad_vocab_size(VOCAB, 64, tp)
-
-    def loss_fn(logits, labels):
-        return lm_loss(logits, labels, groups.tp_group)
-
-    def build(seed):
-        torch.manual_seed(seed)
-        if pp == 1:
-            return TransformerLM(cfg.model, padded, groups.tp_group)
-        return build_pipeline_model(cfg.model, padded, groups, loss_fn=loss_fn)
-
-    def step(engine, batch):
-        parts = _micro_parts(batch, layout, groups)
-        if pp > 1:
-            loss = float(engine.train_batch(iter([(p[:, :-1], p[:, 1:]) for p in parts])))
-        else:
-            loss = 0.0
-            for p in parts:
-                out = lm_loss(engine(p[:, :-1]), p[:, 1:], groups.tp_group)
-                engine.backward(out)
-                engine.step()
-                loss += out.item() / layout.grad_accum
-        t = torch.tensor([loss], dtype=torch.float64)
-        dist.all_reduce(t, group=groups.dp_group)
-        return t.item() / layout.dp, float(engine.get_global_grad_norm())
-
-    engine = build_engine(build(0), cfg, layout, groups, "fp32")
-    out = {"initial": {k: v.numpy().copy() for k, v in plain_state_dict(engine.module, groups).items()}}
     batches = _teacher_batches()
+    run = workdir / "teacher"
+
+    def trainer(seed):
+        torch.manual_seed(seed)
+        return real_trainer(cfg, text, groups, layout, build_model(cfg.model, padded, groups, pp),
+                            LMTask(groups.tp_group), batches.__getitem__, run, padded)
+
+    def step(t):
+        loss = t.train_step(t.next_batches())["loss"]
+        return loss, float(t.engine.get_global_grad_norm())
+
+    t = trainer(0)
+    out = {"initial": {k: v.numpy().copy() for k, v in plain_state_dict(t.engine.module, groups).items()}}
     losses, norms = [], []
-    for i, batch in enumerate(batches):
-        if i == STEPS - 1 and pp > 1:
-            engine.save_checkpoint(str(workdir / "ckpt"), tag="engine", save_latest=False)
-        loss, norm = step(engine, batch)
+    while t.step < STEPS:
+        if t.step == STEPS - 1 and pp > 1:
+            t.save()
+        loss, norm = step(t)
         losses.append(loss)
         norms.append(norm)
     out.update(losses=losses, norms=norms)
-    out["params"] = {k: v.numpy().copy() for k, v in plain_state_dict(engine.module, groups).items()}
+    out["params"] = {k: v.numpy().copy() for k, v in plain_state_dict(t.engine.module, groups).items()}
     folder = workdir / f"export-tp{tp}-pp{pp}"
-    export_decoder(engine.module, groups, folder, kind="ar", model_cfg=cfg.model, padded_vocab_size=padded,
+    export_decoder(t.engine.module, groups, folder, kind="ar", model_cfg=cfg.model, padded_vocab_size=padded,
                    zero_stage=1)
     out["export"] = str(folder)
+    t.close()
     if pp > 1:
-        # resume in a fresh engine (other initial weights): the last step must repeat exactly
-        fresh = build_engine(build(99), cfg, layout, groups, "fp32")
-        path, _ = fresh.load_checkpoint(str(workdir / "ckpt"), tag="engine")
-        assert path is not None
-        out["resumed"] = step(fresh, batches[-1])
-        out["resumed_params"] = {k: v.numpy().copy() for k, v in plain_state_dict(fresh.module, groups).items()}
+        # the trainer's resume in a fresh trainer (other initial weights): the last step must repeat exactly
+        fresh = trainer(99)
+        assert fresh.resume() is not None and fresh.step == STEPS - 1
+        out["resumed"] = step(fresh)
+        out["resumed_params"] = {k: v.numpy().copy() for k, v in plain_state_dict(fresh.engine.module, groups).items()}
+        fresh.close()
     return out if groups.world_rank == 0 else None
 
 
@@ -164,7 +144,7 @@ def test_reference_is_a_real_check(ref):
         assert min(ref[0][run]["norms"]) > 0.05, run  # clipping at 0.05 is active at every step
     # the k=2 student starts as the k=1 student, whose first pass made slot 1's targets with the
     # same noise: slot 1 is exactly right at the first step (targets made with the right u)
-    assert ref[0]["k2"]["records"][0][0]["acc_slot1"] == 1.0
+    assert ref[0]["k2"]["records"][0]["acc_slot1"] == 1.0
 
 
 def test_teacher_pp2_matches_one_process_and_resumes(ref, pp2):
@@ -177,14 +157,15 @@ def test_teacher_pp2_matches_one_process_and_resumes(ref, pp2):
     for name, value in teacher_ref["initial"].items():
         np.testing.assert_array_equal(res["initial"][name], value, err_msg=name)
     _compare(res, teacher_ref)
-    # resumed in a fresh engine from the step-2 checkpoint: the same last step, exactly
+    # resumed by a fresh trainer from its step-2 checkpoint: the same last step, exactly
     assert res["resumed"] == (res["losses"][-1], res["norms"][-1])
     for name, value in res["params"].items():
         np.testing.assert_array_equal(res["resumed_params"][name], value, err_msg=name)
     # the checkpoint follows the shared layer-file convention (converter)
-    names = sorted(p.name for p in (tmp_path / "ckpt" / "engine").glob("layer_*"))
+    engine_dir = tmp_path / "teacher" / "checkpoints" / f"step-{STEPS - 1:08d}" / "engine"
+    names = sorted(p.name for p in engine_dir.glob("layer_*"))
     assert names == [f"layer_{i:02d}-model_00-model_states.pt" for i in range(4)]
-    layer1 = torch.load(tmp_path / "ckpt" / "engine" / "layer_01-model_00-model_states.pt", weights_only=True)
+    layer1 = torch.load(engine_dir / "layer_01-model_00-model_states.pt", weights_only=True)
     assert "attention.q_proj.weight" in layer1 and "mlp.down_proj.weight" in layer1
     # the export holds the plain model's weights under its names
     ours, ref = load_file(f"{res['export']}/model.safetensors"), load_file(f"{teacher_ref['export']}/model.safetensors")
@@ -227,16 +208,14 @@ def _frozen_weights():
     return full_state_dict(teacher, own), full_state_dict(k1, own)
 
 
-def _distill_run(cfg, layout, groups, k):
-    import torch.distributed as dist
-
+def _distill_run(cfg, text, layout, groups, k, workdir):
     from kforcing_dist.distill.task import DistillTask
     from kforcing_dist.model.pipeline import (PipelineForward, build_pipeline_model, load_plain_state_dict,
                                               plain_state_dict)
     from kforcing_dist.model.state import load_full_state_dict
     from kforcing_dist.model.student import PFLM
     from kforcing_dist.model.transformer import TransformerLM
-    from kforcing_dist.training.engine import build_engine, build_frozen_pipeline_engine
+    from kforcing_dist.training.engine import build_frozen_pipeline_engine
 
     pp = layout.pp
     teacher_w, k1_w = _frozen_weights()
@@ -263,32 +242,21 @@ def _distill_run(cfg, layout, groups, k):
         student = PFLM(cfg.model, 128, groups.tp_group, max_k=k)
         load_full_state_dict(student, student_w, groups.tp_group)
     else:
-        student = build_pipeline_model(cfg.model, 128, groups, max_k=k, loss_fn=task.pipe_loss)
+        student = build_pipeline_model(cfg.model, 128, groups, max_k=k)
         load_plain_state_dict(student, student_w, groups)
-    engine = build_engine(student, cfg, layout, groups, "fp32", task.lr_scales)
     gen = torch.Generator().manual_seed(321)
+    batches = [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen) for _ in range(STEPS)]
+    t = real_trainer(cfg, text, groups, layout, student, task, batches.__getitem__, workdir / f"k{k}", 128)
     losses, norms, records = [], [], []
-    for step in range(STEPS):
-        batch = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen)
-        parts = _micro_parts(batch, layout, groups)
-        task.records = []
-        if pp > 1:
-            loss = float(engine.train_batch(iter(task.pipe_micro_batches(parts, step))))
-            mine = task.records
-        else:
-            loss, mine = 0.0, []
-            for m, part in enumerate(parts):
-                out, metrics = task.train_loss(engine, part, step, m)
-                engine.backward(out)
-                engine.step()
-                loss += out.item() / layout.grad_accum
-                mine.append({"loss": out.item(), **metrics})
-        t = torch.tensor([loss], dtype=torch.float64)
-        dist.all_reduce(t, group=groups.dp_group)
-        losses.append(t.item() / layout.dp)
-        norms.append(float(engine.get_global_grad_norm()))
-        records.append(mine)
-    params = {k_: v.numpy().copy() for k_, v in plain_state_dict(engine.module, groups).items()}
+    while t.step < STEPS:
+        # the step's loss and metrics, averaged over micro-batches and data-parallel ranks (a pipeline's
+        # metrics exist on its last stage; the other stages have the loss alone)
+        metrics = t.train_step(t.next_batches())
+        losses.append(metrics["loss"])
+        norms.append(float(t.engine.get_global_grad_norm()))
+        records.append(metrics)
+    params = {k_: v.numpy().copy() for k_, v in plain_state_dict(t.engine.module, groups).items()}
+    t.close()
     last_stage = groups.pp_rank == groups.pp_size - 1
     if groups.world_rank == 0 or (last_stage and groups.tp_rank == 0 and groups.dp_rank == 0):
         return {"losses": losses, "norms": norms, "params": params, "records": records if last_stage else None}
@@ -299,10 +267,9 @@ def _compare_distill(results, ref, run):
     _compare(results[0][run], ref[0][run])
     logged = next(r[run] for r in results if r[run] is not None and r[run]["records"] is not None)["records"]
     for got, want in zip(logged, ref[0][run]["records"]):  # per-slot accuracy etc. on the last stage
-        for g, w in zip(got, want):
-            assert g.keys() == w.keys()
-            for key in w:
-                assert g[key] == pytest.approx(w[key], abs=1e-5), key
+        assert got.keys() == want.keys()
+        for key in want:
+            assert got[key] == pytest.approx(want[key], abs=1e-5), key
 
 
 @pytest.mark.parametrize("run", ["k1", "k2"])

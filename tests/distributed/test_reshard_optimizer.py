@@ -18,33 +18,15 @@ import torch
 
 from tests.distributed.ckpt_factory import BASE, SEQ, VOCAB
 from tests.distributed.launcher import run_distributed
+from tests.distributed.trainer_harness import real_trainer
 
 GLOBAL_BATCH, MICRO = 4, 2  # DP=2: one micro-batch per rank per step; DP=1: two accumulated
 SAVE_AT, LAST = 2, 4
 TOL = 1e-6
 
 
-class GlobalOrderSampler:
-    """Fixed global batches of random tokens, each rank reading its share in the real sampler's global
-    order, with the real sampler's state_dict (the position counts global batches)."""
-
-    def __init__(self, dp_rank: int, dp: int, grad_accum: int):
-        self.dp_rank, self.dp, self.grad_accum = dp_rank, dp, grad_accum
-        self.micro_index = 0
-
-    def next_batch(self) -> torch.Tensor:
-        step, m = divmod(self.micro_index, self.grad_accum)
-        self.micro_index += 1
-        batch = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1000 + step))
-        start = (m * self.dp + self.dp_rank) * MICRO
-        return batch[start:start + MICRO]
-
-    def state_dict(self) -> dict:
-        return {"position": self.micro_index // self.grad_accum, "global_batch": GLOBAL_BATCH}
-
-    def load_state_dict(self, state: dict) -> None:
-        assert state["global_batch"] == GLOBAL_BATCH
-        self.micro_index = state["position"] * self.grad_accum
+def _global_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1000 + step))
 
 
 def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
@@ -60,7 +42,6 @@ def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
     from kforcing_dist.parallel.launch import resolve_launch
     from kforcing_dist.training.export import full_weights
     from kforcing_dist.training.task import LMTask
-    from kforcing_dist.training.trainer import LMTrainer
 
     cfg, text = load_config(None, BASE + [f"parallel.zero_stage={zero}", f"train.micro_batch_size={MICRO}",
                                           f"train.global_batch_size={GLOBAL_BATCH}", f"train.precision={precision}",
@@ -76,9 +57,8 @@ def _run(rank, world, zero, out, source=None, tp=1, precision="fp32"):
         info = {"how": how, "reason": reason, "seconds": time.perf_counter() - t0,
                 "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     torch.manual_seed(0)
-    trainer = LMTrainer(cfg, text, groups, layout, TransformerLM(cfg.model, padded, groups.tp_group),
-                        LMTask(groups.tp_group), GlobalOrderSampler(groups.dp_rank, layout.dp, layout.grad_accum),
-                        lambda: iter(()), out, extra_metadata={"padded_vocab_size": padded})
+    trainer = real_trainer(cfg, text, groups, layout, TransformerLM(cfg.model, padded, groups.tp_group),
+                           LMTask(groups.tp_group), _global_batch, out, padded)
     if source is not None:
         assert trainer.resume() is not None and trainer.step == SAVE_AT
     steps = {}

@@ -7,6 +7,7 @@ import pytest
 
 from kforcing_dist.config import load_config
 from kforcing_dist.parallel.plan import make_plan
+from kforcing_dist.config import ConfigError
 from kforcing_dist.stage import TEACHER, Stage, parse_stage
 
 
@@ -27,6 +28,16 @@ def test_folders_and_the_teacher_override(tmp_path):
     assert Stage(named, 1).teacher_export == elsewhere / "export"  # a run folder: its export
     assert Stage(named, 1).teacher_summary == elsewhere / "teacher_summary.json"
     assert parse_stage("k4") == parse_stage("4") == 4
+
+
+def test_parse_stage_is_one_rule_for_distill_and_plan():
+    assert parse_stage("K2", [1, 2, 4]) == 2 and parse_stage("teacher", [1, 2], teacher=True) == TEACHER
+    for text, stages, teacher in (("teacher", None, False), ("k3", [1, 2, 4], True), ("k0", None, False),
+                                  ("kx", None, False)):
+        with pytest.raises(ConfigError, match=f"--stage '{text}'"):
+            parse_stage(text, stages, teacher=teacher)
+    with pytest.raises(ConfigError, match="use teacher or k1, k2 \\(distill.stages\\)"):
+        parse_stage("k8", [1, 2], teacher=True)
 
 
 def test_stage_config_takes_the_distill_schedule(tmp_path):
