@@ -1,9 +1,11 @@
 """Hugging Face ``transformers`` checkpoints <-> our full (TP=1) weights, without importing transformers.
 
-One mapping table per family: GPT-2 (learned positions, LayerNorm with bias, tied head, Conv1D
-weights stored [in, out], fused c_attn), Llama (RMSNorm, SwiGLU, rotary, GQA, untied) and, for
-export only as the target of the default paper architecture, GPT-NeoX (fused per-head
-query_key_value, sequential residual, rotary on every head dim). Every config field is mapped
+One two-way mapping table per family (``FAMILIES``: our tensor names, theirs, and a named
+transform with its inverse), read one way by the import and the other by ``to-hf``: GPT-2
+(learned positions, LayerNorm with bias, tied head, Conv1D weights stored [in, out], fused
+c_attn), Llama (RMSNorm, SwiGLU, rotary, GQA, untied) and GPT-NeoX (fused per-head
+query_key_value, sequential residual, rotary on every head dim; the export target of the default
+paper architecture). Every config field is mapped
 explicitly; a field missing from config.json takes the value ``transformers`` itself defaults it to
 (written out in ``HF_DEFAULTS``, because ``save_pretrained`` omits fields equal to the default).
 Whatever cannot be represented is refused (e.g. a bias the target lacks, unless it is zero).
@@ -143,7 +145,170 @@ def model_config_from_hf(cfg: Mapping, where: str = "config.json") -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# weights: Hugging Face -> ours
+# weights: one two-way mapping table per family
+#
+# A rule maps our tensor(s) to one transformers tensor through a named transform; import runs the
+# transform's inverse. Import reads a tensor when our model has it (``ours_has``); export writes it
+# when the target has it (``theirs_has``), as zeros where ours lacks a bias (exact: a zero bias is no
+# bias).
+
+
+class Transform:
+    """How our tensors become one of theirs (``to_hf``) and back (``from_hf``)."""
+
+    name = "same"
+
+    def to_hf(self, ours: list[torch.Tensor], m: Mapping) -> torch.Tensor:
+        return ours[0]
+
+    def from_hf(self, theirs: torch.Tensor, n: int, m: Mapping) -> list[torch.Tensor]:
+        return [theirs]
+
+
+class Transposed(Transform):
+    """GPT-2's Conv1D stores a linear layer's weight as [in, out]."""
+
+    name = "transposed"
+
+    def to_hf(self, ours, m):
+        return ours[0].t().contiguous()
+
+    def from_hf(self, theirs, n, m):
+        return [theirs.t().contiguous()]
+
+
+class Stacked(Transform):
+    """Our projections (q, k, v) stacked along the output rows, optionally stored transposed."""
+
+    def __init__(self, transposed: bool = False):
+        self.transposed = transposed
+        self.name = "stacked_transposed" if transposed else "stacked"
+
+    def to_hf(self, ours, m):
+        out = torch.cat(ours, 0)
+        return out.t().contiguous() if self.transposed else out
+
+    def from_hf(self, theirs, n, m):
+        rows = theirs.t() if self.transposed else theirs
+        return [part.contiguous() for part in rows.chunk(n, 0)]
+
+
+class HeadInterleaved(Transform):
+    """GPT-NeoX's fused query_key_value: rows laid out (head, q|k|v, head_dim)."""
+
+    name = "head_interleaved"
+
+    def to_hf(self, ours, m):
+        nh = m["num_heads"]
+        rest = ours[0].shape[1:]
+        stacked = torch.stack([t.view(nh, -1, *rest) for t in ours], 1)
+        return stacked.reshape(-1, *rest).contiguous()
+
+    def from_hf(self, theirs, n, m):
+        nh = m["num_heads"]
+        rest = theirs.shape[1:]
+        heads = theirs.view(nh, n, -1, *rest)
+        return [heads[:, j].reshape(-1, *rest).contiguous() for j in range(n)]
+
+
+SAME, TRANSPOSED, STACKED, STACKED_T, HEADS = Transform(), Transposed(), Stacked(), Stacked(True), HeadInterleaved()
+
+
+def _always(m: Mapping) -> bool:
+    return True
+
+
+def _flag(*names: str):
+    """A rule condition: any of these ModelConfig flags is set."""
+    return lambda m: any(bool(m[n]) for n in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    ours: tuple[str, ...]          # our key(s); "{i}" is the layer index
+    theirs: str                    # their key, without the family prefix
+    transform: Transform = SAME
+    ours_has: Any = _always        # does our model have these tensors (read on import)?
+    theirs_has: Any = _always      # does the target have this tensor (written on export)?
+
+
+def _r(ours, theirs, transform=SAME, ours_has=_always, theirs_has=_always) -> Rule:
+    return Rule((ours,) if isinstance(ours, str) else tuple(ours), theirs, transform, ours_has, theirs_has)
+
+
+def _norm_rules(ours: str, theirs: str, bias: bool) -> list[Rule]:
+    return [_r(f"{ours}.weight", f"{theirs}.weight")] + ([_r(f"{ours}.bias", f"{theirs}.bias")] if bias else [])
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    prefix: str                    # their module prefix (stripped on import, added on export)
+    rules: tuple[Rule, ...]        # whole-model rules (embeddings, final norm)
+    layer: tuple[Rule, ...]        # per-block rules, "{i}" the block index
+    head: str                      # their untied LM head (outside the prefix)
+    skip: str = r"$^"              # their keys that are buffers, not weights
+
+
+_L = "layers.{i}."
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        "transformer.",
+        (_r("embed_tokens.weight", "wte.weight"), _r("embed_positions.weight", "wpe.weight"),
+         *_norm_rules("final_norm", "ln_f", True)),
+        (*_norm_rules(_L + "input_norm", "h.{i}.ln_1", True), *_norm_rules(_L + "mlp_norm", "h.{i}.ln_2", True),
+         _r([_L + f"attention.{n}.weight" for n in QKV], "h.{i}.attn.c_attn.weight", STACKED_T),
+         _r([_L + f"attention.{n}.bias" for n in QKV], "h.{i}.attn.c_attn.bias", STACKED),
+         _r(_L + "attention.out_proj.weight", "h.{i}.attn.c_proj.weight", TRANSPOSED),
+         _r(_L + "attention.out_proj.bias", "h.{i}.attn.c_proj.bias"),
+         _r(_L + "mlp.fc1.weight", "h.{i}.mlp.c_fc.weight", TRANSPOSED), _r(_L + "mlp.fc1.bias", "h.{i}.mlp.c_fc.bias"),
+         _r(_L + "mlp.fc2.weight", "h.{i}.mlp.c_proj.weight", TRANSPOSED),
+         _r(_L + "mlp.fc2.bias", "h.{i}.mlp.c_proj.bias")),
+        "lm_head.weight",
+        # old checkpoints carry the causal mask as buffers: not weights
+        skip=r"h\.\d+\.attn\.(bias|masked_bias)$"),
+    "llama": Family(
+        "model.",
+        (_r("embed_tokens.weight", "embed_tokens.weight"), _r("final_norm.weight", "norm.weight")),
+        (_r(_L + "input_norm.weight", _L + "input_layernorm.weight"),
+         _r(_L + "mlp_norm.weight", _L + "post_attention_layernorm.weight"),
+         *[_r(_L + f"attention.{ours}.weight", _L + f"self_attn.{theirs}.weight")
+           for ours, theirs in (*((n, n) for n in QKV), ("out_proj", "o_proj"))],
+         *[_r(_L + f"attention.{n}.bias", _L + f"self_attn.{n}.bias", ours_has=_flag("qkv_bias"),
+              theirs_has=_flag("qkv_bias", "attn_out_bias")) for n in QKV],
+         _r(_L + "attention.out_proj.bias", _L + "self_attn.o_proj.bias", ours_has=_flag("attn_out_bias"),
+            theirs_has=_flag("qkv_bias", "attn_out_bias")),
+         *[_r(_L + f"mlp.{n}.weight", _L + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")],
+         *[_r(_L + f"mlp.{n}.bias", _L + f"mlp.{n}.bias", ours_has=_flag("mlp_bias"), theirs_has=_flag("mlp_bias"))
+           for n in ("gate_proj", "up_proj", "down_proj")]),
+        "lm_head.weight"),
+    "gpt_neox": Family(
+        "gpt_neox.",
+        (_r("embed_tokens.weight", "embed_in.weight"), *_norm_rules("final_norm", "final_layer_norm", True)),
+        (*_norm_rules(_L + "input_norm", _L + "input_layernorm", True),
+         *_norm_rules(_L + "mlp_norm", _L + "post_attention_layernorm", True),
+         _r([_L + f"attention.{n}.weight" for n in QKV], _L + "attention.query_key_value.weight", HEADS),
+         _r([_L + f"attention.{n}.bias" for n in QKV], _L + "attention.query_key_value.bias", HEADS,
+            ours_has=_flag("qkv_bias")),
+         _r(_L + "attention.out_proj.weight", _L + "attention.dense.weight"),
+         _r(_L + "attention.out_proj.bias", _L + "attention.dense.bias", ours_has=_flag("attn_out_bias")),
+         _r(_L + "mlp.fc1.weight", _L + "mlp.dense_h_to_4h.weight"),
+         _r(_L + "mlp.fc1.bias", _L + "mlp.dense_h_to_4h.bias"),
+         _r(_L + "mlp.fc2.weight", _L + "mlp.dense_4h_to_h.weight"),
+         _r(_L + "mlp.fc2.bias", _L + "mlp.dense_4h_to_h.bias")),
+        "embed_out.weight"),
+}
+
+
+def _rules(family: Family, m: Mapping):
+    """Every rule of the model, with the layer index filled in."""
+    yield from family.rules
+    for i in range(m["num_layers"]):
+        for rule in family.layer:
+            yield dataclasses.replace(rule, ours=tuple(k.format(i=i) for k in rule.ours),
+                                      theirs=rule.theirs.format(i=i))
 
 
 def _take(sd: dict, key: str, where: str) -> torch.Tensor:
@@ -153,92 +318,16 @@ def _take(sd: dict, key: str, where: str) -> torch.Tensor:
     return sd.pop(key)
 
 
-def _strip(sd: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in sd.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        out[k] = v
-    return out
-
-
 def weights_from_hf(family: str, m: Mapping, hf_sd: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
-    """Our full weights (vocabulary not padded) from a transformers state dict."""
-    sd = {k: v.float() for k, v in hf_sd.items()}
-    H, L = m["hidden_size"], m["num_layers"]
-    hd = H // m["num_heads"]
+    """Our full weights (vocabulary not padded) from a transformers state dict (the table's inverse)."""
+    spec = FAMILIES[family]
+    sd = {(k[len(spec.prefix):] if k.startswith(spec.prefix) else k): v.float() for k, v in hf_sd.items()}
+    sd = {k: v for k, v in sd.items() if not re.match(spec.skip, k)}
     out: dict[str, torch.Tensor] = {}
-    if family == "gpt2":
-        sd = _strip(sd, ("transformer.",))
-        # old checkpoints carry the causal mask as buffers: not weights
-        sd = {k: v for k, v in sd.items() if not re.match(r"h\.\d+\.attn\.(bias|masked_bias)$", k)}
-        out["embed_tokens.weight"] = _take(sd, "wte.weight", where)
-        out["embed_positions.weight"] = _take(sd, "wpe.weight", where)
-        for i in range(L):
-            p, q = f"h.{i}.", f"layers.{i}."
-            for ours, theirs in (("input_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                out[q + ours + ".weight"] = _take(sd, p + theirs + ".weight", where)
-                out[q + ours + ".bias"] = _take(sd, p + theirs + ".bias", where)
-            w = _take(sd, p + "attn.c_attn.weight", where).t()  # Conv1D stores [in, out]
-            b = _take(sd, p + "attn.c_attn.bias", where)
-            for name, wi, bi in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, 0), b.chunk(3, 0)):
-                out[q + f"attention.{name}.weight"], out[q + f"attention.{name}.bias"] = wi.contiguous(), bi
-            out[q + "attention.out_proj.weight"] = _take(sd, p + "attn.c_proj.weight", where).t().contiguous()
-            out[q + "attention.out_proj.bias"] = _take(sd, p + "attn.c_proj.bias", where)
-            out[q + "mlp.fc1.weight"] = _take(sd, p + "mlp.c_fc.weight", where).t().contiguous()
-            out[q + "mlp.fc1.bias"] = _take(sd, p + "mlp.c_fc.bias", where)
-            out[q + "mlp.fc2.weight"] = _take(sd, p + "mlp.c_proj.weight", where).t().contiguous()
-            out[q + "mlp.fc2.bias"] = _take(sd, p + "mlp.c_proj.bias", where)
-        out["final_norm.weight"] = _take(sd, "ln_f.weight", where)
-        out["final_norm.bias"] = _take(sd, "ln_f.bias", where)
-        head = sd.pop("lm_head.weight", None)
-    elif family == "llama":
-        sd = _strip(sd, ("model.",))
-        out["embed_tokens.weight"] = _take(sd, "embed_tokens.weight", where)
-        for i in range(L):
-            p, q = f"layers.{i}.", f"layers.{i}."
-            out[q + "input_norm.weight"] = _take(sd, p + "input_layernorm.weight", where)
-            out[q + "mlp_norm.weight"] = _take(sd, p + "post_attention_layernorm.weight", where)
-            for ours, theirs in (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"),
-                                 ("out_proj", "o_proj")):
-                out[q + f"attention.{ours}.weight"] = _take(sd, p + f"self_attn.{theirs}.weight", where)
-                if m["qkv_bias"]:
-                    out[q + f"attention.{ours}.bias"] = _take(sd, p + f"self_attn.{theirs}.bias", where)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                out[q + f"mlp.{name}.weight"] = _take(sd, p + f"mlp.{name}.weight", where)
-                if m["mlp_bias"]:
-                    out[q + f"mlp.{name}.bias"] = _take(sd, p + f"mlp.{name}.bias", where)
-        out["final_norm.weight"] = _take(sd, "norm.weight", where)
-        head = sd.pop("lm_head.weight", None)
-    else:
-        sd = _strip(sd, ("gpt_neox.",))
-        nh = m["num_heads"]
-        out["embed_tokens.weight"] = _take(sd, "embed_in.weight", where)
-        for i in range(L):
-            p, q = f"layers.{i}.", f"layers.{i}."
-            for ours, theirs in (("input_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
-                out[q + ours + ".weight"] = _take(sd, p + theirs + ".weight", where)
-                out[q + ours + ".bias"] = _take(sd, p + theirs + ".bias", where)
-            # rows laid out (head, q|k|v, head_dim)
-            w = _take(sd, p + "attention.query_key_value.weight", where).view(nh, 3, hd, H)
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[q + f"attention.{name}.weight"] = w[:, j].reshape(nh * hd, H).contiguous()
-            if m["qkv_bias"]:
-                b = _take(sd, p + "attention.query_key_value.bias", where).view(nh, 3, hd)
-                for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                    out[q + f"attention.{name}.bias"] = b[:, j].reshape(-1).contiguous()
-            out[q + "attention.out_proj.weight"] = _take(sd, p + "attention.dense.weight", where)
-            if m["attn_out_bias"]:
-                out[q + "attention.out_proj.bias"] = _take(sd, p + "attention.dense.bias", where)
-            out[q + "mlp.fc1.weight"] = _take(sd, p + "mlp.dense_h_to_4h.weight", where)
-            out[q + "mlp.fc1.bias"] = _take(sd, p + "mlp.dense_h_to_4h.bias", where)
-            out[q + "mlp.fc2.weight"] = _take(sd, p + "mlp.dense_4h_to_h.weight", where)
-            out[q + "mlp.fc2.bias"] = _take(sd, p + "mlp.dense_4h_to_h.bias", where)
-        out["final_norm.weight"] = _take(sd, "final_layer_norm.weight", where)
-        out["final_norm.bias"] = _take(sd, "final_layer_norm.bias", where)
-        head = sd.pop("embed_out.weight", None)
+    for rule in _rules(spec, m):
+        if rule.ours_has(m):
+            out.update(zip(rule.ours, rule.transform.from_hf(_take(sd, rule.theirs, where), len(rule.ours), m)))
+    head = sd.pop(spec.head, None)
     if m["tie_embeddings"]:
         if head is not None and not torch.equal(head, out["embed_tokens.weight"]):
             raise CheckpointError(f"{where}: config.json says tie_word_embeddings but the head weight differs "
@@ -328,87 +417,27 @@ def hf_config_for(m: Mapping, family: str, eos_id) -> dict:
 
 
 def weights_to_hf(family: str, m: Mapping, w: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A transformers state dict from our full weights (vocabulary rows already trimmed to vocab_size).
+    """A transformers state dict from our full weights (vocabulary rows already trimmed to vocab_size),
+    through the same table as the import.
 
     Biases the target has and ours lacks are written as zeros (exact); an lm_head bias, which no target
     has, is refused unless it is exactly zero.
     """
     w = {k: v.float() for k, v in w.items()}
-    H, L, nh = m["hidden_size"], m["num_layers"], m["num_heads"]
-    hd = H // nh
     if "lm_head.bias" in w and bool(torch.any(w["lm_head.bias"] != 0)):
         raise CheckpointError(f"the LM head has a non-zero bias, which {family} cannot represent (its head has "
                               f"no bias); this model cannot be exported without changing its outputs")
 
-    def bias(key: str, n: int) -> torch.Tensor:
-        return w.get(key, torch.zeros(n))
+    def ours(key: str) -> torch.Tensor:
+        if key not in w and key.endswith(".bias"):  # as many zeros as the layer has outputs
+            return torch.zeros(w[key.removesuffix(".bias") + ".weight"].shape[0])
+        return w[key]
 
-    out: dict[str, torch.Tensor] = {}
-    if family == "gpt2":
-        out["transformer.wte.weight"] = w["embed_tokens.weight"]
-        out["transformer.wpe.weight"] = w["embed_positions.weight"]
-        for i in range(L):
-            p, q = f"transformer.h.{i}.", f"layers.{i}."
-            for ours, theirs in (("input_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                out[p + theirs + ".weight"] = w[q + ours + ".weight"]
-                out[p + theirs + ".bias"] = bias(q + ours + ".bias", H)
-            out[p + "attn.c_attn.weight"] = torch.cat(
-                [w[q + f"attention.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj")], 0).t().contiguous()
-            out[p + "attn.c_attn.bias"] = torch.cat(
-                [bias(q + f"attention.{n}.bias", H) for n in ("q_proj", "k_proj", "v_proj")])
-            out[p + "attn.c_proj.weight"] = w[q + "attention.out_proj.weight"].t().contiguous()
-            out[p + "attn.c_proj.bias"] = bias(q + "attention.out_proj.bias", H)
-            F = w[q + "mlp.fc1.weight"].shape[0]
-            out[p + "mlp.c_fc.weight"] = w[q + "mlp.fc1.weight"].t().contiguous()
-            out[p + "mlp.c_fc.bias"] = bias(q + "mlp.fc1.bias", F)
-            out[p + "mlp.c_proj.weight"] = w[q + "mlp.fc2.weight"].t().contiguous()
-            out[p + "mlp.c_proj.bias"] = bias(q + "mlp.fc2.bias", H)
-        out["transformer.ln_f.weight"] = w["final_norm.weight"]
-        out["transformer.ln_f.bias"] = bias("final_norm.bias", H)
-        head_key = "lm_head.weight"
-    elif family == "llama":
-        nkv = m["num_kv_heads"] or nh
-        attn_bias = m["qkv_bias"] or m["attn_out_bias"]
-        out["model.embed_tokens.weight"] = w["embed_tokens.weight"]
-        for i in range(L):
-            p, q = f"model.layers.{i}.", f"layers.{i}."
-            out[p + "input_layernorm.weight"] = w[q + "input_norm.weight"]
-            out[p + "post_attention_layernorm.weight"] = w[q + "mlp_norm.weight"]
-            for ours, theirs, n in (("q_proj", "q_proj", nh * hd), ("k_proj", "k_proj", nkv * hd),
-                                    ("v_proj", "v_proj", nkv * hd), ("out_proj", "o_proj", H)):
-                out[p + f"self_attn.{theirs}.weight"] = w[q + f"attention.{ours}.weight"]
-                if attn_bias:
-                    out[p + f"self_attn.{theirs}.bias"] = bias(q + f"attention.{ours}.bias", n)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                out[p + f"mlp.{name}.weight"] = w[q + f"mlp.{name}.weight"]
-                if m["mlp_bias"]:
-                    out[p + f"mlp.{name}.bias"] = w[q + f"mlp.{name}.bias"]
-        out["model.norm.weight"] = w["final_norm.weight"]
-        head_key = "lm_head.weight"
-    else:
-        out["gpt_neox.embed_in.weight"] = w["embed_tokens.weight"]
-        for i in range(L):
-            p, q = f"gpt_neox.layers.{i}.", f"layers.{i}."
-            for ours, theirs in (("input_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
-                out[p + theirs + ".weight"] = w[q + ours + ".weight"]
-                out[p + theirs + ".bias"] = bias(q + ours + ".bias", H)
-            projections = ("q_proj", "k_proj", "v_proj")
-            qkv = torch.stack([w[q + f"attention.{n}.weight"].view(nh, hd, H) for n in projections], 1)
-            out[p + "attention.query_key_value.weight"] = qkv.reshape(3 * H, H).contiguous()
-            qkv_b = torch.stack([bias(q + f"attention.{n}.bias", H).view(nh, hd) for n in projections], 1)
-            out[p + "attention.query_key_value.bias"] = qkv_b.reshape(3 * H).contiguous()
-            out[p + "attention.dense.weight"] = w[q + "attention.out_proj.weight"]
-            out[p + "attention.dense.bias"] = bias(q + "attention.out_proj.bias", H)
-            F = w[q + "mlp.fc1.weight"].shape[0]
-            out[p + "mlp.dense_h_to_4h.weight"] = w[q + "mlp.fc1.weight"]
-            out[p + "mlp.dense_h_to_4h.bias"] = bias(q + "mlp.fc1.bias", F)
-            out[p + "mlp.dense_4h_to_h.weight"] = w[q + "mlp.fc2.weight"]
-            out[p + "mlp.dense_4h_to_h.bias"] = bias(q + "mlp.fc2.bias", H)
-        out["gpt_neox.final_layer_norm.weight"] = w["final_norm.weight"]
-        out["gpt_neox.final_layer_norm.bias"] = bias("final_norm.bias", H)
-        head_key = "embed_out.weight"
+    spec = FAMILIES[family]
+    out = {spec.prefix + rule.theirs: rule.transform.to_hf([ours(k) for k in rule.ours], m)
+           for rule in _rules(spec, m) if rule.theirs_has(m)}
     if not m["tie_embeddings"]:
-        out[head_key] = w["lm_head.weight"]
+        out[spec.head] = w["lm_head.weight"]
     return out
 
 
