@@ -1,8 +1,8 @@
 """A distillation stage (k=2, self-forcing) under ZeRO-1, 2 and 3 at DP=2, and at TP=2, matches one process.
 
-The one-process reference runs the same global batches as 4 accumulated micro-batches (DP=2: 2
-each); the noise of each micro-batch is keyed by its global index, so both layouts draw
-identical noise.
+Every run goes through the real trainer (``LMTrainer.train_step``). The one-process reference runs
+the same global batches as 4 accumulated micro-batches (DP=2: 2 each); the noise of each
+micro-batch is keyed by its global index, so both layouts draw identical noise.
 Losses, the clipped gradient norm and the final student parameters are compared; one case also
 partitions the frozen teacher and previous student with ZeRO-3 (``distill.partition_frozen``).
 """
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.distributed.launcher import run_distributed
+from tests.distributed.trainer_harness import real_trainer
 
 STEPS = 3
 GLOBAL_BATCH = 4
@@ -24,7 +25,7 @@ OVERRIDES = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", 
              "distill.noise_inversion_weight=0.5", "distill.noise_encoder_lr_scale=3"]
 
 
-def _train(rank, world, zero, partition_frozen=False, tp=1):
+def _train(rank, world, out, zero, partition_frozen=False, tp=1):
     from kforcing_dist.config import derive_layout, load_config
     from kforcing_dist.distill.frozen import freeze
     from kforcing_dist.distill.task import DistillTask
@@ -33,12 +34,11 @@ def _train(rank, world, zero, partition_frozen=False, tp=1):
     from kforcing_dist.nn.sizes import pad_vocab_size
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
-    from kforcing_dist.training.engine import build_engine
     from kforcing_dist.training.export import full_weights
 
     dp = world // tp
-    cfg, _ = load_config(None, OVERRIDES + [f"parallel.zero_stage={zero}", f"parallel.tp={tp}",
-                                            "train.micro_batch_size=1"])
+    cfg, text = load_config(None, OVERRIDES + [f"parallel.zero_stage={zero}", f"parallel.tp={tp}",
+                                               "train.micro_batch_size=1"])
     device = init_distributed(resolve_launch(), "gloo")
     groups = init_model_parallel(tp, 1, device)
     layout = derive_layout(cfg, world)
@@ -56,31 +56,23 @@ def _train(rank, world, zero, partition_frozen=False, tp=1):
         held = sum(p.ds_tensor.numel() for p in teacher.parameters())
         assert 0 < held <= sum(p.ds_numel for p in teacher.parameters()) // 2 + 64
     task = DistillTask(2, cfg.distill, groups, ar_teacher=teacher, prev_student=prev)
-    engine = build_engine(student, cfg, layout, groups, "fp32", task.lr_scales)
     gen = torch.Generator().manual_seed(123)
+    batches = [torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 2), generator=gen) for _ in range(STEPS)]
+    trainer = real_trainer(cfg, text, groups, layout, student, task, batches.__getitem__, out, padded)
     losses, norms = [], []
-    for step in range(STEPS):
-        batch = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 2), generator=gen)
-        micro = layout.micro_batch_size
-        step_loss = 0.0
-        for m in range(layout.grad_accum):
-            start = (m * dp + groups.dp_rank) * micro  # the sampler's global order
-            loss, _ = task.train_loss(engine, batch[start:start + micro], step, m)
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / layout.grad_accum
-        t = torch.tensor([step_loss], dtype=torch.float64)
-        torch.distributed.all_reduce(t, group=groups.dp_group)
-        losses.append(t.item() / dp)
-        norms.append(float(engine.get_global_grad_norm()))
+    while trainer.step < STEPS:
+        losses.append(trainer.train_step(trainer.next_batches())["loss"])  # averaged over the DP ranks
+        norms.append(float(trainer.engine.get_global_grad_norm()))
+    engine = trainer.engine
     params = {k: v.numpy().copy() for k, v in full_weights(engine.module, groups, zero).items()}
+    trainer.close()
     shutdown()
     return {"losses": losses, "norms": norms, "params": params if rank == 0 else None}
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return run_distributed(_train, 1, 0)[0]
+def reference(tmp_path_factory):
+    return run_distributed(_train, 1, tmp_path_factory.mktemp("ref"), 0)[0]
 
 
 def test_reference_actually_trains(reference):
@@ -92,9 +84,9 @@ def test_reference_actually_trains(reference):
 
 @pytest.mark.parametrize("zero,partition_frozen,tp", [(1, False, 1), (2, False, 1), (3, False, 1), (3, True, 1),
                                                       (1, False, 2)])
-def test_distill_stage_zero_dp2_matches_one_process(reference, zero, partition_frozen, tp):
+def test_distill_stage_zero_dp2_matches_one_process(reference, zero, partition_frozen, tp, tmp_path):
     """DP=2 under each ZeRO stage, and TP=2 (vocab-parallel targets, losses and metrics)."""
-    result = run_distributed(_train, 2, zero, partition_frozen, tp)[0]
+    result = run_distributed(_train, 2, tmp_path, zero, partition_frozen, tp)[0]
     tol = 2e-5
     np.testing.assert_allclose(result["losses"], reference["losses"], rtol=0, atol=tol)
     np.testing.assert_allclose(result["norms"], reference["norms"], rtol=1e-4, atol=tol)
