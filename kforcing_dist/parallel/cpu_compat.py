@@ -12,6 +12,9 @@ module changes nothing. Each patch names the upstream behaviour it works around
    shared-memory comm extension (20-48 s) that gloo does not need.
 4. megatron-core pipeline schedules create tensors with ``device="cuda"``; the patch
    redirects ``torch.cuda.current_device`` (1) which they use for p2p buffers.
+
+Differences between megatron-core versions (0.16.1 pinned, 0.19.2 on Python 3.12) and their one
+bridge (importing 0.19 without Triton) live in ``kforcing_dist/megatron_compat.py``.
 """
 
 from __future__ import annotations

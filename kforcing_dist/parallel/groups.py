@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from .cpu_compat import apply_cpu_patches
 from .launch import LaunchInfo, export_for_torch
+from ..megatron_compat import allow_import_without_triton
 
 
 @dataclasses.dataclass
@@ -64,6 +65,7 @@ def init_distributed(info: LaunchInfo, backend: str = "auto", timeout_minutes: i
 
 def init_model_parallel(tp: int, pp: int, device: torch.device) -> ParallelGroups:
     """Initialise megatron-core's parallel_state (order tp-cp-ep-dp-pp) and return our view of it."""
+    allow_import_without_triton()
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
