@@ -64,6 +64,21 @@ class _StepPlan:
     write_index: Optional[torch.Tensor] = None  # [b, kv_heads, s, head_dim] scatter index
     key_len: int = 0  # cache positions attended to (a prefix view of the cache)
     fast: bool = False  # fused q/k/v projection and one rotary call for q and k
+    # The last layer's query rows whose outputs are read (None: all): a slice of the chunk
+    # (the noise slots; an empty one when only the cache is filled) or a [b, r] row index (each
+    # sequence's last real token). The other rows only need their keys/values there.
+    out_rows: Union[None, slice, torch.Tensor] = None
+    out_mask: Optional[torch.Tensor] = None  # ``mask``'s rows of out_rows (same row order)
+
+
+def take_rows(x: torch.Tensor, rows: Union[slice, torch.Tensor], dim: int) -> torch.Tensor:
+    """The chunk rows ``rows`` (a slice, or a [b, r] index per sequence) of ``x`` along ``dim``
+    (x is [b, ...] with the chunk's positions on ``dim``)."""
+    if isinstance(rows, slice):
+        return x[(slice(None),) * dim + (rows,)]
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = rows.shape
+    return x.gather(dim, rows.view(shape).expand(*x.shape[:dim], rows.shape[1], *x.shape[dim + 1:]))
 
 
 class Attention(nn.Module):
@@ -93,7 +108,9 @@ class Attention(nn.Module):
         return self._fused[1], self._fused[2]
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, cache_k: Optional[torch.Tensor] = None,
-                cache_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cache_v: Optional[torch.Tensor] = None, last: bool = False) -> torch.Tensor:
+        """``last``: the model's last layer, whose outputs are read only at ``plan.out_rows``
+        (every row's keys/values are still written to the cache)."""
         b, s, _ = x.shape
         d, nkv, nh = self.head_dim, self.num_kv_heads, self.num_heads
         if plan.fast:
@@ -120,12 +137,18 @@ class Attention(nn.Module):
             v = cache_v[:, :, :plan.key_len]
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
+        mask = plan.mask
+        if last and plan.out_rows is not None:
+            q, mask = take_rows(q, plan.out_rows, 2), plan.out_mask
+            s = q.shape[2]
+            if s == 0:
+                return x.new_zeros(b, 0, x.shape[-1])
         if self.rep > 1:
             # GQA without expanding K/V: the rep query heads sharing a KV head (heads
             # g*rep .. g*rep+rep-1, as repeat_interleave pairs them) become rep*s query rows of
             # that KV head, so the cache is read once per KV head.
             q = q.reshape(b, nkv, self.rep * s, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)
         return self.out_proj(out)
 
@@ -158,8 +181,11 @@ class Block(nn.Module):
         self.mlp_norm = Norm(H, m["norm"], m["norm_bias"], m["norm_eps"], dtype)
         self.mlp = MLP(m, dtype)
 
-    def forward(self, x, plan, cache_k=None, cache_v=None):
-        x = x + self.attention(self.input_norm(x), plan, cache_k, cache_v)
+    def forward(self, x, plan, cache_k=None, cache_v=None, last: bool = False):
+        attended = self.attention(self.input_norm(x), plan, cache_k, cache_v, last)
+        if last and plan.out_rows is not None:
+            x = take_rows(x, plan.out_rows, 1)
+        x = x + attended
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -357,11 +383,13 @@ class DecoderLM(nn.Module):
         return _StepPlan(rotary=rotary, mask=mask, fast=fast)
 
     def _run(self, hidden: torch.Tensor, plan: _StepPlan, cache: Optional[KVCache] = None):
+        """The layers; with ``plan.out_rows`` set, the result holds those rows only."""
+        last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
             if cache is None:
-                hidden = layer(hidden, plan)
+                hidden = layer(hidden, plan, last=i == last)
             else:
-                hidden = layer(hidden, plan, cache.k[i], cache.v[i])
+                hidden = layer(hidden, plan, cache.k[i], cache.v[i], last=i == last)
         return hidden
 
     # ------------------------------------------------------------------ reference (no cache)
@@ -551,6 +579,17 @@ class DecoderLM(nn.Module):
         plan = self._plan(positions, mask[:, None], fast=self.fast, max_position=key_len)
         plan.write_index = write[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
         plan.key_len = key_len
+        # Only the rows the output reads go through the last layer's attention and MLP: a PFLM
+        # step's k fed-back tokens need their keys/values there, not their hidden states.
+        if output == "noise":
+            plan.out_rows = slice(c, s)
+        elif output == "none":
+            plan.out_rows = slice(0, 0)
+        elif output == "last" and s > 1:
+            plan.out_rows = (n - 1)[:, None]
+        if plan.out_rows is not None:
+            rep = self.model_config["num_heads"] // self.num_kv_heads
+            plan.out_mask = take_rows(mask[:, None], plan.out_rows, 2).repeat(1, 1, rep, 1)
         hidden = self._run(hidden, plan, cache)
 
         lengths += n
@@ -558,8 +597,5 @@ class DecoderLM(nn.Module):
         if output == "none":
             return None
         if output == "last":
-            rows = (n - 1)[:, None, None].expand(b, 1, hidden.shape[-1])
-            return self._head(self.final_norm(hidden.gather(1, rows)))[:, 0]
-        if output == "noise":
-            return self._head(self.final_norm(hidden[:, c:]))
+            return self._head(self.final_norm(hidden))[:, -1]
         return self._head(self.final_norm(hidden))
