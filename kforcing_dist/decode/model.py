@@ -334,14 +334,21 @@ class DecoderLM(nn.Module):
             h = h + F.embedding(positions, self.embed_positions.weight)
         return h
 
-    def _embed_noise(self, u: torch.Tensor, tau, positions: torch.Tensor) -> torch.Tensor:
-        """Noise slot inputs: NoiseEncoder(u, tau) (+ the learned position embedding of the slot,
-        like any input at that position)."""
+    def encode_noise(self, u: torch.Tensor, tau) -> torch.Tensor:
+        """NoiseEncoder(u, tau) in the model's dtype: u [b, m] -> [b, m, H], what a noise slot
+        holds before its position embedding. It depends on (u, tau) only, so a decode can encode
+        its whole noise table in one batched pass and give :meth:`forward_step` the rows."""
+        self._require_pflm()
         if not isinstance(tau, torch.Tensor):
             tau = torch.tensor(float(tau), dtype=torch.float64, device=u.device)
         elif tau.dim() == 1:
             tau = tau.to(u.device)[:, None]
-        h = self.noise_encoder(u, tau).to(self.dtype)
+        return self.noise_encoder(u, tau).to(self.dtype)
+
+    def _embed_noise(self, u: torch.Tensor, tau, positions: torch.Tensor) -> torch.Tensor:
+        """Noise slot inputs: NoiseEncoder(u, tau) (u [b, m], or its encode_noise rows
+        [b, m, H]) + the learned position embedding of the slot, like any input there."""
+        h = u if u.dim() == 3 else self.encode_noise(u, tau)
         if self.embed_positions is not None:
             h = h + F.embedding(positions, self.embed_positions.weight)
         return h
@@ -471,7 +478,8 @@ class DecoderLM(nn.Module):
 
         ``input_ids`` [b, c] (or None: c = 0): right-padded real tokens; the first ``num_new[b]``
         (default all c) of row b are appended to sequence b at positions length[b] ... ``noise_u``
-        [b, m] (PFLM only, or None): noise slot i of sequence b sits at position
+        [b, m] (PFLM only, or None; or :meth:`encode_noise` of it, [b, m, H], which ``tau`` then
+        no longer affects): noise slot i of sequence b sits at position
         ``length[b] + num_new[b] + i`` and sees the sequence (new tokens included) and slots
         0..i; its keys/values are not kept. ``tau``: float or [b] tensor for the noise encoder.
         After the call ``cache.lengths += num_new``.
@@ -502,8 +510,10 @@ class DecoderLM(nn.Module):
                 self._check_ids(input_ids, "input_ids")
         if noise_u is not None:
             self._require_pflm()
-            if noise_u.dim() != 2 or noise_u.shape[0] != b:
-                raise DecodeError(f"noise_u must be [batch, m] = [{b}, m], got "
+            if noise_u.shape[0] != b or not (noise_u.dim() == 2 or (
+                    noise_u.dim() == 3 and noise_u.shape[2] == self.hidden_size)):
+                raise DecodeError(f"noise_u must be [batch, m] = [{b}, m] (or its encode_noise "
+                                  f"rows [{b}, m, {self.hidden_size}]), got "
                                   f"{tuple(noise_u.shape)}")
         if num_new is None:
             n_host = torch.full((b,), c, dtype=torch.long)
