@@ -62,7 +62,9 @@ class _StepPlan:
     """What every layer of one forward needs (computed once per forward)."""
     rotary: Optional[tuple[torch.Tensor, torch.Tensor]]  # [b, 1, s, d] (fast: [b, s, 1, d])
     mask: torch.Tensor  # [b, 1, rep * s, s_k] bool, rows in (group member, query) order
-    write_index: Optional[torch.Tensor] = None  # [b, kv_heads, s, head_dim] scatter index
+    # [b * kv_heads * s] row of every new key/value in a layer's cache viewed as
+    # [b * kv_heads * capacity, head_dim], in k's (b, kv_heads, s) order
+    write_rows: Optional[torch.Tensor] = None
     key_len: int = 0  # cache positions attended to (a prefix view of the cache)
     fast: bool = False  # fused q/k/v projection and one rotary call for q and k
     # The last layer's query rows whose outputs are read (None: all): a slice of the chunk
@@ -131,9 +133,10 @@ class Attention(nn.Module):
                 q = apply_rotary(q, *plan.rotary)
                 k = apply_rotary(k, *plan.rotary)
         if cache_k is not None:
-            # In-place scatter into this layer's preallocated slice: no per-step cache growth.
-            cache_k.scatter_(2, plan.write_index, k.to(cache_k.dtype))
-            cache_v.scatter_(2, plan.write_index, v.to(cache_v.dtype))
+            # In-place row copies into this layer's preallocated slice (no per-step cache
+            # growth): whole head_dim rows, cheaper than an element-wise scatter.
+            cache_k.view(-1, d).index_copy_(0, plan.write_rows, k.reshape(-1, d).to(cache_k.dtype))
+            cache_v.view(-1, d).index_copy_(0, plan.write_rows, v.reshape(-1, d).to(cache_v.dtype))
             k = cache_k[:, :, :plan.key_len]
             v = cache_v[:, :, :plan.key_len]
             if k.dtype != q.dtype:
@@ -621,7 +624,8 @@ class DecoderLM(nn.Module):
         kk = kidx[None, None, :]
         mask = (kk <= ctx_hi[..., None]) | ((kk >= noise_lo[..., None]) & (kk <= write[..., None]))
         plan = self._plan(positions, mask[:, None], fast=self.fast, max_position=key_len)
-        plan.write_index = write[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
+        heads = torch.arange(b * self.num_kv_heads, device=dev).view(b, self.num_kv_heads, 1)
+        plan.write_rows = (heads * cache.capacity + write[:, None, :]).reshape(-1)
         plan.key_len = key_len
         # Only the rows the output reads go through the last layer's attention and MLP: a PFLM
         # step's k fed-back tokens need their keys/values there, not their hidden states.
