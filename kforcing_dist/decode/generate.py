@@ -262,6 +262,11 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
 
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     produced = steps = 0
+    if mode == "pflm" and not cuda_graphs:
+        # The noise slots' inputs depend on (u, tau) only: one batched encoder pass over the
+        # whole table (timed, part of decoding) instead of a small one per step. The graphed
+        # step keeps encoding its own u (static shapes; on a GPU that pass is cheap).
+        u = model.encode_noise(u, tau)
     while produced < N:
         if mode == "ar":
             logits = step(pending, None, None, "last")[:, :V]

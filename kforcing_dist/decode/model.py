@@ -61,9 +61,26 @@ class _StepPlan:
     """What every layer of one forward needs (computed once per forward)."""
     rotary: Optional[tuple[torch.Tensor, torch.Tensor]]  # [b, 1, s, d] (fast: [b, s, 1, d])
     mask: torch.Tensor  # [b, 1, rep * s, s_k] bool, rows in (group member, query) order
-    write_index: Optional[torch.Tensor] = None  # [b, kv_heads, s, head_dim] scatter index
+    # [b * kv_heads * s] row of every new key/value in a layer's cache viewed as
+    # [b * kv_heads * capacity, head_dim], in k's (b, kv_heads, s) order
+    write_rows: Optional[torch.Tensor] = None
     key_len: int = 0  # cache positions attended to (a prefix view of the cache)
     fast: bool = False  # fused q/k/v projection and one rotary call for q and k
+    # The last layer's query rows whose outputs are read (None: all): a slice of the chunk
+    # (the noise slots; an empty one when only the cache is filled) or a [b, r] row index (each
+    # sequence's last real token). The other rows only need their keys/values there.
+    out_rows: Union[None, slice, torch.Tensor] = None
+    out_mask: Optional[torch.Tensor] = None  # ``mask``'s rows of out_rows (same row order)
+
+
+def take_rows(x: torch.Tensor, rows: Union[slice, torch.Tensor], dim: int) -> torch.Tensor:
+    """The chunk rows ``rows`` (a slice, or a [b, r] index per sequence) of ``x`` along ``dim``
+    (x is [b, ...] with the chunk's positions on ``dim``)."""
+    if isinstance(rows, slice):
+        return x[(slice(None),) * dim + (rows,)]
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = rows.shape
+    return x.gather(dim, rows.view(shape).expand(*x.shape[:dim], rows.shape[1], *x.shape[dim + 1:]))
 
 
 class Attention(nn.Module):
@@ -93,7 +110,9 @@ class Attention(nn.Module):
         return self._fused[1], self._fused[2]
 
     def forward(self, x: torch.Tensor, plan: _StepPlan, cache_k: Optional[torch.Tensor] = None,
-                cache_v: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cache_v: Optional[torch.Tensor] = None, last: bool = False) -> torch.Tensor:
+        """``last``: the model's last layer, whose outputs are read only at ``plan.out_rows``
+        (every row's keys/values are still written to the cache)."""
         b, s, _ = x.shape
         d, nkv, nh = self.head_dim, self.num_kv_heads, self.num_heads
         if plan.fast:
@@ -113,19 +132,26 @@ class Attention(nn.Module):
                 q = apply_rotary(q, *plan.rotary)
                 k = apply_rotary(k, *plan.rotary)
         if cache_k is not None:
-            # In-place scatter into this layer's preallocated slice: no per-step cache growth.
-            cache_k.scatter_(2, plan.write_index, k.to(cache_k.dtype))
-            cache_v.scatter_(2, plan.write_index, v.to(cache_v.dtype))
+            # In-place row copies into this layer's preallocated slice (no per-step cache
+            # growth): whole head_dim rows, cheaper than an element-wise scatter.
+            cache_k.view(-1, d).index_copy_(0, plan.write_rows, k.reshape(-1, d).to(cache_k.dtype))
+            cache_v.view(-1, d).index_copy_(0, plan.write_rows, v.reshape(-1, d).to(cache_v.dtype))
             k = cache_k[:, :, :plan.key_len]
             v = cache_v[:, :, :plan.key_len]
             if k.dtype != q.dtype:
                 k, v = k.to(q.dtype), v.to(q.dtype)
+        mask = plan.mask
+        if last and plan.out_rows is not None:
+            q, mask = take_rows(q, plan.out_rows, 2), plan.out_mask
+            s = q.shape[2]
+            if s == 0:
+                return x.new_zeros(b, 0, x.shape[-1])
         if self.rep > 1:
             # GQA without expanding K/V: the rep query heads sharing a KV head (heads
             # g*rep .. g*rep+rep-1, as repeat_interleave pairs them) become rep*s query rows of
             # that KV head, so the cache is read once per KV head.
             q = q.reshape(b, nkv, self.rep * s, d)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.reshape(b, self.num_heads, s, d).transpose(1, 2).reshape(b, s, self.num_heads * d)
         return self.out_proj(out)
 
@@ -158,8 +184,11 @@ class Block(nn.Module):
         self.mlp_norm = Norm(H, m["norm"], m["norm_bias"], m["norm_eps"], dtype)
         self.mlp = MLP(m, dtype)
 
-    def forward(self, x, plan, cache_k=None, cache_v=None):
-        x = x + self.attention(self.input_norm(x), plan, cache_k, cache_v)
+    def forward(self, x, plan, cache_k=None, cache_v=None, last: bool = False):
+        attended = self.attention(self.input_norm(x), plan, cache_k, cache_v, last)
+        if last and plan.out_rows is not None:
+            x = take_rows(x, plan.out_rows, 1)
+        x = x + attended
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -308,14 +337,21 @@ class DecoderLM(nn.Module):
             h = h + F.embedding(positions, self.embed_positions.weight)
         return h
 
-    def _embed_noise(self, u: torch.Tensor, tau, positions: torch.Tensor) -> torch.Tensor:
-        """Noise slot inputs: NoiseEncoder(u, tau) (+ the learned position embedding of the slot,
-        like any input at that position)."""
+    def encode_noise(self, u: torch.Tensor, tau) -> torch.Tensor:
+        """NoiseEncoder(u, tau) in the model's dtype: u [b, m] -> [b, m, H], what a noise slot
+        holds before its position embedding. It depends on (u, tau) only, so a decode can encode
+        its whole noise table in one batched pass and give :meth:`forward_step` the rows."""
+        self._require_pflm()
         if not isinstance(tau, torch.Tensor):
             tau = torch.tensor(float(tau), dtype=torch.float64, device=u.device)
         elif tau.dim() == 1:
             tau = tau.to(u.device)[:, None]
-        h = self.noise_encoder(u, tau).to(self.dtype)
+        return self.noise_encoder(u, tau).to(self.dtype)
+
+    def _embed_noise(self, u: torch.Tensor, tau, positions: torch.Tensor) -> torch.Tensor:
+        """Noise slot inputs: NoiseEncoder(u, tau) (u [b, m], or its encode_noise rows
+        [b, m, H]) + the learned position embedding of the slot, like any input there."""
+        h = u if u.dim() == 3 else self.encode_noise(u, tau)
         if self.embed_positions is not None:
             h = h + F.embedding(positions, self.embed_positions.weight)
         return h
@@ -330,6 +366,23 @@ class DecoderLM(nn.Module):
         if self.masked_ids.numel():
             logits.index_fill_(-1, self.masked_ids, MASKED_LOGIT_VALUE)
         return logits
+
+    def _input_major_weights(self) -> None:
+        """On a CPU, store the LM head's and each MLP output projection's weight input-major
+        (the same [out, in] parameter over [in, out]-contiguous memory, no copy kept): MKL
+        multiplies a few rows by the wide head (and by the 4x-wide down projection) markedly
+        faster in that layout, which a PFLM step's 2k rows and its k head rows feel most. Same
+        values and names; a tied head stays as is (token lookups read embedding rows)."""
+        if self.device.type != "cpu":
+            return
+        linears = [layer.mlp.fc2 if hasattr(layer.mlp, "fc2") else layer.mlp.down_proj
+                   for layer in self.layers]
+        if self.lm_head is not None:
+            linears.append(self.lm_head)
+        for lin in linears:
+            w = lin.weight
+            if w.dim() == 2 and w.stride(0) != 1 and w.shape[0] > 1:
+                w.data = w.data.t().contiguous().t()
 
     def _rotary_table(self, length: int, device: torch.device):
         """cos/sin [length, head_dim] of positions 0..length-1, grown on demand: the fast path
@@ -357,11 +410,13 @@ class DecoderLM(nn.Module):
         return _StepPlan(rotary=rotary, mask=mask, fast=fast)
 
     def _run(self, hidden: torch.Tensor, plan: _StepPlan, cache: Optional[KVCache] = None):
+        """The layers; with ``plan.out_rows`` set, the result holds those rows only."""
+        last = self.num_layers - 1
         for i, layer in enumerate(self.layers):
             if cache is None:
-                hidden = layer(hidden, plan)
+                hidden = layer(hidden, plan, last=i == last)
             else:
-                hidden = layer(hidden, plan, cache.k[i], cache.v[i])
+                hidden = layer(hidden, plan, cache.k[i], cache.v[i], last=i == last)
         return hidden
 
     # ------------------------------------------------------------------ reference (no cache)
@@ -443,7 +498,8 @@ class DecoderLM(nn.Module):
 
         ``input_ids`` [b, c] (or None: c = 0): right-padded real tokens; the first ``num_new[b]``
         (default all c) of row b are appended to sequence b at positions length[b] ... ``noise_u``
-        [b, m] (PFLM only, or None): noise slot i of sequence b sits at position
+        [b, m] (PFLM only, or None; or :meth:`encode_noise` of it, [b, m, H], which ``tau`` then
+        no longer affects): noise slot i of sequence b sits at position
         ``length[b] + num_new[b] + i`` and sees the sequence (new tokens included) and slots
         0..i; its keys/values are not kept. ``tau``: float or [b] tensor for the noise encoder.
         After the call ``cache.lengths += num_new``.
@@ -474,8 +530,10 @@ class DecoderLM(nn.Module):
                 self._check_ids(input_ids, "input_ids")
         if noise_u is not None:
             self._require_pflm()
-            if noise_u.dim() != 2 or noise_u.shape[0] != b:
-                raise DecodeError(f"noise_u must be [batch, m] = [{b}, m], got "
+            if noise_u.shape[0] != b or not (noise_u.dim() == 2 or (
+                    noise_u.dim() == 3 and noise_u.shape[2] == self.hidden_size)):
+                raise DecodeError(f"noise_u must be [batch, m] = [{b}, m] (or its encode_noise "
+                                  f"rows [{b}, m, {self.hidden_size}]), got "
                                   f"{tuple(noise_u.shape)}")
         if num_new is None:
             n_host = torch.full((b,), c, dtype=torch.long)
@@ -521,6 +579,8 @@ class DecoderLM(nn.Module):
         m = 0 if noise_u is None else noise_u.shape[1]
         s = c + m
         dev = cache.device
+        if self.fast:
+            self._input_major_weights()
         lengths = cache.lengths
         ar = torch.arange(s, device=dev)
         write = lengths[:, None] + ar  # [b, s] cache index of every chunk entry
@@ -549,8 +609,20 @@ class DecoderLM(nn.Module):
         kk = kidx[None, None, :]
         mask = (kk <= ctx_hi[..., None]) | ((kk >= noise_lo[..., None]) & (kk <= write[..., None]))
         plan = self._plan(positions, mask[:, None], fast=self.fast, max_position=key_len)
-        plan.write_index = write[:, None, :, None].expand(b, self.num_kv_heads, s, self.head_dim)
+        heads = torch.arange(b * self.num_kv_heads, device=dev).view(b, self.num_kv_heads, 1)
+        plan.write_rows = (heads * cache.capacity + write[:, None, :]).reshape(-1)
         plan.key_len = key_len
+        # Only the rows the output reads go through the last layer's attention and MLP: a PFLM
+        # step's k fed-back tokens need their keys/values there, not their hidden states.
+        if output == "noise":
+            plan.out_rows = slice(c, s)
+        elif output == "none":
+            plan.out_rows = slice(0, 0)
+        elif output == "last" and s > 1:
+            plan.out_rows = (n - 1)[:, None]
+        if plan.out_rows is not None:
+            rep = self.model_config["num_heads"] // self.num_kv_heads
+            plan.out_mask = take_rows(mask[:, None], plan.out_rows, 2).repeat(1, 1, rep, 1)
         hidden = self._run(hidden, plan, cache)
 
         lengths += n
@@ -558,8 +630,5 @@ class DecoderLM(nn.Module):
         if output == "none":
             return None
         if output == "last":
-            rows = (n - 1)[:, None, None].expand(b, 1, hidden.shape[-1])
-            return self._head(self.final_norm(hidden.gather(1, rows)))[:, 0]
-        if output == "noise":
-            return self._head(self.final_norm(hidden[:, c:]))
+            return self._head(self.final_norm(hidden))[:, -1]
         return self._head(self.final_norm(hidden))

@@ -63,10 +63,15 @@ def block_argmax(logits: torch.Tensor, counts: Optional[torch.Tensor],
     b, m, _ = logits.shape
     out = torch.empty(b, m, dtype=torch.long, device=logits.device)
     one = torch.ones(b, 1, dtype=counts.dtype, device=counts.device)
+    # penalty * counts once per block; a counted token then updates its own entry with the
+    # same product, so every slot sees exactly the values a full recomputation would give
+    charge = penalty * counts
     for j in range(m):
-        token = (logits[:, j] - penalty * counts).argmax(-1, keepdim=True)  # [b, 1]
+        token = (logits[:, j] - charge).argmax(-1, keepdim=True)  # [b, 1]
         out[:, j:j + 1] = token
         counts.scatter_add_(1, token, one)
+        if j + 1 < m:
+            charge.scatter_(1, token, penalty * counts.gather(1, token))
     return out
 
 

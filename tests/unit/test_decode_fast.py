@@ -1,7 +1,9 @@
 """The decoder's fast paths against plain ones: the fused step (one q/k/v matmul, rotary rows from
 a table) == the per-projection step, the static-shape step (attention over the whole cache, what
 CUDA graphs capture) == the prefix step, and the preallocated static KV cache == a growing
-(concatenated) cache as in the paper's harness; tokens identical for the same noise."""
+(concatenated) cache as in the paper's harness; tokens identical for the same noise. The step's
+CPU savings: the last layer runs only the rows the output reads (every row still cached), a
+pre-encoded noise table, input-major head/down-projection weights."""
 
 from __future__ import annotations
 
@@ -172,3 +174,57 @@ def test_graph_stepper_lossless_equals_plain():
     kw = dict(k=3, max_new_tokens=11, seed=4)
     assert generate_lossless(student, teacher, PROMPTS, cuda_graphs=True, **kw).tokens == \
         generate_lossless(student, teacher, PROMPTS, **kw).tokens
+
+
+def test_last_layer_runs_only_the_rows_the_output_reads_and_still_caches_every_row():
+    model = make_model("pflm", seed=2, num_kv_heads=2)
+    rows_seen = []
+    hooks = [layer.mlp.register_forward_hook(lambda mod, args, out: rows_seen.append(
+        args[0].shape[0] * args[0].shape[1])) for layer in model.layers]
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, V, (2, 5), generator=gen)
+    fed = torch.randint(0, V, (2, 3), generator=gen)
+    u1, u2 = (torch.rand(2, 3, dtype=torch.float64, generator=gen) for _ in range(2))
+
+    def run(first_output):
+        cache = model.allocate_cache(2, 20)
+        rows_seen.clear()
+        model.forward_step(cache, prompt, output=first_output)  # the prefill's layers
+        prefill_rows = list(rows_seen)
+        rows_seen.clear()
+        first = model.forward_step(cache, fed, noise_u=u1, output="noise" if first_output == "none"
+                                   else "all")
+        step_rows = list(rows_seen)
+        # the next step reads the fed tokens' keys/values in every layer, the last one included
+        nxt = model.forward_step(cache, fed.flip(1), noise_u=u2, output="noise")
+        return prefill_rows, step_rows, first, nxt
+
+    try:
+        prefill_rows, step_rows, noise, nxt = run("none")
+        _, _, full, nxt_full = run("all")
+    finally:
+        for h in hooks:
+            h.remove()
+    n = model.num_layers
+    assert prefill_rows == [2 * 5] * (n - 1) + [0]  # the prefill's last layer only caches
+    assert step_rows == [2 * 6] * (n - 1) + [2 * 3]  # the 3 fed tokens skip the last MLP
+    torch.testing.assert_close(noise, full[:, 3:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nxt, nxt_full, atol=1e-5, rtol=1e-5)
+
+
+def test_encoded_noise_rows_equal_raw_noise():
+    model = make_model("pflm", seed=3)
+    ids = torch.tensor([[5, 6], [1, 2]])
+    u = torch.rand(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    raw = model.forward_step(model.allocate_cache(2, 10), ids, noise_u=u, tau=0.8)
+    encoded = model.forward_step(model.allocate_cache(2, 10), ids,
+                                 noise_u=model.encode_noise(u, 0.8), tau=123.0)  # tau unused
+    torch.testing.assert_close(encoded, raw, atol=1e-6, rtol=1e-6)
+
+
+def test_fast_cpu_step_keeps_head_and_down_projection_weights_input_major_with_same_values():
+    model = make_model("pflm", seed=4)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    model.forward_step(model.allocate_cache(1, 8), torch.tensor([[1, 2]]))
+    assert model.lm_head.weight.stride(0) == 1 and model.layers[0].mlp.fc2.weight.stride(0) == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
