@@ -135,10 +135,12 @@ def self_forcing_targets(prev: PFLM, input_ids: torch.Tensor, window_starts: tor
     if k > prev.max_k:
         raise ValueError(f"the previous stage has max_k={prev.max_k}, cannot make targets "
                          f"for k={two_k} (needs {k} slots per pass)")
-    first = vocab_parallel_argmax(prev.forward_windows(input_ids, window_starts, u[..., :k], tau),
+    # both passes see the same context: run it once, then only each pass's window items
+    context = prev.context_pass(input_ids)
+    first = vocab_parallel_argmax(prev.window_item_logits(context, input_ids, window_starts, u[..., :k], tau),
                                   tp_group)
     second = vocab_parallel_argmax(
-        prev.forward_windows(input_ids, window_starts, u[..., k:], tau, window_tokens=first),
+        prev.window_item_logits(context, input_ids, window_starts, u[..., k:], tau, window_tokens=first),
         tp_group)
     return torch.cat([first, second], dim=-1)
 

@@ -507,3 +507,28 @@ def test_slot_metrics_on_student_logits_equal_torch(groups):
     assert m["acc_per_slot"] == pytest.approx(acc.mean((0, 1)).tolist())
     loss.backward()
     assert all(p.grad is not None for p in student.noise_encoder.parameters())
+
+
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+def test_window_items_on_a_shared_context_pass_equal_forward_windows(groups, cfg_name):
+    """One context pass serving several window passes (self-forcing's) computes what the full
+    staircase pass does (float64), for random layouts with windows up to the sequence end, with
+    and without real tokens in front of the noise slots."""
+    student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double()
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(3):
+        ids = ids_of(seed=10 + trial)
+        W = int(torch.randint(1, N + 1, (1,), generator=gen))
+        ws = torch.stack([torch.randperm(N, generator=gen)[:W].sort().values for _ in range(2)])
+        ws[0, -1] = N - 1  # a window at the sequence end
+        m_real, m_noise = trial % 3, 1 + trial
+        u, tau = noise(2, W, m_noise, seed=20 + trial), torch.tensor([0.6, 1.3])
+        real = ids_of(2, W * m_real, seed=30 + trial).view(2, W, m_real) if m_real else None
+        with torch.no_grad():
+            want = student.forward_windows(ids, ws, u, tau, window_tokens=real)
+            context = student.context_pass(ids)
+            got = student.window_item_logits(context, ids, ws, u, tau, window_tokens=real)
+        assert got.shape == want.shape == (2, W, m_noise, PADDED)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="context_pass"):
+        student.window_item_logits(context[:1], ids, ws, u, tau)
