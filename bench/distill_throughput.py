@@ -13,8 +13,10 @@ really drew); tokens/s; the ratio of a stage's target tokens/s to the teacher's 
 at the same context; and the step split into phases: ``targets`` (the frozen teacher's or
 previous student's passes), ``forward`` (the training engine's forward), ``backward``, ``optim``
 (the engine's step: clipping, AdamW, LR schedule) and ``other`` (the rest: noise, losses,
-metrics). The phases are timed by wrapping those calls on this run's objects only (with a device
-synchronise around each on a GPU); the library's hot path carries no instrumentation. The frozen
+metrics). ``cpu`` is the ratio from the process's CPU time instead of wall time: on a shared,
+loaded machine it moves less with other jobs' load (wall time counts the waits for a core). The
+phases are timed by wrapping those calls on this run's objects only (with a device synchronise
+around each on a GPU); the library's hot path carries no instrumentation. The frozen
 models have random weights: the speed does not depend on them.
 
     PYTHONPATH=. python bench/distill_throughput.py [-c configs/demo.yaml] [--set key=value ...]
@@ -158,14 +160,14 @@ class Cell:
                                  generator=self.gen).to(self.device) for _ in range(layout.grad_accum)]
         self.clock.reset()
         self.clock._sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.trainer.train_step(batches)
         self.clock._sync()
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         phases = dict(self.clock.seconds)
         phases["other"] = seconds - sum(phases.values())
         tokens = self.clock.target_tokens if self.k else self.trainer.tokens_per_step
-        return {"seconds": seconds, "tokens": tokens, "phases": phases}
+        return {"seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": tokens, "phases": phases}
 
     def summary(self) -> dict:
         n = len(self.steps)
@@ -175,6 +177,7 @@ class Cell:
                 "step_s": step_s, "median_step_s": statistics.median(s["seconds"] for s in self.steps),
                 "min_step_s": min(s["seconds"] for s in self.steps),
                 "micro_batch_size": self.trainer.layout.micro_batch_size,
+                "cpu_step_s": sum(s["cpu_seconds"] for s in self.steps) / n,
                 "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
                 "phases_s": {p: sum(s["phases"][p] for s in self.steps) / n for p in PHASES}}
 
@@ -196,18 +199,20 @@ def measure(cfg, contexts, device, steps: int, warmup: int, groups, out_dir: Pat
             cell.steps.append(cell.run_step())
     results = [c.summary() for c in cells]
     teacher = {r["context"]: r["tokens_per_s"] for r in results if r["k"] == 0}
+    teacher_cpu = {r["context"]: r["tokens_per_step"] / r["cpu_step_s"] for r in results if r["k"] == 0}
     for r in results:
         r["ratio"] = r["tokens_per_s"] / teacher[r["context"]]
+        r["cpu_ratio"] = r["tokens_per_step"] / r["cpu_step_s"] / teacher_cpu[r["context"]]
     return results
 
 
 def table(results: list[dict]) -> str:
-    head = (f"{'context':>7} {'cell':>7} {'step ms':>8} {'tok/step':>8} {'tok/s':>8} {'ratio':>6} | "
+    head = (f"{'context':>7} {'cell':>7} {'step ms':>8} {'tok/step':>8} {'tok/s':>8} {'ratio':>6} {'cpu':>6} | "
             + " ".join(f"{p:>8}" for p in PHASES) + "  (ms per step)")
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r['context']:>7} {r['stage']:>7} {r['step_s'] * 1000:>8.0f} {r['tokens_per_step']:>8.0f} "
-                     f"{r['tokens_per_s']:>8.0f} {r['ratio']:>5.2f}x | "
+                     f"{r['tokens_per_s']:>8.0f} {r['ratio']:>5.2f}x {r['cpu_ratio']:>5.2f}x | "
                      + " ".join(f"{r['phases_s'][p] * 1000:>8.0f}" for p in PHASES))
     return "\n".join(lines)
 

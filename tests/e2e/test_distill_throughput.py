@@ -32,6 +32,7 @@ def test_throughput_bench_reports_every_cell_with_a_breakdown(tmp_path):
     assert set(cells) == {(c, s) for c in CONTEXTS for s in ("teacher", "k1", "k2", "k4")}
     for (context, stage), r in cells.items():
         assert r["step_s"] > 0 and r["tokens_per_s"] > 0 and r["ratio"] > 0
+        assert r["cpu_step_s"] > 0 and r["cpu_ratio"] > 0
         k = r["k"]
         # the teacher: training tokens; a stage: windows x k slots (windows capped by the context)
         want = MICRO * context if k == 0 else MICRO * min(context, SLOTS // k) * k
