@@ -101,7 +101,8 @@ class PFLM(TransformerLM):
         """
         hidden, position_ids, mask, shape = self.window_inputs(input_ids, window_starts, u, tau,
                                                                window_tokens)
-        return self.window_logits(self.backbone(hidden, position_ids, mask), shape)
+        # context rows see only the context: they take the causal fast path
+        return self.window_logits(self.backbone(hidden, position_ids, mask, causal_prefix=shape[0]), shape)
 
     def window_inputs(self, input_ids: torch.Tensor, window_starts: torch.Tensor, u: torch.Tensor,
                       tau, window_tokens: Optional[torch.Tensor] = None):
