@@ -1,4 +1,4 @@
-"""Target making, shared-context passes against full passes: CPU time and agreement, one process.
+"""Target making and the student's pass, each against the code it replaced: CPU time, one process.
 
 Self-forcing targets (stages k2, k4) from one causal context pass plus each pass's window items
 (``self_forcing_targets``) against two full staircase passes of the frozen student
@@ -7,6 +7,9 @@ window starts only (``stage1_targets``) against the head over the whole context.
 with random weights (H 256, 4 layers, vocab 4096), batch 8, 256 slots per sequence; the two
 versions alternate ``--reps`` times and the medians of the process CPU time are printed (steadier
 than wall time on a shared machine), with the fraction of target tokens that agree (1.0: equal).
+Last, the stage-k student's forward + backward over the staircase with the context rows on the
+causal fast path (``causal_prefix = N``, what ``forward_windows`` does) against the dense masked
+attention (``causal_prefix = 0``).
 
     PYTHONPATH=. python bench/distill_targets_ab.py [--contexts 256 1024] [--reps 3] [--threads 1]
 """
@@ -81,6 +84,26 @@ def main() -> None:
             tb, ta = statistics.median(times["before"]), statistics.median(times["after"])
             print(f"N={N} {name} targets: full passes {tb * 1000:.0f} ms, now {ta * 1000:.0f} ms CPU "
                   f"({tb / ta:.2f}x), tokens agree {agree:.4f}", flush=True)
+        for k in (1, 2, 4):
+            student = PFLM(cfg, vocab, tp, max_k=k)
+            W = min(N, slots // k)
+            s, u = sample_window_starts(b, N, W, gen), torch.rand(b, W, k, dtype=torch.float64, generator=gen)
+            hidden, pos, mask, shape = student.window_inputs(ids, s, u, 1.0)
+
+            def student_step(prefix, student=student, hidden=hidden, pos=pos, mask=mask, shape=shape):
+                student.zero_grad()
+                out = student.window_logits(student.backbone(hidden.detach(), pos, mask, causal_prefix=prefix), shape)
+                out.logsumexp(-1).mean().backward()
+
+            times = {0: [], N: []}
+            for _ in range(args.reps):
+                for prefix in times:
+                    start = time.process_time()
+                    student_step(prefix)
+                    times[prefix].append(time.process_time() - start)
+            td, ts = statistics.median(times[0]), statistics.median(times[N])
+            print(f"N={N} k{k} student forward+backward: dense mask {td * 1000:.0f} ms, causal context "
+                  f"{ts * 1000:.0f} ms CPU ({td / ts:.2f}x)", flush=True)
     shutdown()
 
 
