@@ -1,7 +1,8 @@
 """Step time of one distillation step (stage k=2, self-forcing) at several TP x PP layouts.
 
 What it measures. The same k=2 stage (frozen k=1 student making the targets with its double
-pass, then the k=2 student's forward, backward and ZeRO-1 AdamW step) is timed at each layout
+pass, then the k=2 student's forward, backward and ZeRO-1 AdamW step, all through the library's
+``LMTrainer.train_step`` on the trainer the distill app builds) is timed at each layout
 given by ``--layouts TPxPP`` (default 1x1 2x1 1x2), each in its own ``torchrun`` job on this
 machine (gloo on CPU, NCCL on GPU). A step is one global batch of ``--global-batch`` sequences
 in 2 micro-batches; the pipeline layouts pipeline those micro-batches. The model: ``--layers``
@@ -28,17 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _worker(args) -> None:
+    import tempfile
+
     import torch
     import torch.distributed as dist
 
-    from kforcing_dist.config import derive_layout, load_config
-    from kforcing_dist.distill.task import DistillTask
-    from kforcing_dist.model.pipeline import PipelineForward, build_pipeline_model
-    from kforcing_dist.model.student import PFLM
-    from kforcing_dist.nn.sizes import pad_vocab_size
+    from distill_throughput import build_trainer
+    from kforcing_dist.config import load_config
     from kforcing_dist.parallel.groups import init_distributed, init_model_parallel, shutdown
     from kforcing_dist.parallel.launch import resolve_launch
-    from kforcing_dist.training.engine import build_engine, build_frozen_pipeline_engine
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     info = resolve_launch()
@@ -49,43 +48,26 @@ def _worker(args) -> None:
         f"model.max_seq_len={args.seq + 8}", f"model.vocab_size={args.vocab}", f"train.seq_len={args.seq}",
         f"train.micro_batch_size={micro}", f"train.global_batch_size={args.global_batch}",
         f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "parallel.zero_stage=1", "train.grad_clip=1.0",
-        f"distill.max_window_slots={args.slots}", "train.max_steps=1000"])
+        f"distill.max_window_slots={args.slots}", "distill.stages=[1,2]", "distill.micro_batch_size=0",
+        "distill.max_steps=1000"])
     device = init_distributed(info, "auto")
     groups = init_model_parallel(args.tp, args.pp, device)
-    layout = derive_layout(cfg, info.world_size)
-    padded = pad_vocab_size(args.vocab, cfg.model.make_vocab_size_divisible_by, args.tp)
-    torch.manual_seed(0)
-    if args.pp > 1:
-        prev_pipe = build_pipeline_model(cfg.model, padded, groups, max_k=1)
-        prev = PipelineForward(build_frozen_pipeline_engine(prev_pipe, layout))
-    else:
-        prev = PFLM(cfg.model, padded, groups.tp_group, max_k=1).to(device).eval().requires_grad_(False)
-    task = DistillTask(2, cfg.distill, groups, prev_student=prev)
-    if args.pp > 1:
-        student = build_pipeline_model(cfg.model, padded, groups, max_k=2, loss_fn=task.pipe_loss)
-    else:
-        student = PFLM(cfg.model, padded, groups.tp_group, max_k=2)
-    engine = build_engine(student.to(device), cfg, layout, groups, "fp32", task.lr_scales)
-    gen = torch.Generator().manual_seed(1)
-    times = []
-    for step in range(args.warmup + args.steps):
-        batches = [torch.randint(0, args.vocab, (micro, args.seq), generator=gen).to(device)
-                   for _ in range(layout.grad_accum)]
-        dist.barrier()
-        start = time.perf_counter()
-        if args.pp > 1:
-            task.records = []
-            engine.train_batch(iter(task.pipe_micro_batches(batches, step)))
-        else:
-            for m, batch in enumerate(batches):
-                loss, _ = task.train_loss(engine, batch, step, m)
-                engine.backward(loss)
-                engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="distill-step-time-") as tmp:
+        # the stage-2 trainer the distill app builds (random frozen k=1 student), stepped by train_step
+        trainer = build_trainer(cfg, 2, groups, info.world_size, Path(tmp))
+        gen = torch.Generator().manual_seed(1)
+        times = []
+        for step in range(args.warmup + args.steps):
+            batches = [torch.randint(0, args.vocab, (micro, args.seq), generator=gen)
+                       for _ in range(trainer.layout.grad_accum)]
+            dist.barrier()
+            start = time.perf_counter()
+            trainer.train_step(batches)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dist.barrier()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - start)
     if info.rank == 0:
         print("RESULT " + json.dumps({"tp": args.tp, "pp": args.pp, "world_size": info.world_size,
                                       "mean_s": sum(times) / len(times), "min_s": min(times),

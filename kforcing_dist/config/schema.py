@@ -181,6 +181,10 @@ class DistillConfig:
     max_window_slots: int = doc_field(
         0, "At most this many noise slots per sequence (W windows x k slots, W = min(N, this // k) random "
            "window starts): bounds the N(1+k) length; 0: all N windows.")
+    window_slots_per_token: float = doc_field(
+        0.0, "When > 0, the slot budget is this many noise slots per context token (round(this x N), in place "
+             "of distill.max_window_slots), so one value keeps the targets per context token at every context "
+             "length; W = min(N, budget // k). Opt-in: more slots per step cost longer sequences.")
     noise_inversion_weight: float = doc_field(
         0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
              "the data token); 0 turns it off.")

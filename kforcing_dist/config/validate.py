@@ -188,8 +188,10 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
     if d.stage_steps and (len(d.stage_steps) != len(st) or min(d.stage_steps) < 1):
         out.append(f"distill.stage_steps={d.stage_steps} must give one positive step count per stage "
                    f"of distill.stages={st}, or be empty")
-    if d.max_window_slots < 0 or d.noise_inversion_weight < 0 or d.noise_encoder_lr_scale <= 0:
-        out.append("distill.max_window_slots and distill.noise_inversion_weight must be >= 0, "
+    if d.max_window_slots < 0 or d.window_slots_per_token < 0 or d.noise_inversion_weight < 0 \
+            or d.noise_encoder_lr_scale <= 0:
+        out.append("distill.max_window_slots, distill.window_slots_per_token and distill.noise_inversion_weight "
+                   "must be >= 0, "
                    "distill.noise_encoder_lr_scale > 0")
     if d.noise_features == "rising" and d.noise_max_freq < 1:
         out.append(f"distill.noise_max_freq={d.noise_max_freq} must be >= 1 (the lowest frequency of rising "

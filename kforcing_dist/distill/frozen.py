@@ -124,12 +124,21 @@ def load_frozen(folder, builder, groups: ParallelGroups, cfg, layout):
     optimizer-free engine (fp32); a plain one is held as ``distill.partition_frozen`` and
     ``distill.frozen_precision`` of the stage's config ``cfg`` say (:func:`freeze`).
     """
-    from ..model.pipeline import PipelineForward, is_pipeline, load_plain_state_dict
-    from ..training.engine import build_frozen_pipeline_engine, resolve_precision
+    from ..model.pipeline import load_plain_state_dict
 
     model = builder()
     weights = export_weights(folder, model.padded_vocab_size)
     load_plain_state_dict(model, weights, groups)
+    return hold_frozen(model, groups, cfg, layout)
+
+
+def hold_frozen(model, groups: ParallelGroups, cfg, layout):
+    """Freeze a built model (weights in place) the way :func:`load_frozen` holds it: a pipeline
+    model as a forward-only :class:`PipelineForward`, a plain one by :func:`freeze` with the stage
+    config's ``distill.partition_frozen`` and ``distill.frozen_precision``."""
+    from ..model.pipeline import PipelineForward, is_pipeline
+    from ..training.engine import build_frozen_pipeline_engine, resolve_precision
+
     if is_pipeline(model):
         return PipelineForward(build_frozen_pipeline_engine(model, layout))
     return freeze(model, groups, resolve_precision(cfg.train.precision, groups.device, cfg.parallel.zero_stage),

@@ -25,7 +25,7 @@ from ..model.loss import resolve_tp_group
 from ..model.student import PFLM, per_sequence_tau
 from ..model.transformer import TransformerLM
 from ..nn.inverse_cdf import check_order
-from ..nn.window import check_window_starts
+from ..nn.window import all_window_starts, check_window_starts
 from .vocab_parallel_cdf import vp_inverse_cdf_sample, vp_invert_noise_exact
 
 
@@ -87,9 +87,13 @@ def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_start
         raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
     b, N = input_ids.shape
     check_window_starts(window_starts, b, N)
-    _check_u(u, b, window_starts.shape[1])
-    return stage1_targets_from_logits(teacher(input_ids), window_starts, u, tau, order, tp_group,
-                                      teacher.vocab_size)
+    W = window_starts.shape[1]
+    _check_u(u, b, W)
+    hidden = teacher.backbone(teacher.embed(input_ids))
+    # the head only where a window starts (rowwise maths: the logits of the full pass there)
+    at_starts = hidden.gather(1, window_starts.to(hidden.device).long()[:, :, None].expand(b, W, hidden.shape[-1]))
+    return stage1_targets_from_logits(teacher.head(at_starts), all_window_starts(b, W, hidden.device), u, tau,
+                                      order, tp_group, teacher.vocab_size)
 
 
 @torch.no_grad()
@@ -135,10 +139,12 @@ def self_forcing_targets(prev: PFLM, input_ids: torch.Tensor, window_starts: tor
     if k > prev.max_k:
         raise ValueError(f"the previous stage has max_k={prev.max_k}, cannot make targets "
                          f"for k={two_k} (needs {k} slots per pass)")
-    first = vocab_parallel_argmax(prev.forward_windows(input_ids, window_starts, u[..., :k], tau),
+    # both passes see the same context: run it once, then only each pass's window items
+    context = prev.context_pass(input_ids)
+    first = vocab_parallel_argmax(prev.window_item_logits(context, input_ids, window_starts, u[..., :k], tau),
                                   tp_group)
     second = vocab_parallel_argmax(
-        prev.forward_windows(input_ids, window_starts, u[..., k:], tau, window_tokens=first),
+        prev.window_item_logits(context, input_ids, window_starts, u[..., k:], tau, window_tokens=first),
         tp_group)
     return torch.cat([first, second], dim=-1)
 

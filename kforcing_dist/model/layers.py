@@ -76,18 +76,27 @@ def prepare_attention_mask(mask: torch.Tensor, *, batch: int, num_heads: int, lo
 
 
 def attention_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+                   mask: Optional[torch.Tensor], backend: str, causal_prefix: int = 0) -> torch.Tensor:
     """Scaled dot-product attention over [b, heads, s, d] tensors (k/v already GQA-expanded).
 
     ``mask`` None means causal (bottom-right aligned when s_k > s_q). Fully masked query rows
     return zeros with the math backend and with torch's CPU SDPA; GPU kernels may differ, so
-    callers should give every query at least one visible key.
+    callers should give every query at least one visible key. ``causal_prefix`` P > 0 (self-
+    attention with a mask): the mask's first P rows are plain causal over the first P keys (the
+    staircase's context), so the sdpa backend runs them on the causal fast path and only the
+    other rows against the mask, skipping the masked-out context-to-window block; the math
+    backend (the reference) always uses the whole mask.
     """
     s_q, s_k = q.shape[-2], k.shape[-2]
     if backend in ("sdpa", "auto"):
         if mask is None and s_q == s_k:
             # Fast path: no mask tensor, so the fused flash/mem-efficient kernels apply on GPU.
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is not None and 0 < causal_prefix < s_q == s_k:
+            P = causal_prefix
+            head = F.scaled_dot_product_attention(q[..., :P, :], k[..., :P, :], v[..., :P, :], is_causal=True)
+            tail = F.scaled_dot_product_attention(q[..., P:, :], k, v, attn_mask=mask[..., P:, :])
+            return torch.cat([head, tail], dim=-2)
         if mask is None:
             mask = causal_mask(s_q, s_k, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -140,8 +149,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 attention_mask: Optional[torch.Tensor] = None, kv_x: Optional[torch.Tensor] = None,
-                kv_rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        """x [b, s_q, H] -> [b, s_q, H].
+                kv_rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                causal_prefix: int = 0) -> torch.Tensor:
+        """x [b, s_q, H] -> [b, s_q, H]. ``causal_prefix``: see :func:`attention_core`.
 
         ``kv_x`` [b, s_k, H] (s_k >= s_q, already normalised) gives keys/values computed from other
         hidden states, e.g. extra context followed by ``x``; with it, ``kv_rotary`` must hold its
@@ -176,7 +186,7 @@ class Attention(nn.Module):
             mask = prepare_attention_mask(
                 attention_mask, batch=b, num_heads=self.num_heads, local_heads=self.local_heads,
                 head_offset=self.head_offset, s_q=s_q, s_k=s_k)
-        out = attention_core(q, k, v, mask, self.backend)
+        out = attention_core(q, k, v, mask, self.backend, causal_prefix if kv_x is None else 0)
         out = out.transpose(1, 2).reshape(b, s_q, self.local_heads * self.head_dim)
         return self.out_proj(out)[0]
 
@@ -240,9 +250,10 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg, mp_config, tp_group, out_std)
 
     def forward(self, x: torch.Tensor, rotary=None, attention_mask: Optional[torch.Tensor] = None,
-                kv_x: Optional[torch.Tensor] = None, kv_rotary=None) -> torch.Tensor:
+                kv_x: Optional[torch.Tensor] = None, kv_rotary=None, causal_prefix: int = 0) -> torch.Tensor:
         """x [b, s_q, H]. ``kv_x`` [b, s_k, H] are *un-normalised* hidden states (same layer
-        input as x, e.g. context followed by x) that keys/values are computed from."""
+        input as x, e.g. context followed by x) that keys/values are computed from;
+        ``causal_prefix``: see :func:`attention_core`."""
         kv = self.input_norm(kv_x) if kv_x is not None else None
-        x = x + self.attention(self.input_norm(x), rotary, attention_mask, kv, kv_rotary)
+        x = x + self.attention(self.input_norm(x), rotary, attention_mask, kv, kv_rotary, causal_prefix)
         return x + self.mlp(self.mlp_norm(x))

@@ -56,6 +56,8 @@ class EmbedStage(nn.Module):
     default_position_ids = TransformerLM.default_position_ids
     _check_position_ids = TransformerLM._check_position_ids
     window_inputs = PFLM.window_inputs
+    _check_windows = PFLM._check_windows
+    _window_items = PFLM._window_items
 
     def __init__(self, cfg: ModelConfig, padded_vocab_size: int, mp_config, tp_group,
                  params_dtype: torch.dtype):

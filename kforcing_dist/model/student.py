@@ -101,7 +101,8 @@ class PFLM(TransformerLM):
         """
         hidden, position_ids, mask, shape = self.window_inputs(input_ids, window_starts, u, tau,
                                                                window_tokens)
-        return self.window_logits(self.backbone(hidden, position_ids, mask), shape)
+        # context rows see only the context: they take the causal fast path
+        return self.window_logits(self.backbone(hidden, position_ids, mask, causal_prefix=shape[0]), shape)
 
     def window_inputs(self, input_ids: torch.Tensor, window_starts: torch.Tensor, u: torch.Tensor,
                       tau, window_tokens: Optional[torch.Tensor] = None):
@@ -110,6 +111,15 @@ class PFLM(TransformerLM):
         Returns (hidden [b, L, H], position_ids [b, L], mask [b, 1, L, L], shape) where shape is
         (N, m_real, m_noise), what :meth:`window_logits` needs to pick the noise slots.
         """
+        N, m_real, m_noise = self._check_windows(input_ids, window_starts, u, window_tokens)
+        position_ids, mask = window_layout(N, window_starts.to(input_ids.device), m_real + m_noise)
+        context = self.embed(input_ids, position_ids[:, :N])
+        items = self._window_items(position_ids[:, N:], u, tau, window_tokens, context.dtype)
+        return torch.cat([context, items], dim=1), position_ids, mask, (N, m_real, m_noise)
+
+    def _check_windows(self, input_ids: torch.Tensor, window_starts: torch.Tensor, u: torch.Tensor,
+                       window_tokens: Optional[torch.Tensor]) -> tuple[int, int, int]:
+        """ValueError unless the window arguments fit together; returns (N, m_real, m_noise)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
         b, N = input_ids.shape
@@ -129,29 +139,72 @@ class PFLM(TransformerLM):
                 raise ValueError(f"window_tokens must have shape [b, W, m_real] = [{b}, {W}, m], "
                                  f"got {tuple(window_tokens.shape)}")
             m_real = window_tokens.shape[2]
-        m = m_real + m_noise
         if self.embed_positions is not None:
-            last = int(window_starts.max()) + m
+            last = int(window_starts.max()) + m_real + m_noise
             if max(N - 1, last) >= self.cfg.max_seq_len:
                 raise ValueError(f"window positions reach {max(N - 1, last)}, beyond "
                                  f"model.max_seq_len={self.cfg.max_seq_len} (learned positions)")
-        tau = per_sequence_tau(tau, b, input_ids.device)
+        return N, m_real, m_noise
 
-        position_ids, mask = window_layout(N, window_starts.to(input_ids.device), m)
-        item_pos = position_ids[:, N:].view(b, W, m)
-        context = self.embed(input_ids, position_ids[:, :N])
+    def _window_items(self, item_positions: torch.Tensor, u: torch.Tensor, tau,
+                      window_tokens: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The input vectors of every window item, window-major [b, W*m, H]: each window's real
+        tokens, then its noise slots; ``item_positions`` [b, W*m] from :func:`window_layout`."""
+        b, W, m_noise = u.shape
+        m_real = 0 if window_tokens is None else window_tokens.shape[2]
+        m = m_real + m_noise
+        tau = per_sequence_tau(tau, b, item_positions.device)
+        item_pos = item_positions.view(b, W, m)
         parts = []
         if m_real:
             real = self.embed(window_tokens.reshape(b, W * m_real),
                               item_pos[:, :, :m_real].reshape(b, W * m_real))
             parts.append(real.view(b, W, m_real, -1))
-        slots = self.noise_encoder(u, tau[:, None, None]).to(context.dtype)
+        slots = self.noise_encoder(u, tau[:, None, None]).to(dtype)
         if self.embed_positions is not None:
             # Like ``embed``: learned absolute positions are added to every input vector.
             slots = slots + self.embed_positions(item_pos[:, :, m_real:])
         parts.append(slots)
-        items = torch.cat(parts, dim=2).reshape(b, W * m, -1)
-        return torch.cat([context, items], dim=1), position_ids, mask, (N, m_real, m_noise)
+        return torch.cat(parts, dim=2).reshape(b, W * m, -1)
+
+    # ------------------------------------------------- window passes sharing one context pass
+
+    def context_pass(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's input over the context [b, N, H], from one causal pass.
+
+        In the staircase layout a context row never sees a window item, so the context rows of
+        :meth:`forward_windows` are this causal pass whatever the windows; frozen models that
+        run several window passes over one context (self-forcing's two) take the context's keys
+        and values from here (:meth:`window_item_logits`) instead of recomputing them.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
+        hidden = self.embed(input_ids)
+        b, N = input_ids.shape
+        rotary = self.rotary_tables(self.default_position_ids(b, N, input_ids.device))
+        inputs = []
+        for layer in self.layers:
+            inputs.append(hidden)
+            hidden = layer(hidden, rotary)
+        return inputs
+
+    def window_item_logits(self, context_inputs: list[torch.Tensor], input_ids: torch.Tensor,
+                           window_starts: torch.Tensor, u: torch.Tensor, tau,
+                           window_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`forward_windows` with the context's layer inputs given (``context_pass(input_ids)``):
+        only the window items run, their keys and values over the context taken from
+        ``context_inputs``. Same arguments and result as :meth:`forward_windows`; the same maths
+        (equal up to float rounding)."""
+        N, m_real, m_noise = self._check_windows(input_ids, window_starts, u, window_tokens)
+        if len(context_inputs) != len(self.layers) or context_inputs[0].shape[:2] != input_ids.shape:
+            raise ValueError("context_inputs must be context_pass(input_ids) of this model")
+        position_ids, mask = window_layout(N, window_starts.to(input_ids.device), m_real + m_noise)
+        x = self._window_items(position_ids[:, N:], u, tau, window_tokens, context_inputs[0].dtype)
+        rotary, key_rotary = self.rotary_tables(position_ids[:, N:]), self.rotary_tables(position_ids)
+        item_rows = mask[:, :, N:]  # the items' rows: context <= t and their own window
+        for layer, context in zip(self.layers, context_inputs):
+            x = layer(x, rotary, item_rows, kv_x=torch.cat([context, x], dim=1), kv_rotary=key_rotary)
+        return self.window_logits(self.final_norm(x), (0, m_real, m_noise))
 
     def window_logits(self, hidden: torch.Tensor, shape) -> torch.Tensor:
         """The head half of :meth:`forward_windows`: hidden [b, L, H] after the backbone and

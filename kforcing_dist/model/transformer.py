@@ -173,11 +173,13 @@ class TransformerLM(nn.Module):
         return hidden
 
     def backbone(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 attention_mask: Optional[torch.Tensor] = None, causal_prefix: int = 0) -> torch.Tensor:
         """All blocks and the final norm. hidden [b, s, H]; position_ids [b, s] drive rotary
         positions (learned positions are added in ``embed``); attention_mask: boolean,
         broadcastable to [b, heads, s, s], True = may attend, None = causal. An explicit mask
-        replaces the causal one, so it must contain the causality itself."""
+        replaces the causal one, so it must contain the causality itself. ``causal_prefix`` P: the
+        mask's first P rows are plain causal over the first P positions (a staircase's context),
+        which lets attention skip the rest of those rows (``layers.attention_core``)."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"hidden must have shape [b, s, {self.cfg.hidden_size}], "
                              f"got {tuple(hidden.shape)}")
@@ -186,7 +188,7 @@ class TransformerLM(nn.Module):
             b, s, _ = hidden.shape
             rotary = self.rotary(self._check_position_ids(position_ids, b, s, hidden.device))
         for layer in self.layers:
-            hidden = layer(hidden, rotary, attention_mask)
+            hidden = layer(hidden, rotary, attention_mask, causal_prefix=causal_prefix)
         return self.final_norm(hidden)
 
     def rotary_tables(self, position_ids: torch.Tensor):

@@ -507,3 +507,61 @@ def test_slot_metrics_on_student_logits_equal_torch(groups):
     assert m["acc_per_slot"] == pytest.approx(acc.mean((0, 1)).tolist())
     loss.backward()
     assert all(p.grad is not None for p in student.noise_encoder.parameters())
+
+
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+def test_window_items_on_a_shared_context_pass_equal_forward_windows(groups, cfg_name):
+    """One context pass serving several window passes (self-forcing's) computes what the full
+    staircase pass does (float64), for random layouts with windows up to the sequence end, with
+    and without real tokens in front of the noise slots."""
+    student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double()
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(3):
+        ids = ids_of(seed=10 + trial)
+        W = int(torch.randint(1, N + 1, (1,), generator=gen))
+        ws = torch.stack([torch.randperm(N, generator=gen)[:W].sort().values for _ in range(2)])
+        ws[0, -1] = N - 1  # a window at the sequence end
+        m_real, m_noise = trial % 3, 1 + trial
+        u, tau = noise(2, W, m_noise, seed=20 + trial), torch.tensor([0.6, 1.3])
+        real = ids_of(2, W * m_real, seed=30 + trial).view(2, W, m_real) if m_real else None
+        with torch.no_grad():
+            want = student.forward_windows(ids, ws, u, tau, window_tokens=real)
+            context = student.context_pass(ids)
+            got = student.window_item_logits(context, ids, ws, u, tau, window_tokens=real)
+        assert got.shape == want.shape == (2, W, m_noise, PADDED)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="context_pass"):
+        student.window_item_logits(context[:1], ids, ws, u, tau)
+
+
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+def test_staircase_causal_prefix_attention_equals_the_dense_masked_path(groups, cfg_name):
+    """The student's staircase pass with the context on the causal fast path and only the window
+    rows against the mask (causal_prefix = N) equals the dense masked pass, forward and gradients
+    (float64), on random layouts with windows up to the sequence end."""
+    student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double().train()
+    gen = torch.Generator().manual_seed(8)
+    for trial in range(3):
+        ids = ids_of(seed=40 + trial)
+        W = int(torch.randint(1, N + 1, (1,), generator=gen))
+        ws = torch.stack([torch.randperm(N, generator=gen)[:W].sort().values for _ in range(2)])
+        ws[1, -1] = N - 1  # a window at the sequence end
+        m_real, m_noise = trial % 2, 1 + trial
+        u, tau = noise(2, W, m_noise, seed=50 + trial), torch.tensor([0.9, 1.2])
+        real = ids_of(2, W * m_real, seed=60 + trial).view(2, W, m_real) if m_real else None
+        hidden, pos, mask, _ = student.window_inputs(ids, ws, u, tau, real)
+        weight = torch.randn(hidden.shape, generator=gen, dtype=torch.float64)
+        results = []
+        for prefix in (N, 0):  # 0: the dense masked path
+            student.zero_grad()
+            x = hidden.detach().requires_grad_(True)
+            out = student.backbone(x, pos, mask, causal_prefix=prefix)
+            (out * weight).sum().backward()
+            results.append((out.detach(), x.grad, {n: p.grad.clone() for n, p in student.named_parameters()
+                                                  if p.grad is not None}))
+        (split, split_dx, split_g), (dense, dense_dx, dense_g) = results
+        torch.testing.assert_close(split, dense, rtol=0, atol=1e-10)
+        torch.testing.assert_close(split_dx, dense_dx, rtol=0, atol=1e-10)
+        assert split_g.keys() == dense_g.keys() and len(dense_g) > 4
+        for name in dense_g:
+            torch.testing.assert_close(split_g[name], dense_g[name], rtol=0, atol=1e-10, msg=name)
