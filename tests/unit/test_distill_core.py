@@ -509,6 +509,19 @@ def test_slot_metrics_on_student_logits_equal_torch(groups):
     assert all(p.grad is not None for p in student.noise_encoder.parameters())
 
 
+def _random_layout(gen, trial: int, seed: int, end_row: int, real_every: int):
+    """Random staircase inputs for trial ``trial``: ids, window starts (row ``end_row`` with a
+    window at the sequence end), noise for 1 + trial slots and, every other layout, real tokens."""
+    ids = ids_of(seed=seed + trial)
+    W = int(torch.randint(1, N + 1, (1,), generator=gen))
+    ws = torch.stack([torch.randperm(N, generator=gen)[:W].sort().values for _ in range(2)])
+    ws[end_row, -1] = N - 1
+    m_real, m_noise = trial % real_every, 1 + trial
+    u = noise(2, W, m_noise, seed=seed + 10 + trial)
+    real = ids_of(2, W * m_real, seed=seed + 20 + trial).view(2, W, m_real) if m_real else None
+    return ids, ws, u, real, W, m_noise
+
+
 @pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
 def test_window_items_on_a_shared_context_pass_equal_forward_windows(groups, cfg_name):
     """One context pass serving several window passes (self-forcing's) computes what the full
@@ -517,13 +530,8 @@ def test_window_items_on_a_shared_context_pass_equal_forward_windows(groups, cfg
     student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double()
     gen = torch.Generator().manual_seed(5)
     for trial in range(3):
-        ids = ids_of(seed=10 + trial)
-        W = int(torch.randint(1, N + 1, (1,), generator=gen))
-        ws = torch.stack([torch.randperm(N, generator=gen)[:W].sort().values for _ in range(2)])
-        ws[0, -1] = N - 1  # a window at the sequence end
-        m_real, m_noise = trial % 3, 1 + trial
-        u, tau = noise(2, W, m_noise, seed=20 + trial), torch.tensor([0.6, 1.3])
-        real = ids_of(2, W * m_real, seed=30 + trial).view(2, W, m_real) if m_real else None
+        ids, ws, u, real, W, m_noise = _random_layout(gen, trial, 10, end_row=0, real_every=3)
+        tau = torch.tensor([0.6, 1.3])
         with torch.no_grad():
             want = student.forward_windows(ids, ws, u, tau, window_tokens=real)
             context = student.context_pass(ids)
@@ -542,13 +550,8 @@ def test_staircase_causal_prefix_attention_equals_the_dense_masked_path(groups, 
     student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double().train()
     gen = torch.Generator().manual_seed(8)
     for trial in range(3):
-        ids = ids_of(seed=40 + trial)
-        W = int(torch.randint(1, N + 1, (1,), generator=gen))
-        ws = torch.stack([torch.randperm(N, generator=gen)[:W].sort().values for _ in range(2)])
-        ws[1, -1] = N - 1  # a window at the sequence end
-        m_real, m_noise = trial % 2, 1 + trial
-        u, tau = noise(2, W, m_noise, seed=50 + trial), torch.tensor([0.9, 1.2])
-        real = ids_of(2, W * m_real, seed=60 + trial).view(2, W, m_real) if m_real else None
+        ids, ws, u, real, W, m_noise = _random_layout(gen, trial, 40, end_row=1, real_every=2)
+        tau = torch.tensor([0.9, 1.2])
         hidden, pos, mask, _ = student.window_inputs(ids, ws, u, tau, real)
         weight = torch.randn(hidden.shape, generator=gen, dtype=torch.float64)
         results = []
