@@ -89,10 +89,9 @@ def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_start
     check_window_starts(window_starts, b, N)
     W = window_starts.shape[1]
     _check_u(u, b, W)
-    hidden = teacher.backbone(teacher.embed(input_ids))
     # the head only where a window starts (rowwise maths: the logits of the full pass there)
-    at_starts = hidden.gather(1, window_starts.to(hidden.device).long()[:, :, None].expand(b, W, hidden.shape[-1]))
-    return stage1_targets_from_logits(teacher.head(at_starts), all_window_starts(b, W, hidden.device), u, tau,
+    logits = teacher(input_ids, head_rows=window_starts)
+    return stage1_targets_from_logits(logits, all_window_starts(b, W, logits.device), u, tau,
                                       order, tp_group, teacher.vocab_size)
 
 

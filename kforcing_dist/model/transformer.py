@@ -211,7 +211,14 @@ class TransformerLM(nn.Module):
         return logits
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """input_ids [b, s] -> vocab-parallel float32 logits [b, s, V_padded/tp]."""
-        hidden = self.embed(input_ids, position_ids)  # None position ids mean arange in both
-        return self.head(self.backbone(hidden, position_ids, attention_mask))
+                attention_mask: Optional[torch.Tensor] = None,
+                head_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [b, s] -> vocab-parallel float32 logits [b, s, V_padded/tp]; with ``head_rows``
+        [b, r] (row indices) only those rows' logits [b, r, V_padded/tp], the head run on them
+        alone (rowwise maths: the full pass's logits there). Inside this call, so that a ZeRO-3
+        partitioned model gathers the head's (or tied embedding's) weight as in any forward."""
+        hidden = self.backbone(self.embed(input_ids, position_ids), position_ids, attention_mask)
+        if head_rows is not None:
+            rows = head_rows.to(hidden.device).long()
+            hidden = hidden.gather(1, rows[:, :, None].expand(*rows.shape, hidden.shape[-1]))
+        return self.head(hidden)
