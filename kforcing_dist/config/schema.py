@@ -221,6 +221,17 @@ class DistillConfig:
         "fp32", "Frozen models' precision: fp32 = all float32 (always so with parallel.pp > 1); auto = the training "
                 "precision but a float32 final norm + LM head (float32 logits of a bf16 body).", ("auto", "fp32"))
 
+    def windows_per_sequence(self, k: int, context_len: int, available: int | None = None) -> int:
+        """Windows drawn per sequence of ``context_len`` tokens at stage ``k`` (0: every start): the
+        slot budget (``window_slots_per_token`` x the context when set, else ``max_window_slots``)
+        over k, at least 1 and at most the ``available`` starts (default: the context length). One
+        rule for the task that draws them and the memory plan that counts them."""
+        slots = round(self.window_slots_per_token * context_len) if self.window_slots_per_token > 0 \
+            else self.max_window_slots
+        if not slots:
+            return 0
+        return max(1, min(context_len if available is None else available, slots // k))
+
 
 @dataclass
 class DecodeConfig:

@@ -27,19 +27,6 @@ def noise_generator(seed: int, stream: str, step: int, global_micro: int) -> tor
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def windows_per_sequence(dcfg: DistillConfig, k: int, context_len: int, available: int | None = None) -> int:
-    """Windows drawn per sequence of ``context_len`` tokens at stage ``k`` (0: every start): the slot
-    budget (``distill.window_slots_per_token`` x the context when set, else ``distill.max_window_slots``)
-    over k, at least 1 and at most the ``available`` starts (default: the context length)."""
-    if dcfg.window_slots_per_token > 0:
-        slots = round(dcfg.window_slots_per_token * context_len)
-    else:
-        slots = dcfg.max_window_slots
-    if not slots:
-        return 0
-    return max(1, min(context_len if available is None else available, slots // k))
-
-
 class DistillTask:
     """Train loss and validation metrics of one K-Forcing stage (k slots per window)."""
 
@@ -62,7 +49,7 @@ class DistillTask:
     def _draw(self, batch: torch.Tensor, gen: torch.Generator, context_len: int, max_start: int | None = None):
         b = batch.shape[0]
         d = self.dcfg
-        windows = windows_per_sequence(d, self.k, context_len, None if max_start is None else max_start + 1)
+        windows = d.windows_per_sequence(self.k, context_len, None if max_start is None else max_start + 1)
         starts = sample_window_starts(b, context_len, windows, gen, max_start=max_start)
         tau = d.tau_min + (d.tau_max - d.tau_min) * torch.rand(b, generator=gen, dtype=torch.float64)
         return starts.to(batch.device), tau.to(batch.device)

@@ -368,9 +368,8 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     b = layout.micro_batch_size
     N = scfg.train.seq_len
     if k:
-        from ..distill.task import windows_per_sequence
 
-        W = windows_per_sequence(scfg.distill, k, N) or N
+        W = scfg.distill.windows_per_sequence(k, N) or N
         S = W * k
     else:
         W, S = 0, N  # the teacher's loss covers every position

@@ -94,16 +94,15 @@ def test_teacher_chain_stage_trains_on_the_teachers_chain(groups, models, k):
 def test_window_slots_per_token_scales_the_slot_budget_with_the_context(groups, models):
     """distill.window_slots_per_token: round(ratio x N) slots, W = min(N, slots // k) windows, in
     place of distill.max_window_slots; the task draws that many windows."""
-    from kforcing_dist.distill.task import windows_per_sequence
 
     rel = DistillConfig(max_window_slots=4, window_slots_per_token=0.5)
-    assert [windows_per_sequence(rel, k, 16) for k in (1, 2, 4)] == [8, 4, 2]
-    assert [windows_per_sequence(rel, k, 64) for k in (1, 2, 4)] == [32, 16, 8]
-    assert windows_per_sequence(dataclasses.replace(rel, window_slots_per_token=2.0), 1, 16) == 16  # <= N
-    assert windows_per_sequence(dataclasses.replace(rel, window_slots_per_token=0.0), 2, 64) == 2  # absolute
-    assert windows_per_sequence(DistillConfig(), 2, 64) == 0  # every start
+    assert [rel.windows_per_sequence(k, 16) for k in (1, 2, 4)] == [8, 4, 2]
+    assert [rel.windows_per_sequence(k, 64) for k in (1, 2, 4)] == [32, 16, 8]
+    assert dataclasses.replace(rel, window_slots_per_token=2.0).windows_per_sequence(1, 16) == 16  # <= N
+    assert dataclasses.replace(rel, window_slots_per_token=0.0).windows_per_sequence(2, 64) == 2  # absolute
+    assert DistillConfig().windows_per_sequence(2, 64) == 0  # every start
     teacher, k1, _ = models
     task = DistillTask(1, rel, groups, ar_teacher=teacher)
     x = batch()
     starts, u, _ = task._draw_slots(x, task._generator(0, 0))
-    assert starts.shape == (x.shape[0], windows_per_sequence(rel, 1, x.shape[1])) and u.shape[2] == 1
+    assert starts.shape == (x.shape[0], rel.windows_per_sequence(1, x.shape[1])) and u.shape[2] == 1
