@@ -46,7 +46,6 @@ class StageTrainer:
 
     trainer: LMTrainer
     export: Callable[[TrainResult], None]  # writes the stage's decoder folder from the trained engine
-    padded_vocab_size: int
 
 
 def teacher_model(stage: Stage, cfg: Config, groups, layout: Layout, padded: int, tokenizer):
@@ -133,4 +132,4 @@ def build_stage_trainer(stage: Stage, cfg: Config, original_yaml: str, groups, l
                        zero_stage=cfg.parallel.zero_stage, tokenizer=tokenizer, **fields,
                        source={"checkpoint": str(result.checkpoint), "step": result.step, **source})
 
-    return StageTrainer(trainer, export, padded)
+    return StageTrainer(trainer, export)

@@ -191,8 +191,7 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
     if d.max_window_slots < 0 or d.window_slots_per_token < 0 or d.noise_inversion_weight < 0 \
             or d.noise_encoder_lr_scale <= 0:
         out.append("distill.max_window_slots, distill.window_slots_per_token and distill.noise_inversion_weight "
-                   "must be >= 0, "
-                   "distill.noise_encoder_lr_scale > 0")
+                   "must be >= 0, distill.noise_encoder_lr_scale > 0")
     if d.noise_features == "rising" and d.noise_max_freq < 1:
         out.append(f"distill.noise_max_freq={d.noise_max_freq} must be >= 1 (the lowest frequency of rising "
                    f"noise features)")

@@ -368,7 +368,6 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     b = layout.micro_batch_size
     N = scfg.train.seq_len
     if k:
-
         W = scfg.distill.windows_per_sequence(k, N) or N
         S = W * k
     else:
