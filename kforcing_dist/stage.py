@@ -171,6 +171,10 @@ class Stage:
                               "the config")
         prev_path, prev_conf = self.previous() if k > 1 else (None, None)
         noise = self.noise(prev_conf)
+        if prev_conf is not None and prev_conf.get("teacher_min_p", 0.0) != d.teacher_min_p:
+            raise ConfigError([f"distill.teacher_min_p={d.teacher_min_p} but the student it starts from ({prev_path}) "
+                               f"was distilled against teacher_min_p={prev_conf.get('teacher_min_p', 0.0)}: every "
+                               f"stage learns the same G; set distill.teacher_min_p to that value"], "the config")
         # teacher_chain: stage 2k's targets come from the AR teacher, the frozen stage k is not needed
         return StageInputs(
             ar_path, ar_conf, prev_path, prev_conf,
@@ -233,12 +237,13 @@ class Stage:
     def export_fields(self, noise: dict | None = None, masked_token_ids=()) -> dict:
         """What the stage's decoder folder records besides the weights (``export_decoder``'s
         keywords): "ar" for the teacher; a stage's max_k, noise convention, masked tokens, the
-        tau range it trained on and its CDF order."""
+        tau range it trained on, its CDF order and the teacher truncation it distilled."""
         if self.is_teacher:
             return {"kind": "ar"}
         d = self.cfg.distill
         return {"kind": "pflm", "max_k": self.k, "noise": noise, "masked_token_ids": masked_token_ids,
-                "tau_range": (d.tau_min, d.tau_max), "cdf_order": d.cdf_order}
+                "tau_range": (d.tau_min, d.tau_max), "cdf_order": d.cdf_order,
+                "teacher_min_p": d.teacher_min_p}
 
     def build_model(self, model_cfg: ModelConfig, padded_vocab_size: int, groups, pp: int, *,
                     noise: dict | None = None, masked_token_ids=()):

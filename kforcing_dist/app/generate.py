@@ -55,7 +55,8 @@ def run_generate(cfg: Config, args) -> int:
             for start in range(0, len(prompts), dec.batch_size):
                 batch = prompts[start:start + dec.batch_size]
                 res = decoder.generate_text(batch, mode=mode, k=k, max_new_tokens=dec.max_new_tokens, tau=dec.tau,
-                                            frequency_penalty=penalty, seed=dec.seed + start)
+                                            frequency_penalty=penalty, seed=dec.seed + start,
+                                            **({"min_p": dec.min_p} if mode == "ar" else {}))
                 for prompt, text, toks, fin in zip(batch, res.texts, res.tokens, res.finished):
                     out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": toks, "finished": fin,
                                           "mode": mode, "k": k, "frequency_penalty": penalty}) + "\n")

@@ -176,6 +176,11 @@ class DistillConfig:
     higher_stage_targets: str = doc_field(
         "self_forcing", "Targets of stages k >= 2: the frozen previous student run twice, or the AR teacher "
                         "chained k times with the same noise (its exact joint sample).", HIGHER_STAGE_TARGETS)
+    teacher_min_p: float = doc_field(
+        0.0, "Distil the teacher's min-p truncated distribution: tokens below this fraction of the most likely "
+             "token's probability (at the sequence's tau) get probability 0, so G(x, u) never emits the tail. "
+             "Recorded in the student's export; evaluate, lossless decoding and the teacher's samples use the "
+             "same truncation. 0: the exact teacher.")
     tau_min: float = doc_field(1.0, "Lowest temperature sampled per training sequence.")
     tau_max: float = doc_field(1.0, "Highest temperature sampled per training sequence.")
     max_window_slots: int = doc_field(
@@ -245,6 +250,10 @@ class DecodeConfig:
               "k = 2 / 3 / 4 and 0.5 for other k; a map {k: penalty}, e.g. {2: 0.3, 4: 0.5} (a k it "
               "leaves out takes the authors' value); a number: every k, and AR sampling too (AR is "
               "unpenalised otherwise); 0 turns it off.")
+    min_p: float = doc_field(
+        0.0, "AR sampling only: min-p truncation (tokens below this fraction of the most likely token's "
+             "probability are never sampled), e.g. the distill.teacher_min_p a student was distilled with; "
+             "0: the exact distribution.")
     batch_size: int = doc_field(8, "Prompts decoded together.")
     seed: int = doc_field(0, "Seed of the noise.")
 

@@ -185,6 +185,13 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
         out.append(f"distill.stages={st}: must start at 1 and double each stage, e.g. [1, 2, 4] or [1, 2, 4, 8]")
     if not 0 < d.tau_min <= d.tau_max:
         out.append(f"distill.tau_min={d.tau_min}, distill.tau_max={d.tau_max}: need 0 < tau_min <= tau_max")
+    if not 0 <= d.teacher_min_p < 1:
+        out.append(f"distill.teacher_min_p={d.teacher_min_p}: need 0 <= teacher_min_p < 1 (0: the exact "
+                   f"teacher; 0.05-0.1 is typical min-p sampling)")
+    if d.teacher_min_p > 0 and d.noise_inversion_weight > 0:
+        out.append(f"distill.noise_inversion_weight={d.noise_inversion_weight} with distill.teacher_min_p="
+                   f"{d.teacher_min_p}: a data token in the cut tail has no u that the truncated teacher maps "
+                   f"to it; set one of them to 0")
     if d.stage_steps and (len(d.stage_steps) != len(st) or min(d.stage_steps) < 1):
         out.append(f"distill.stage_steps={d.stage_steps} must give one positive step count per stage "
                    f"of distill.stages={st}, or be empty")
@@ -221,6 +228,8 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
     dec, ev = cfg.decode, cfg.eval
     if dec.k < 1 or dec.tau <= 0 or dec.max_new_tokens < 1 or dec.batch_size < 1:
         out.append("decode: need k >= 1, tau > 0, max_new_tokens >= 1, batch_size >= 1")
+    if not 0 <= dec.min_p < 1:
+        out.append(f"decode.min_p={dec.min_p}: need 0 <= min_p < 1 (0: no truncation)")
     out += _penalty_problems(dec.frequency_penalty)
     if min(ev.num_contexts, ev.context_len, ev.num_samples, ev.prompt_len, ev.speed_new_tokens,
            ev.speed_context, ev.speed_repeats) < 1 or not ev.speed_batches or min(ev.speed_batches) < 1:

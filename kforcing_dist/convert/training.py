@@ -211,7 +211,8 @@ def decoder_fields(ck: TrainingCheckpoint) -> dict:
         if not isinstance(meta.get("k"), int):
             raise CheckpointError(f"{ck.path}/metadata.json of a student has no k (the stage's slots per window)")
         out.update(max_k=meta["k"], noise=checkpoint_noise(ck),
-                   tau_range=(cfg.distill.tau_min, cfg.distill.tau_max))
+                   tau_range=(cfg.distill.tau_min, cfg.distill.tau_max),
+                   teacher_min_p=cfg.distill.teacher_min_p)
     return out
 
 

@@ -7,11 +7,14 @@ Layout of a decoder folder::
     config.json         {"format": "kforcing-dist-decoder/1", "kind": "ar" | "pflm", "model": {...},
                          "padded_vocab_size", "max_k", "noise": {"features", "max_freq"},
                          "cdf_order", "eos_id", "masked_token_ids", "dtype", "source",
-                         "weights_bytes", "tau_range"}
+                         "weights_bytes", "tau_range", "teacher_min_p"}
                         (noise: a pflm's noise-feature convention, see nn.noise; a folder
                         without "features" was written before it existed and reads as rising)
                         tau_range: [min, max], the temperatures a PFLM was trained on (optional:
                         null for an AR model and in folders written before it existed)
+                        teacher_min_p: the min-p truncation of the teacher a PFLM was
+                        distilled against (0: the exact teacher; null for an AR model; a
+                        folder written before it existed reads as 0)
     tokenizer/          optional, the Tokenizer.save layout (read back with load_tokenizer)
 
 :func:`save_decoder` validates everything, writes into a hidden temporary folder and renames it
@@ -184,15 +187,23 @@ def validate_decoder_config(cfg: Any, where: str = "decoder config") -> dict:
                               f"got {model['hidden_size']}")
         out["max_k"] = max_k
         out["tau_range"] = _check_tau_range(cfg.get("tau_range"), where)
+        min_p = cfg.get("teacher_min_p")
+        min_p = 0.0 if min_p is None else min_p  # not recorded: distilled before the key existed
+        if not _is_number(min_p) or not 0 <= min_p < 1:
+            raise DecodeError(f"{where}: teacher_min_p must be a number in [0, 1) (distill.teacher_min_p of "
+                              f"the training run; 0: the exact teacher), got {min_p!r}")
+        out["teacher_min_p"] = float(min_p)
     else:
         if max_k is not None or noise is not None:
             raise DecodeError(f"{where}: max_k and noise belong to pflm checkpoints; an 'ar' "
                               f"checkpoint must have them null (got max_k={max_k!r}, "
                               f"noise={noise!r})")
-        if cfg.get("tau_range") is not None:
-            raise DecodeError(f"{where}: tau_range belongs to pflm checkpoints (the temperatures a student "
-                              f"was trained on); an 'ar' checkpoint must have it null")
-        out["max_k"] = out["noise"] = out["tau_range"] = None
+        for key, what in (("tau_range", "the temperatures a student was trained on"),
+                          ("teacher_min_p", "the teacher truncation a student was distilled against")):
+            if cfg.get(key) is not None:
+                raise DecodeError(f"{where}: {key} belongs to pflm checkpoints ({what}); an 'ar' "
+                                  f"checkpoint must have it null")
+        out["max_k"] = out["noise"] = out["tau_range"] = out["teacher_min_p"] = None
     order = cfg.get("cdf_order", "vocab")
     if order not in CDF_ORDERS:
         raise DecodeError(f"{where}: cdf_order must be one of {CDF_ORDERS}, got {order!r}")
@@ -304,7 +315,8 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
                  state_dict: Mapping[str, torch.Tensor], tokenizer=None, max_k: Optional[int] = None,
                  noise: Optional[Mapping[str, float]] = None, cdf_order: str = "vocab",
                  eos_id: Optional[int] = None, masked_token_ids=(), source: Optional[dict] = None,
-                 dtype=None, overwrite: bool = False, tau_range=None) -> Path:
+                 dtype=None, overwrite: bool = False, tau_range=None,
+                 teacher_min_p: Optional[float] = None) -> Path:
     """Write a decoder folder atomically and return its path.
 
     ``model_config``: a ModelConfig or a dict of its fields (missing fields take the ModelConfig
@@ -314,6 +326,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
     ``eos_id``. ``noise``: {"features": "rising" | "released", "max_freq": float for rising features,
     else None} for a PFLM (default: NoiseEncoder's, rising up to 256; see nn.noise).
     ``tau_range``: (min, max) temperatures a PFLM was trained on (None: not recorded).
+    ``teacher_min_p``: the teacher truncation a PFLM was distilled against (None: 0 for a PFLM).
     ``dtype``: "float32" / "bfloat16" (or the torch dtype) to store the weights in; None keeps
     the state dict's dtype. An existing ``folder`` is refused unless ``overwrite``.
     """
@@ -352,6 +365,7 @@ def save_decoder(folder, *, kind: str, model_config, padded_vocab_size: int,
         "padded_vocab_size": padded_vocab_size,
         "max_k": max_k, "noise": dict(noise) if noise is not None else None,
         "tau_range": list(tau_range) if isinstance(tau_range, tuple) else tau_range,
+        "teacher_min_p": (teacher_min_p or 0.0) if kind == "pflm" else teacher_min_p,
         "cdf_order": cdf_order, "eos_id": eos_id,
         "masked_token_ids": [int(t) for t in masked_token_ids],
         "dtype": dtype, "source": dict(source or {}),

@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..nn.inverse_cdf import ORDERS, inverse_cdf_sample
+from ..nn.inverse_cdf import ORDERS, check_min_p, inverse_cdf_sample, truncate_min_p
 from .errors import DecodeError
 from .format import DTYPES, load_decoder_tokenizer, load_decoder_weights, read_decoder_config
 from .model import DecoderLM
@@ -119,6 +119,17 @@ def _resolve_order(model: DecoderLM, cdf_order: Optional[str]) -> str:
     if order not in ORDERS:
         raise DecodeError(f"cdf_order must be one of {ORDERS}, got {order!r}")
     return order
+
+
+def _resolve_min_p(model: DecoderLM, min_p: Optional[float]) -> float:
+    """The teacher truncation to sample from: ``min_p``, else the one a PFLM was distilled against
+    (its config's ``teacher_min_p``), else 0 (an AR model: the exact distribution)."""
+    value = min_p if min_p is not None else model.config.get("teacher_min_p") or 0.0
+    try:
+        check_min_p(value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"min_p must be a number in [0, 1) (0: no truncation), got {value!r}") from None
+    return float(value)
 
 
 def _check_request(model: DecoderLM, prompts, mode: str, k: int, max_new_tokens: int, tau: float,
@@ -215,13 +226,15 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
              max_new_tokens: int, tau: float = 1.0, frequency_penalty: float = 0.0, seed: int = 0,
              eos_id: Optional[int] = None, ignore_eos: bool = False, device=None,
              sampling: str = "multinomial", cdf_order: Optional[str] = None,
-             cuda_graphs: bool = False) -> GenerationResult:
+             cuda_graphs: bool = False, min_p: Optional[float] = None) -> GenerationResult:
     """Decode a batch of prompts (token-id lists of any lengths) on the model's device.
 
     mode 'ar': ``sampling="multinomial"`` samples from softmax((logits - frequency_penalty *
     counts) / tau) with ``torch.multinomial``; ``sampling="inverse_cdf"`` takes G(that, u[b, i])
     with the noise table and ``cdf_order`` (None: the checkpoint's, else "vocab"): the teacher's
-    sample that a PFLM and the lossless mode reproduce. mode 'pflm': per step, k noise slots
+    sample that a PFLM and the lossless mode reproduce. ``min_p`` (AR only; None: the model's
+    ``teacher_min_p``, 0 for an AR model) samples the min-p truncated distribution, the teacher a
+    student distilled with ``distill.teacher_min_p`` reproduces. mode 'pflm': per step, k noise slots
     (the next k entries of the noise table) conditioned on tau; y_j = argmax(logits_j -
     frequency_penalty * counts), counts = the tokens this sequence emitted before slot j, the
     block's slots 1..j-1 included (the authors' rule; prompt tokens are not counted).
@@ -245,6 +258,7 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
         raise DecodeError(f"the model is on {dev}, generate was asked for {device}; load it "
                           f"there (load_decoder(folder, device=...)) or call model.to(device)")
     order = _resolve_order(model, cdf_order)
+    min_p = _resolve_min_p(model, min_p)
     b, N, V = len(prompts), max_new_tokens, model.vocab_size
     lens = [len(p) for p in prompts]
     gen = torch.Generator(device=dev).manual_seed(int(seed))
@@ -273,9 +287,9 @@ def generate(model: DecoderLM, prompts: Sequence[Sequence[int]], *, mode: str, k
             if counts is not None:
                 logits = logits - frequency_penalty * counts
             if sampling == "inverse_cdf":
-                new = inverse_cdf_sample(logits, u[:, produced], tau, order)[:, None]
+                new = inverse_cdf_sample(logits, u[:, produced], tau, order, min_p)[:, None]
             else:
-                probs = torch.softmax(logits / tau, dim=-1)
+                probs = torch.softmax(truncate_min_p(logits, tau, min_p) / tau, dim=-1)
                 new = torch.multinomial(probs, 1, generator=gen)  # [b, 1]
         else:
             # The last step may need fewer than k tokens: drop the trailing slots (slot i never
@@ -345,12 +359,12 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
                       k: int, max_new_tokens: int, tau: float = 1.0, seed: int = 0,
                       eos_id: Optional[int] = None, ignore_eos: bool = False,
                       cdf_order: Optional[str] = None, cuda_graphs: bool = False,
-                      frequency_penalty: float = 0.0) -> GenerationResult:
+                      frequency_penalty: float = 0.0, min_p: Optional[float] = None) -> GenerationResult:
     """The teacher's inverse-CDF sample for the noise table of ``seed``, drafted k tokens at a
     time by ``student`` and verified by ``teacher`` in one parallel pass per block.
 
     Equals ``generate(teacher, prompts, mode="ar", sampling="inverse_cdf", ...)`` with the same
-    seed, tau and cdf_order (None: the student's, the G it was distilled against), token for
+    seed, tau, cdf_order and min_p (None: the student's, the G it was distilled against), token for
     token (up to float round-off between a one-token and a (k+1)-token pass, which can only
     matter when u falls within ~1e-7 of a CDF boundary). ``steps`` counts teacher passes;
     ``acceptance_length`` the mean tokens kept per pass. ``frequency_penalty`` applies to the
@@ -367,6 +381,7 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
                              eos_id)
     _warn_tau_range(student, tau)
     order = _resolve_order(student, cdf_order)
+    min_p = _resolve_min_p(student, min_p)
     dev = student.device
     b, N, V = len(prompts), max_new_tokens, student.vocab_size
     lens = [len(p) for p in prompts]
@@ -409,7 +424,7 @@ def generate_lossless(student: DecoderLM, teacher: DecoderLM, prompts: Sequence[
                              None if counts is None else counts.clone(), frequency_penalty)
         logits = t_step(torch.cat([t_pending, draft], dim=1), None, None,
                         "all")[..., :V]  # [b, k+1, V]
-        own = inverse_cdf_sample(logits, u_blk, tau, order)  # the teacher's G at every position
+        own = inverse_cdf_sample(logits, u_blk, tau, order, min_p)  # the teacher's G at every position
         agree = (own[:, :k] == draft).long().cumprod(1).sum(1)  # accepted draft tokens
         out.scatter_(1, idx, own)  # own[:agree+1] are kept; later entries are overwritten
         hit = torch.zeros(b, dtype=torch.bool, device=dev)
@@ -509,10 +524,12 @@ class Decoder:
 
 
 def decode_kwargs(decode_cfg, mode: str) -> dict:
-    """generate() keyword arguments from a DecodeConfig (k only applies to mode 'pflm'; the
-    frequency penalty resolved for that mode and k: :func:`.penalty.penalty_for_mode`)."""
+    """generate() keyword arguments from a DecodeConfig (k only applies to mode 'pflm', min_p to
+    mode 'ar'; the frequency penalty resolved for that mode and k:
+    :func:`.penalty.penalty_for_mode`)."""
     k = decode_cfg.k if mode == "pflm" else 1
-    return {"mode": mode, "k": k, "tau": decode_cfg.tau,
+    extra = {"min_p": decode_cfg.min_p} if mode == "ar" else {}
+    return {"mode": mode, "k": k, "tau": decode_cfg.tau, **extra,
             "max_new_tokens": decode_cfg.max_new_tokens,
             "frequency_penalty": penalty_for_mode(decode_cfg.frequency_penalty, mode, k),
             "seed": decode_cfg.seed}

@@ -76,11 +76,12 @@ def _check_u(u: torch.Tensor, batch: int, windows: int, name: str = "u") -> None
 
 @torch.no_grad()
 def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_starts: torch.Tensor,
-                   u: torch.Tensor, tau, order: str, tp_group) -> torch.Tensor:
+                   u: torch.Tensor, tau, order: str, tp_group, min_p: float = 0.0) -> torch.Tensor:
     """Stage-1 targets from the AR teacher: LongTensor [b, W, 1].
 
     input_ids [b, N]; window_starts [b, W] in [0, N-1]; u [b, W, 1]; tau number or [b].
-    target(t, 1) = G(teacher logits at position t, u) with temperature tau inside G.
+    target(t, 1) = G(teacher logits at position t, u) with temperature tau inside G, of the
+    teacher's min-p truncated distribution when ``min_p`` > 0.
     """
     check_order(order)
     if input_ids.dim() != 2:
@@ -92,12 +93,13 @@ def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_start
     # the head only where a window starts (rowwise maths: the logits of the full pass there)
     logits = teacher(input_ids, head_rows=window_starts)
     return stage1_targets_from_logits(logits, all_window_starts(b, W, logits.device), u, tau,
-                                      order, tp_group, teacher.vocab_size)
+                                      order, tp_group, teacher.vocab_size, min_p)
 
 
 @torch.no_grad()
 def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor, u: torch.Tensor,
-                               tau, order: str, tp_group, vocab_size: int) -> torch.Tensor:
+                               tau, order: str, tp_group, vocab_size: int,
+                               min_p: float = 0.0) -> torch.Tensor:
     """:func:`stage1_targets` from the teacher's vocab-parallel logits [b, N, V/tp] over the
     context, computed elsewhere (on the last pipeline stage). LongTensor [b, W, 1]."""
     check_order(order)
@@ -114,7 +116,7 @@ def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor
     at_starts = logits.gather(1, idx)                                    # [b, W, V/tp]
     return vp_inverse_cdf_sample(at_starts, u[..., 0], tau[:, None], order,
                                  dist.get_rank(resolve_tp_group(tp_group)) * logits.shape[-1], vocab_size,
-                                 tp_group).unsqueeze(-1)
+                                 tp_group, min_p=min_p).unsqueeze(-1)
 
 
 @torch.no_grad()
@@ -187,11 +189,12 @@ def self_forcing_targets_pipelined(prev_forward, draws: list[tuple], groups) -> 
 
 @torch.no_grad()
 def teacher_chain_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_starts: torch.Tensor,
-                          u: torch.Tensor, tau, order: str, tp_group) -> torch.Tensor:
+                          u: torch.Tensor, tau, order: str, tp_group, min_p: float = 0.0) -> torch.Tensor:
     """Stage-m targets from the AR teacher chained m times: LongTensor [b, W, m].
 
     y_1 = G(p(. | x_<=t), u_1), y_j = G(p(. | x_<=t, y_1..y_{j-1}), u_j): the teacher's exact
-    joint sample for the window's noise (G as in :func:`stage1_targets`, temperature tau).
+    joint sample for the window's noise (G as in :func:`stage1_targets`, temperature tau, min-p
+    truncated when ``min_p`` > 0).
     input_ids [b, N]; window_starts [b, W] in [0, N-1]; u [b, W, m]; tau number or [b].
 
     Pass 1 runs the context causally (y_1 of every window) and keeps each layer's input; pass j
@@ -220,7 +223,7 @@ def teacher_chain_targets(teacher: TransformerLM, input_ids: torch.Tensor, windo
     def sample(hidden: torch.Tensor, j: int) -> torch.Tensor:
         """y_{j+1} [b, W] from the teacher's hidden states [b, W, H] of the conditioning tokens."""
         return vp_inverse_cdf_sample(teacher.head(teacher.final_norm(hidden)), u[..., j], tau, order,
-                                     teacher.vocab_start, teacher.vocab_size, tp_group)
+                                     teacher.vocab_start, teacher.vocab_size, tp_group, min_p=min_p)
 
     positions = teacher.default_position_ids(b, N, device)
     hidden = teacher.embed(input_ids)

@@ -71,9 +71,11 @@ class DistillTask:
 
         tp = self.groups.tp_group
         if self.k == 1:
-            return stage1_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp)
+            return stage1_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp,
+                                  self.dcfg.teacher_min_p)
         if self.chain:
-            return teacher_chain_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp)
+            return teacher_chain_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp,
+                                         self.dcfg.teacher_min_p)
         return self_forcing_targets(self.prev_student, context, starts, u, tau, tp)
 
     def _loss(self, engine, batch: torch.Tensor, gen: torch.Generator):
@@ -138,7 +140,7 @@ class DistillTask:
         if logits is None:
             return None
         return [stage1_targets_from_logits(out, starts, u, tau, self.dcfg.cdf_order, self.groups.tp_group,
-                                           self.ar_teacher.vocab_size)
+                                           self.ar_teacher.vocab_size, self.dcfg.teacher_min_p)
                 for out, (_, starts, u, tau) in zip(logits, draws)]
 
     def pipe_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

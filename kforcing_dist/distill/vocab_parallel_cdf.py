@@ -14,6 +14,9 @@ gathered to the full vocabulary, ``chunk_rows`` rows at a time: peak extra memor
 ``chunk_rows * V * (4 bytes of gathered logits + about 32 bytes of float64 work)`` instead of
 ``rows * V * 36``. Every rank computes the same result from the same gathered rows.
 
+``min_p`` (min-p truncation, as in :mod:`.inverse_cdf`) needs only the global row maximum the
+softmax already all-reduces, so it costs no extra communication.
+
 Padded vocabulary entries (ids >= ``vocab_size``) get probability exactly 0, as if the logits had
 been cut to the real vocabulary, so they can never be a target. At TP=1 every function falls back
 to :mod:`.inverse_cdf` on the cut logits, so one-process results are bit-identical to the
@@ -27,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.loss import resolve_tp_group
-from ..nn.inverse_cdf import check_order, inverse_cdf_sample, invert_noise_exact
+from ..nn.inverse_cdf import below_min_p, check_min_p, check_order, inverse_cdf_sample, invert_noise_exact
 
 DEFAULT_CHUNK_ROWS = 256
 
@@ -38,8 +41,9 @@ def _tau_column(tau, like: torch.Tensor) -> torch.Tensor:
 
 
 def _local_probabilities(logits_local: torch.Tensor, tau, vocab_start: int, vocab_size: int,
-                         group) -> torch.Tensor:
-    """softmax(logits / tau) over the whole vocabulary, this rank's slice, float64, padded -> 0."""
+                         group, min_p: float = 0.0) -> torch.Tensor:
+    """softmax(logits / tau) over the whole vocabulary, this rank's slice, float64, padded -> 0,
+    min-p truncated when ``min_p`` > 0."""
     x = logits_local.detach().to(torch.float64) / _tau_column(tau, logits_local)
     ids = vocab_start + torch.arange(x.shape[-1], device=x.device)
     x = x.masked_fill(ids >= vocab_size, float("-inf"))
@@ -47,6 +51,8 @@ def _local_probabilities(logits_local: torch.Tensor, tau, vocab_start: int, voca
     # a shard made only of padded entries has max -inf; it must not poison the global max
     row_max = torch.where(torch.isinf(row_max), torch.full_like(row_max, -torch.finfo(x.dtype).max), row_max)
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    if min_p:
+        x = x.masked_fill(below_min_p(x, row_max, min_p), float("-inf"))
     e = torch.exp(x - row_max)
     total = e.sum(dim=-1, keepdim=True)
     dist.all_reduce(total, group=group)
@@ -84,24 +90,26 @@ def _flat_tau(tau, shape: torch.Size, device) -> torch.Tensor:
 
 def vp_inverse_cdf_sample(logits_local: torch.Tensor, u: torch.Tensor, tau, order: str,
                           vocab_start: int, vocab_size: int, tp_group,
-                          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                          chunk_rows: int = DEFAULT_CHUNK_ROWS, min_p: float = 0.0) -> torch.Tensor:
     """G(x, u) on vocab-parallel logits [..., V/tp] -> token ids [...] (int64, the same on every rank).
 
     u [...] in [0, 1); tau a number or broadcastable to u; ``vocab_start`` is this rank's first
-    id; ids >= ``vocab_size`` are padding.
+    id; ids >= ``vocab_size`` are padding; ``min_p`` > 0 truncates the distribution first.
     """
     check_order(order)
+    check_min_p(min_p)
     group = resolve_tp_group(tp_group)
     if dist.get_world_size(group) == 1:
-        return inverse_cdf_sample(logits_local[..., :vocab_size], u, tau, order)
+        return inverse_cdf_sample(logits_local[..., :vocab_size], u, tau, order, min_p)
     if order == "sorted":
         rows_u = u.reshape(-1)
         rows_tau = _flat_tau(tau, u.shape, u.device)
         out = torch.empty(rows_u.shape, dtype=torch.long, device=logits_local.device)
         for rows, full in _gathered_rows(logits_local, group, chunk_rows):
-            out[rows] = inverse_cdf_sample(full[..., :vocab_size], rows_u[rows], rows_tau[rows], order)
+            out[rows] = inverse_cdf_sample(full[..., :vocab_size], rows_u[rows], rows_tau[rows], order,
+                                           min_p)
         return out.view(u.shape)
-    probs = _local_probabilities(logits_local, tau, vocab_start, vocab_size, group)
+    probs = _local_probabilities(logits_local, tau, vocab_start, vocab_size, group, min_p)
     cdf, _ = _global_cdf(probs, group)
     uu = u.to(torch.float64).unsqueeze(-1)
     local_v = cdf.shape[-1]
@@ -125,22 +133,23 @@ def vp_inverse_cdf_sample(logits_local: torch.Tensor, u: torch.Tensor, tau, orde
 
 def vp_invert_noise_exact(logits_local: torch.Tensor, tokens: torch.Tensor, r: torch.Tensor, tau,
                           order: str, vocab_start: int, vocab_size: int, tp_group,
-                          chunk_rows: int = DEFAULT_CHUNK_ROWS) -> torch.Tensor:
+                          chunk_rows: int = DEFAULT_CHUNK_ROWS, min_p: float = 0.0) -> torch.Tensor:
     """:func:`.inverse_cdf.invert_noise_exact` on vocab-parallel logits: u (float64, like ``tokens``)
     inside G's interval of each token, so ``vp_inverse_cdf_sample(logits, u) == tokens``."""
     check_order(order)
+    check_min_p(min_p)
     group = resolve_tp_group(tp_group)
     if dist.get_world_size(group) == 1:
-        return invert_noise_exact(logits_local[..., :vocab_size], tokens, r, tau, order)
+        return invert_noise_exact(logits_local[..., :vocab_size], tokens, r, tau, order, min_p)
     if order == "sorted":
         rows_t, rows_r = tokens.reshape(-1), r.reshape(-1)
         rows_tau = _flat_tau(tau, tokens.shape, tokens.device)
         out = torch.empty(rows_t.shape, dtype=torch.float64, device=logits_local.device)
         for rows, full in _gathered_rows(logits_local, group, chunk_rows):
             out[rows] = invert_noise_exact(full[..., :vocab_size], rows_t[rows], rows_r[rows],
-                                           rows_tau[rows], order)
+                                           rows_tau[rows], order, min_p)
         return out.view(tokens.shape)
-    probs = _local_probabilities(logits_local, tau, vocab_start, vocab_size, group)
+    probs = _local_probabilities(logits_local, tau, vocab_start, vocab_size, group, min_p)
     cdf, before = _global_cdf(probs, group)
     local = tokens.long() - vocab_start
     here = (local >= 0) & (local < cdf.shape[-1])

@@ -57,9 +57,11 @@ def _fork(cache):
 
 @torch.no_grad()
 def teacher_path(teacher, contexts: torch.Tensor, u: torch.Tensor, tau: float, order: str,
-                 batch_size: int = 32) -> TeacherPath:
+                 batch_size: int = 32, min_p: float = 0.0) -> TeacherPath:
     """Run the teacher k = u.shape[1] times, each step conditioned on its own earlier tokens
-    (inverse CDF), and k times along its greedy chain; one cached prefill per batch of contexts."""
+    (inverse CDF), and k times along its greedy chain; one cached prefill per batch of contexts.
+    ``min_p`` > 0: the teacher's min-p truncated distribution (the one a student distilled with
+    ``distill.teacher_min_p`` learned), for the tokens and every probability recorded."""
     k, parts = u.shape[1], []
     for i in range(0, contexts.shape[0], batch_size):
         c, uu = contexts[i:i + batch_size].to(teacher.device), u[i:i + batch_size]
@@ -68,10 +70,10 @@ def teacher_path(teacher, contexts: torch.Tensor, u: torch.Tensor, tau: float, o
         greedy, greedy_logits = _fork(sampled), logits
         steps, chain = [], torch.ones(c.shape[0], dtype=torch.float64)
         for j in range(k):
-            p = probabilities(logits, tau).cpu()
-            y = inverse_cdf_sample(logits, uu[:, j].to(logits.device), tau, order).cpu()
+            p = probabilities(logits, tau, min_p).cpu()
+            y = inverse_cdf_sample(logits, uu[:, j].to(logits.device), tau, order, min_p).cpu()
             best, mode = p.max(-1)
-            top, argmax = probabilities(greedy_logits, tau).max(-1)
+            top, argmax = probabilities(greedy_logits, tau, min_p).max(-1)
             chain = chain * top.cpu()
             steps.append((uu[:, j], y, (p * p).sum(-1), best, mode, p.gather(-1, y[:, None])[:, 0], chain))
             if j + 1 < k:
@@ -108,7 +110,8 @@ def _rates(same: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def agreement(teacher, student, contexts: torch.Tensor, k: int, tau: float, order: str, seed: int,
-              batch_size: int = 32, previous=None, path: Optional[TeacherPath] = None) -> dict:
+              batch_size: int = 32, previous=None, path: Optional[TeacherPath] = None,
+              min_p: float = 0.0) -> dict:
     """Per-slot and whole-block agreement of the student's block with the teacher's sequential
     inverse-CDF sample for the same noise, on held-out ``contexts`` [n, s], with its baselines:
 
@@ -126,12 +129,13 @@ def agreement(teacher, student, contexts: torch.Tensor, k: int, tau: float, orde
       k/2 student under the same u (the target this stage was trained on: new error), and that
       chained student's own agreement with the teacher (inherited error).
 
-    ``path``: the teacher's path for these contexts (of at least k slots, same tau and order),
-    shared between stages; None computes it with :func:`draw_noise` (n, k, seed).
+    ``path``: the teacher's path for these contexts (of at least k slots, same tau, order and
+    min_p), shared between stages; None computes it with :func:`draw_noise` (n, k, seed) and
+    ``min_p`` (the teacher's truncation, as in :func:`teacher_path`).
     """
     if path is None:
         path = teacher_path(teacher, contexts, draw_noise(contexts.shape[0], k, seed), tau, order,
-                            batch_size)
+                            batch_size, min_p)
     path = path.first(k)
     if path.tokens.shape != (contexts.shape[0], k):
         raise ValueError(f"the teacher path has {tuple(path.tokens.shape)} slots for "

@@ -58,17 +58,19 @@ class Judge:
 
 def quality_frontier(teacher, students: dict, prompts: list[list[int]], taus: list[float],
                      sample_len: int, seed: int, frequency_penalty: PenaltySetting = 0.0,
-                     judge: Optional[Judge] = None, ignore_eos: bool = False) -> dict:
+                     judge: Optional[Judge] = None, ignore_eos: bool = False,
+                     teacher_min_p: float = 0.0) -> dict:
     """{model name: [{"tau", "nll", "entropy", "entropy_per_sample", "distinct_1..3",
     "repetition", "frequency_penalty", ...}]}; ``students``: {"k2": (model, k)}, each sampling
     with ``penalty_for_k(frequency_penalty, k)``. The teacher samples with torch.multinomial,
-    without penalty."""
+    without penalty, from its ``teacher_min_p`` truncated distribution (the one the students learned)."""
     out: dict = {"teacher": []}
     penalties = {"teacher": 0.0, **{name: penalty_for_k(frequency_penalty, k)
                                     for name, (_, k) in students.items()}}
     for tau in taus:
         samples = {"teacher": generate(teacher, prompts, mode="ar", max_new_tokens=sample_len,
-                                       tau=tau, seed=seed, ignore_eos=ignore_eos).tokens}
+                                       tau=tau, seed=seed, ignore_eos=ignore_eos,
+                                       min_p=teacher_min_p).tokens}
         for name, (model, k) in students.items():
             samples[name] = generate(model, prompts, mode="pflm", k=k, max_new_tokens=sample_len,
                                      tau=tau, seed=seed, frequency_penalty=penalties[name],
@@ -87,20 +89,23 @@ def lossless_summary(teacher, student, k: int, prompts: list[list[int]], new_tok
     """Exactness and speed of lossless mode on real prompts, next to AR and the PFLM alone.
 
     The student drafts without frequency penalty: the teacher verifies against its own
-    unpenalised inverse-CDF sample, so a penalised draft could only lower the acceptance."""
+    unpenalised inverse-CDF sample, so a penalised draft could only lower the acceptance. The
+    teacher's sample is of the distribution the student was distilled against (its
+    ``teacher_min_p`` truncation)."""
+    min_p = student.config.get("teacher_min_p") or 0.0
     ref = generate(teacher, prompts, mode="ar", sampling="inverse_cdf", max_new_tokens=new_tokens,
-                   tau=tau, seed=seed, ignore_eos=True)
+                   tau=tau, seed=seed, ignore_eos=True, min_p=min_p)
     ll = generate_lossless(student, teacher, prompts, k=k, max_new_tokens=new_tokens, tau=tau,
                            seed=seed, ignore_eos=True)
     same = sum(a == b for r, s in zip(ref.tokens, ll.tokens) for a, b in zip(r, s))
     margins = _first_difference_margins(teacher, prompts, ref.tokens, ll.tokens, tau, seed,
-                                        student.config.get("cdf_order") or "vocab")
+                                        student.config.get("cdf_order") or "vocab", min_p)
     runs = {mode: speed_run(student if mode != "ar" else teacher, mode=mode,
                             k=1 if mode == "ar" else k, new_tokens=new_tokens, repeats=repeats,
                             seed=seed, prompts=prompts, teacher=teacher)
             for mode in ("ar", "pflm", "lossless")}
     tps = {m: r["tokens_per_second"] for m, r in runs.items()}
-    return {"k": k, "batch": len(prompts), "new_tokens": new_tokens, "tau": tau,
+    return {"k": k, "batch": len(prompts), "new_tokens": new_tokens, "tau": tau, "teacher_min_p": min_p,
             "draft_frequency_penalty": 0.0, "exact": ll.tokens == ref.tokens,
             "token_agreement_with_teacher": same / max(sum(map(len, ref.tokens)), 1),
             "sequences_identical": sum(a == b for a, b in zip(ref.tokens, ll.tokens)),
@@ -116,7 +121,7 @@ def lossless_summary(teacher, student, k: int, prompts: list[list[int]], new_tok
 
 
 @torch.no_grad()
-def _first_difference_margins(teacher, prompts, ref, other, tau, seed, order) -> list[float]:
+def _first_difference_margins(teacher, prompts, ref, other, tau, seed, order, min_p) -> list[float]:
     from ..decode.generate import noise_table
     from ..nn.inverse_cdf import cdf_interval
 
@@ -129,7 +134,7 @@ def _first_difference_margins(teacher, prompts, ref, other, tau, seed, order) ->
         i = diff[0]
         logits = teacher.logits(torch.tensor([prompts[b] + r[:i]], device=teacher.device))
         low, high = cdf_interval(logits[0, -1, :teacher.vocab_size].cpu(), torch.tensor(r[i]),
-                                 tau, order)
+                                 tau, order, min_p)
         out.append(min(abs(float(u[b, i]) - float(low)), abs(float(high) - float(u[b, i]))))
     return out
 

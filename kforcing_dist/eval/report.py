@@ -34,6 +34,7 @@ from .speed import decode_speed
 log = logging.getLogger("kforcing_dist")
 
 NO_PENALTY = "@p0"  # suffix of the student sample rows decoded without frequency penalty
+EXACT_TEACHER = "teacher@exact"  # the untruncated teacher's samples, beside a min-p truncated one's
 EXAMPLE_CHARS = 600  # report.md shows this much of each example (report.json: all of it)
 
 
@@ -95,6 +96,18 @@ def _jsonable(setting):
     return setting
 
 
+def common_teacher_min_p(configs: dict[int, dict]) -> float:
+    """The teacher truncation every stage was distilled against (their config.json's
+    ``teacher_min_p``; 0 for folders without it). The report measures all stages against one
+    teacher, so stages that disagree are refused."""
+    values = {float(c.get("teacher_min_p") or 0.0) for c in configs.values()}
+    if len(values) > 1:
+        raise DecodeError(f"the stages were distilled against different teacher truncations "
+                          f"(teacher_min_p {sorted(values)}); evaluate stages of one run, distilled with one "
+                          f"distill.teacher_min_p")
+    return values.pop() if values else 0.0
+
+
 def evaluate_run(cfg: Config, root: Path) -> dict:
     """Measure every finished stage of the run in ``root`` and write report.json / report.md."""
     from .. import __version__
@@ -112,6 +125,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
     models = {k: load_decoder(path) for k, path in stages.items()}
     configs = {k: read_decoder_config(path) for k, path in stages.items()}
     orders = {k: c.get("cdf_order", "vocab") for k, c in configs.items()}
+    min_p = common_teacher_min_p(configs)
     penalties = {k: penalty_for_k(dec.frequency_penalty, k) for k in models}
     sample_len = resolve_sample_len(ev.prompt_len, ev.sample_len, [teacher, *models.values()])
     contexts = heldout_windows(shards, ev.num_contexts, ev.context_len)
@@ -127,6 +141,7 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
                     "decode": {"tau": dec.tau, "frequency_penalty": {f"k{k}": p for k, p in penalties.items()},
                                "prompt_len": ev.prompt_len, "sample_len": sample_len, "seed": dec.seed,
                                "cdf_order": {f"k{k}": o for k, o in orders.items()},
+                               "teacher_min_p": min_p,
                                "ignore_eos": True, "teacher_sampling": "multinomial"},
                     "warnings": warnings}
 
@@ -138,24 +153,32 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
 
     # every sample set runs the whole batch at once, EOS ignored: equal lengths keep per-sample
     # entropy and repetition comparable across models (documents are EOS-separated in training)
-    teacher_samples = generate(teacher, prompts, mode="ar", max_new_tokens=sample_len, tau=dec.tau,
-                               seed=dec.seed, ignore_eos=True).tokens
-    sample_tokens = {"teacher": teacher_samples, "data": heldout}
+    # the teacher the students learned: its min-p truncated distribution when they were distilled so
+    def teacher_samples_at(truncation: float) -> list[list[int]]:
+        return generate(teacher, prompts, mode="ar", max_new_tokens=sample_len, tau=dec.tau, seed=dec.seed,
+                        ignore_eos=True, min_p=truncation).tokens
+
+    teacher_samples = teacher_samples_at(min_p)
+    sample_tokens = {"teacher": teacher_samples}
+    if min_p:  # what the truncation itself costs, beside it
+        sample_tokens[EXACT_TEACHER] = teacher_samples_at(0.0)
+    sample_tokens["data"] = heldout
 
     def student_samples(student, k: int, penalty: float) -> list[list[int]]:
         return generate(student, prompts, mode="pflm", k=k, max_new_tokens=sample_len, tau=dec.tau,
                         frequency_penalty=penalty, seed=dec.seed, ignore_eos=True).tokens
 
-    penalty_of = {"teacher": 0.0, "data": None}
+    penalty_of = {"teacher": 0.0, EXACT_TEACHER: 0.0, "data": None}
     report["stages"] = {}
     # one teacher path (of the largest k) per CDF order serves every stage: slot i of each
     # stage sees the same u and the same teacher token
     u = draw_noise(contexts.shape[0], max(models, default=1), dec.seed)
-    paths = {order: teacher_path(teacher, contexts, u, dec.tau, order) for order in set(orders.values())}
+    paths = {order: teacher_path(teacher, contexts, u, dec.tau, order, min_p=min_p)
+             for order in set(orders.values())}
     for k, student in models.items():
         previous = models.get(k // 2) if k % 2 == 0 else None
         s = agreement(teacher, student, contexts, k, dec.tau, orders[k], seed=dec.seed, previous=previous,
-                      path=paths[orders[k]])
+                      path=paths[orders[k]], min_p=min_p)
         if "vs_previous" in s:
             s["vs_previous"] = {"stage": f"k{k // 2}", **s["vs_previous"]}
         report["stages"][f"k{k}"] = {**s, "cdf_order": orders[k]}
@@ -183,7 +206,8 @@ def evaluate_run(cfg: Config, root: Path) -> dict:
         students = {f"k{k}": (m, k) for k, m in models.items()}
         few = prompts[: ev.frontier_samples or len(prompts)]
         report["frontier"] = quality_frontier(teacher, students, few, ev.frontier_taus, sample_len, dec.seed,
-                                              dec.frequency_penalty, judge, ignore_eos=True)
+                                              dec.frequency_penalty, judge, ignore_eos=True,
+                                              teacher_min_p=min_p)
         report["frontier_samples"] = len(few)
         plot_frontier(report["frontier"], root / "frontier.png",
                       f"NLL vs entropy, AR vs PFLM ({root.name})")
@@ -258,8 +282,11 @@ def _decode_line(r: dict) -> str:
         return f"tau {r['tau']}, frequency penalty {r['frequency_penalty']}."
     pens = ", ".join(f"{k} {p:g}" for k, p in d["frequency_penalty"].items()) or "-"
     orders = sorted(set(d["cdf_order"].values())) or ["-"]
+    min_p = d.get("teacher_min_p") or 0.0
+    teacher = (f"the teacher: none, multinomial, min-p {min_p:g} truncated as the students were distilled "
+               f"(row `{EXACT_TEACHER}`: untruncated)" if min_p else "the teacher: none, multinomial")
     return (f"Decode: tau {d['tau']:g}; student frequency penalty {pens} (rows `{NO_PENALTY}`: none; "
-            f"the teacher: none, multinomial); samples: {d['prompt_len']}-token held-out prompts, "
+            f"{teacher}); samples: {d['prompt_len']}-token held-out prompts, "
             f"{d['sample_len']} new tokens{' (EOS ignored)' if d.get('ignore_eos') else ''}; seed "
             f"{d['seed']}; CDF order {'/'.join(orders)}.")
 
@@ -273,8 +300,10 @@ def render_markdown(r: dict) -> str:
               f"{t['params']:,} parameters.", ""]
     if r["stages"]:
         n = next(iter(r["stages"].values()))["contexts"]
+        min_p = r.get("decode", {}).get("teacher_min_p") or 0.0
         lines += ["## Agreement with the AR teacher under the same noise "
-                  f"({n} held-out contexts, tau {r['tau']:g})", "",
+                  f"({n} held-out contexts, tau {r['tau']:g}"
+                  + (f", the teacher min-p {min_p:g} truncated" if min_p else "") + ")", "",
                   "| stage | slot | agreement | chance | mode baseline | emits teacher's mode | "
                   "vs chained k/2 student | chained k/2 vs teacher |",
                   "|" + " --- |" * 8]

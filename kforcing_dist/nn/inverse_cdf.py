@@ -2,12 +2,19 @@
 
 Order the vocabulary by a fixed rule (``vocab``: token id; ``sorted``: descending probability,
 ties by id), and take the first token whose cumulative probability reaches u. With
-u ~ U(0, 1) the result is an exact sample of softmax(logits / tau). Everything runs in float64:
+u ~ U(0, 1) the result is an exact sample of softmax(logits / tau).
+
+``min_p`` > 0 truncates that distribution first (min-p sampling): tokens whose probability is
+below ``min_p`` times the most likely token's get probability 0 and the rest are renormalised,
+so G never returns them and their CDF intervals vanish. The distillation can target such a
+truncated teacher (``distill.teacher_min_p``); every function here takes the same ``min_p``. Everything runs in float64:
 a 50k-entry cumulative sum in low precision picks wrong tokens. Plain torch (the decoder and
 the evaluation use it too); callers with vocab-parallel logits gather them first.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -20,12 +27,40 @@ def check_order(order: str) -> None:
         raise ValueError(f"cdf order must be one of {ORDERS}, got {order!r}")
 
 
-def probabilities(logits: torch.Tensor, tau) -> torch.Tensor:
-    """softmax(logits / tau) in float64; tau is a float or broadcastable to logits[..., 0]."""
+def check_min_p(min_p: float) -> None:
+    """ValueError unless 0 <= min_p < 1 (0: no truncation)."""
+    if not 0.0 <= float(min_p) < 1.0:
+        raise ValueError(f"min_p must be in [0, 1) (0: no truncation), got {min_p!r}")
+
+
+def below_min_p(scaled: torch.Tensor, row_max: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Where min-p truncation removes a token: p_v < min_p * max p, i.e. (in log space, on
+    tempered logits ``scaled`` and their row maximum) scaled_v - row_max < log(min_p)."""
+    return scaled - row_max < math.log(min_p)
+
+
+def truncate_min_p(logits: torch.Tensor, tau, min_p: float) -> torch.Tensor:
+    """``logits`` with -inf where min-p truncation at temperature tau (a float) removes the token,
+    in their own dtype (for samplers that take logits); unchanged when ``min_p`` is 0."""
+    if not min_p:
+        return logits
+    check_min_p(min_p)
+    scaled = logits / tau
+    return logits.masked_fill(below_min_p(scaled, scaled.max(-1, keepdim=True).values, min_p), float("-inf"))
+
+
+def probabilities(logits: torch.Tensor, tau, min_p: float = 0.0) -> torch.Tensor:
+    """softmax(logits / tau) in float64, min-p truncated when ``min_p`` > 0; tau is a float or
+    broadcastable to logits[..., 0]."""
     tau = torch.as_tensor(tau, dtype=torch.float64, device=logits.device)
     if tau.ndim:
         tau = tau.unsqueeze(-1)
-    return torch.softmax(logits.to(torch.float64) / tau, dim=-1)
+    scaled = logits.to(torch.float64) / tau
+    if min_p:
+        check_min_p(min_p)
+        scaled = scaled.masked_fill(below_min_p(scaled, scaled.max(-1, keepdim=True).values, min_p),
+                                    float("-inf"))
+    return torch.softmax(scaled, dim=-1)
 
 
 def _ordered(probs: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -37,10 +72,11 @@ def _ordered(probs: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tenso
     return probs.gather(-1, perm), perm
 
 
-def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: str = "vocab") -> torch.Tensor:
+def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: str = "vocab",
+                       min_p: float = 0.0) -> torch.Tensor:
     """G(x, u): logits [..., V], u [...] in [0, 1) -> token ids [...] (int64)."""
     check_order(order)
-    probs = probabilities(logits, tau)
+    probs = probabilities(logits, tau, min_p)
     ordered, perm = _ordered(probs, order)
     cdf = ordered.cumsum(-1)
     u = u.to(torch.float64).unsqueeze(-1)
@@ -55,10 +91,10 @@ def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: st
     return tokens.squeeze(-1)
 
 
-def _cdf_positions(logits: torch.Tensor, tokens: torch.Tensor, tau, order: str):
+def _cdf_positions(logits: torch.Tensor, tokens: torch.Tensor, tau, order: str, min_p: float):
     """(ordered probabilities, their cumulative sum, each token's index in CDF order [..., 1])."""
     check_order(order)
-    ordered, perm = _ordered(probabilities(logits, tau), order)
+    ordered, perm = _ordered(probabilities(logits, tau, min_p), order)
     if perm is None:
         pos = tokens.unsqueeze(-1)
     else:
@@ -66,29 +102,30 @@ def _cdf_positions(logits: torch.Tensor, tokens: torch.Tensor, tau, order: str):
     return ordered, ordered.cumsum(-1), pos
 
 
-def cdf_interval(logits: torch.Tensor, tokens: torch.Tensor, tau=1.0, order: str = "vocab"):
+def cdf_interval(logits: torch.Tensor, tokens: torch.Tensor, tau=1.0, order: str = "vocab",
+                 min_p: float = 0.0):
     """The interval [low, high) of u that G maps to ``tokens`` (float64 tensors shaped like tokens)."""
-    ordered, cdf, pos = _cdf_positions(logits, tokens, tau, order)
+    ordered, cdf, pos = _cdf_positions(logits, tokens, tau, order, min_p)
     high = cdf.gather(-1, pos).squeeze(-1)
     low = high - ordered.gather(-1, pos).squeeze(-1)
     return low.clamp_(min=0.0), high
 
 
 def invert_noise(logits: torch.Tensor, tokens: torch.Tensor, r: torch.Tensor, tau=1.0,
-                 order: str = "vocab") -> torch.Tensor:
+                 order: str = "vocab", min_p: float = 0.0) -> torch.Tensor:
     """u uniform inside the CDF interval of ``tokens``: low + r * (high - low), r ~ U(0, 1)."""
-    low, high = cdf_interval(logits, tokens, tau, order)
+    low, high = cdf_interval(logits, tokens, tau, order, min_p)
     return low + r.to(torch.float64) * (high - low)
 
 
-def chance_level(logits: torch.Tensor, tau=1.0) -> torch.Tensor:
+def chance_level(logits: torch.Tensor, tau=1.0, min_p: float = 0.0) -> torch.Tensor:
     """sum_v p_v^2: the probability that two independent samples agree (float64, shape [...])."""
-    p = probabilities(logits, tau)
+    p = probabilities(logits, tau, min_p)
     return (p * p).sum(-1)
 
 
 def invert_noise_exact(logits: torch.Tensor, tokens: torch.Tensor, r: torch.Tensor, tau=1.0,
-                       order: str = "vocab") -> torch.Tensor:
+                       order: str = "vocab", min_p: float = 0.0) -> torch.Tensor:
     """Like :func:`invert_noise`, but the returned u always satisfies G(logits, u) == tokens.
 
     ``invert_noise`` takes low = high - p, which can differ from the previous cumulative sum
@@ -98,7 +135,7 @@ def invert_noise_exact(logits: torch.Tensor, tokens: torch.Tensor, r: torch.Tens
     zero probability has an empty interval and no such u: u is then its (empty) interval's
     start, and G returns another token.
     """
-    ordered, cdf, pos = _cdf_positions(logits, tokens, tau, order)
+    ordered, cdf, pos = _cdf_positions(logits, tokens, tau, order, min_p)
     high = cdf.gather(-1, pos).squeeze(-1)
     low = cdf.gather(-1, (pos - 1).clamp(min=0)).squeeze(-1)
     low = torch.where(pos.squeeze(-1) == 0, torch.zeros_like(low), low)

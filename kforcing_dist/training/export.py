@@ -40,7 +40,8 @@ def export_decoder(module: torch.nn.Module, groups: ParallelGroups, folder: Path
                    model_cfg: ModelConfig, padded_vocab_size: int, zero_stage: int, tokenizer=None,
                    max_k: int | None = None, noise: dict | None = None, cdf_order: str = "vocab",
                    masked_token_ids=(), source: dict | None = None,
-                   tau_range: tuple[float, float] | None = None) -> Path:
+                   tau_range: tuple[float, float] | None = None,
+                   teacher_min_p: float | None = None) -> Path:
     """Write ``folder`` (model.safetensors + config.json + tokenizer/); collective over all ranks.
 
     An existing export of the same checkpoint (``source``) is kept; any other is replaced
@@ -56,7 +57,7 @@ def export_decoder(module: torch.nn.Module, groups: ParallelGroups, folder: Path
         save_decoder(folder, kind=kind, model_config=dataclasses.asdict(model_cfg),
                      padded_vocab_size=padded_vocab_size, state_dict=weights, tokenizer=tokenizer,
                      max_k=max_k, noise=noise, cdf_order=cdf_order, masked_token_ids=masked_token_ids,
-                     tau_range=tau_range,
+                     tau_range=tau_range, teacher_min_p=teacher_min_p,
                      eos_id=getattr(tokenizer, "eos_id", None), source=source or {}, overwrite=True)
     dist.barrier()
     return folder

@@ -34,7 +34,7 @@ def _vocab_parallel_cdf_checks(rank, world, groups):
     import torch.distributed as dist
 
     from kforcing_dist.distill import vocab_parallel_cdf as vpc
-    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample, invert_noise_exact
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample, invert_noise_exact, probabilities
 
     res = {}
     gen = torch.Generator().manual_seed(21)
@@ -75,6 +75,21 @@ def _vocab_parallel_cdf_checks(rank, world, groups):
                 vpc.vp_inverse_cdf_sample(shard, u_inv, tau, order, rank * local_v, real_vocab, groups),
                 tokens)
             res[f"{real_vocab}_{order}_real_only"] = bool((got < real_vocab).all())
+            # min-p truncation: the same tokens as one process, never a cut one, and the inverse
+            # lands inside the truncated interval
+            cut = vpc.vp_inverse_cdf_sample(shard, u, tau, order, rank * local_v, real_vocab, groups,
+                                            chunk_rows=700, min_p=0.3)
+            res[f"{real_vocab}_{order}_min_p_equal"] = torch.equal(
+                cut, inverse_cdf_sample(logits[:, :real_vocab], u, tau, order, min_p=0.3))
+            p = probabilities(logits[:, :real_vocab], tau)
+            res[f"{real_vocab}_{order}_min_p_kept"] = bool(
+                (p.gather(1, cut[:, None])[:, 0] >= 0.3 * p.max(1).values).all())
+            res[f"{real_vocab}_{order}_min_p_changed"] = int((cut != got).sum())
+            u_cut = vpc.vp_invert_noise_exact(shard, cut, r, tau, order, rank * local_v, real_vocab, groups,
+                                              chunk_rows=700, min_p=0.3)
+            res[f"{real_vocab}_{order}_min_p_roundtrip"] = torch.equal(
+                vpc.vp_inverse_cdf_sample(shard, u_cut, tau, order, rank * local_v, real_vocab, groups,
+                                          min_p=0.3), cut)
     return res
 
 
@@ -144,6 +159,8 @@ def _tp_worker(rank, world):
                 r[f"inv_{order}"] = noise_inversion_batch(
                     teacher, ids, ws, 2, tau, order, torch.Generator().manual_seed(5), group)
                 r[f"chain_{order}"] = teacher_chain_targets(teacher, ctx, ws, u, tau, order, group)
+                r[f"stage1_min_p_{order}"] = stage1_targets(teacher, ctx, ws, u[..., :1], tau, order, group, 0.2)
+                r[f"chain_min_p_{order}"] = teacher_chain_targets(teacher, ctx, ws, u, tau, order, group, 0.2)
             r["self_forcing"] = self_forcing_targets(student, ctx, ws, u, tau, group)
             student.zero_grad()
             loss, metrics = slot_metrics(student.forward_windows(ctx, ws, u[..., :2], tau), targets,
@@ -162,6 +179,9 @@ def _tp_worker(rank, world):
             res[f"inv_{order}_targets_equal"] = torch.equal(tp[f"inv_{order}"][1], ref[f"inv_{order}"][1])
             res[f"inv_{order}_u_err"] = (tp[f"inv_{order}"][0] - ref[f"inv_{order}"][0]).abs().max().item()
             res[f"chain_{order}_equal"] = torch.equal(tp[f"chain_{order}"], ref[f"chain_{order}"])
+            for name in ("stage1", "chain"):
+                res[f"{name}_min_p_{order}_equal"] = torch.equal(tp[f"{name}_min_p_{order}"],
+                                                                 ref[f"{name}_min_p_{order}"])
             res[f"chain_{order}_distinct"] = len(set(ref[f"chain_{order}"].flatten().tolist()))
         res["self_forcing_equal"] = torch.equal(tp["self_forcing"], ref["self_forcing"])
         res["self_forcing_distinct"] = len(set(ref["self_forcing"].flatten().tolist()))
@@ -198,6 +218,10 @@ def test_vocab_parallel_inverse_cdf_equals_one_process(results, real_vocab, orde
         assert r[f"{key}_real_only"], f"rank {rank}: a padded id was sampled"
         assert r[f"{key}_roundtrip"], f"rank {rank}: G(vp_invert_noise_exact(token)) != token"
         assert r[f"{key}_inv_err"] < 1e-12
+        assert r[f"{key}_min_p_equal"], f"rank {rank}: sharded min-p G differs from the one-process one"
+        assert r[f"{key}_min_p_kept"], f"rank {rank}: min-p G returned a token below min_p x max p"
+        assert r[f"{key}_min_p_changed"] > 100, "min_p=0.3 should change many of 3000 tokens"
+        assert r[f"{key}_min_p_roundtrip"], f"rank {rank}: min-p G(vp_invert_noise_exact(token)) != token"
         if order == "vocab":  # one float64 per row (the shard total), never the vocabulary
             assert r[f"{key}_max_gathered"] == 3000
         else:                 # sorted gathers whole rows, 700 rows at a time
@@ -224,6 +248,8 @@ def test_targets_match_tp1(results, case):
             assert r[f"inv_{order}_u_err"] < 1e-6, f"rank {rank}: inverted noise ({order})"
             assert r[f"chain_{order}_equal"], f"rank {rank}: teacher-chain targets ({order}) differ"
             assert r[f"chain_{order}_distinct"] > 2
+            for name in ("stage1", "chain"):
+                assert r[f"{name}_min_p_{order}_equal"], f"rank {rank}: min-p {name} targets ({order}) differ"
         assert r["self_forcing_equal"], f"rank {rank}: self-forcing targets differ"
         assert r["self_forcing_distinct"] > 2
 

@@ -209,6 +209,18 @@ def test_higher_stage_targets_choices_and_pipeline_refusal():
     check(cfg, world_size=2)
 
 
+def test_teacher_min_p_range_and_noise_inversion_refusal():
+    cfg, _ = load_config(None, ["distill.teacher_min_p=0.1", "decode.min_p=0.1"])
+    check(cfg, world_size=1)
+    for value in ("1.0", "-0.1"):
+        cfg, _ = load_config(None, [f"distill.teacher_min_p={value}", f"decode.min_p={value}"])
+        text = "\n".join(validate(cfg, world_size=1))
+        assert f"distill.teacher_min_p={float(value)}: need 0 <= teacher_min_p < 1" in text
+        assert f"decode.min_p={float(value)}: need 0 <= min_p < 1" in text
+    cfg, _ = load_config(None, ["distill.teacher_min_p=0.1", "distill.noise_inversion_weight=0.5"])
+    assert any("a data token in the cut tail" in p for p in validate(cfg, world_size=1))
+
+
 @pytest.mark.parametrize("name", ["norm", "activation", "position", "attention_backend"])
 def test_model_validators_read_their_choices_from_the_schema(name, monkeypatch):
     # Narrow one field's choices in the schema to its first value: every model-config validator

@@ -158,6 +158,37 @@ def test_invert_noise_exact(order):
     assert torch.all(u >= low - 1e-15) and torch.all(u < high)
 
 
+@pytest.mark.parametrize("order", ["vocab", "sorted"])
+def test_min_p_samples_the_renormalised_truncated_distribution(order):
+    from kforcing_dist.nn.inverse_cdf import (cdf_interval, chance_level, inverse_cdf_sample, invert_noise_exact,
+                                              probabilities, truncate_min_p)
+
+    # p = 0.5 / 0.3 / 0.15 / 0.05 at tau 1; min_p 0.2 cuts below 0.1, i.e. token 3 only
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64).log()
+    kept = torch.tensor([0.5, 0.3, 0.15, 0.0], dtype=torch.float64) / 0.95
+    torch.testing.assert_close(probabilities(logits, 1.0, 0.2), kept, rtol=0, atol=1e-15)
+    assert float(chance_level(logits, 1.0, 0.2)) == pytest.approx(float((kept * kept).sum()), abs=1e-15)
+    n = 10_000
+    grid = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = inverse_cdf_sample(logits.expand(n, 4), grid, 1.0, order, min_p=0.2)
+    assert (torch.bincount(tokens, minlength=4).double() - n * kept).abs().max() <= 1.0
+    # G of the truncated teacher = G of logits with the cut token at -inf
+    cut = logits.clone()
+    cut[3] = float("-inf")
+    assert torch.equal(tokens, inverse_cdf_sample(cut.expand(n, 4), grid, 1.0, order))
+    assert torch.equal(truncate_min_p(logits, 1.0, 0.2), cut)
+    low, high = cdf_interval(logits, torch.tensor(1), 1.0, order, 0.2)
+    assert (float(low), float(high)) == pytest.approx((0.5 / 0.95, 0.8 / 0.95), abs=1e-15)
+    u = invert_noise_exact(logits.expand(3, 4), torch.tensor([0, 1, 2]), torch.rand(3, dtype=torch.float64),
+                           1.0, order, 0.2)
+    assert inverse_cdf_sample(logits.expand(3, 4), u, 1.0, order, 0.2).tolist() == [0, 1, 2]
+    # min-p acts on the tempered distribution: at tau 2, p ~ 0.37 / 0.29 / 0.20 / 0.11 keeps all four
+    assert bool((probabilities(logits, 2.0, 0.2) > 0).all())
+    assert torch.equal(truncate_min_p(logits, 2.0, 0.2), logits)
+    with pytest.raises(ValueError, match="min_p must be in"):
+        probabilities(logits, 1.0, 1.0)
+
+
 # ------------------------------------------------------------------------------ layout
 
 
@@ -369,6 +400,25 @@ def test_stage1_targets_equal_truncated_teacher(groups, order):
                 want = inverse_cdf_sample(logits, u[i, w, 0], float(tau[i]), order)
                 assert int(got[i, w, 0]) == int(want), (i, w)
     assert got.max() < VOCAB
+
+
+def test_stage1_targets_of_a_min_p_teacher(groups):
+    from kforcing_dist.distill.targets import stage1_targets
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample, probabilities
+
+    teacher = build_teacher(groups, small_cfg())
+    ids = ids_of()
+    ws = torch.tensor([[0, 2, 7], [3, 4, 5]])
+    u = noise(2, 3, 1)
+    tau = torch.tensor([1.0, 0.6])
+    got = stage1_targets(teacher, ids, ws, u, tau, "vocab", groups, 0.3)
+    with torch.no_grad():
+        for i in range(2):
+            for w in range(3):
+                logits = teacher(ids[i:i + 1, :int(ws[i, w]) + 1])[0, -1, :VOCAB]
+                assert int(got[i, w, 0]) == int(inverse_cdf_sample(logits, u[i, w, 0], float(tau[i]), "vocab", 0.3))
+                p = probabilities(logits, float(tau[i]))
+                assert float(p[got[i, w, 0]]) >= 0.3 * float(p.max())
 
 
 @pytest.mark.parametrize("cfg_name", sorted(CONFIGS))

@@ -72,6 +72,17 @@ def test_a_later_stage_takes_its_students_noise_features(released, tmp_path):
     assert stage_noise(_cfg(tmp_path), None) == {"features": "rising", "max_freq": 256.0}
 
 
+def test_a_later_stage_distils_the_teacher_truncation_of_its_student(released, tmp_path):
+    stage = Stage(_cfg(tmp_path, f"distill.init_from_student={released['pflm']}", "distill.stages=[1,2,4,8]"), 8)
+    assert stage.inputs().previous_conf["teacher_min_p"] == 0.0  # an imported model: the exact teacher
+    assert stage.export_fields()["teacher_min_p"] == 0.0
+    cut = Stage(_cfg(tmp_path, f"distill.init_from_student={released['pflm']}", "distill.stages=[1,2,4,8]",
+                     "distill.teacher_min_p=0.1"), 8)
+    with pytest.raises(ConfigError, match=r"distill.teacher_min_p=0.1 but the student it starts from .* was "
+                                          r"distilled against teacher_min_p=0.0"):
+        cut.inputs()
+
+
 def test_config_checks(tmp_path):
     problems = validate(_cfg(tmp_path, f"distill.init_from_student={tmp_path / 'nope'}"))
     assert any("distill.init_from_student" in p and "not a decoder folder" in p for p in problems)

@@ -110,6 +110,19 @@ def test_teacher_path_reads_chance_and_mode_off_the_teacher_probabilities():
     assert path.first(1).tokens.tolist() == [[0], [1], [0]]
 
 
+def test_teacher_path_of_a_min_p_teacher_uses_the_truncated_probabilities():
+    # min_p 0.5: after 3, (0.6, 0.4) stays; after 0, 0.2 is cut: (0, 0.375, 0.625); after 1, only 1 stays
+    u = torch.tensor([[0.1, 0.9], [0.7, 0.05], [0.1, 0.3]], dtype=torch.float64)
+    path = teacher_path(TableTeacher(), CONTEXTS[:3], u, 1.0, "vocab", min_p=0.5)
+    assert path.tokens.tolist() == [[0, 2], [1, 1], [0, 1]]  # untruncated, the last would be [0, 1] too
+    assert path.chance[:, 1].tolist() == pytest.approx([0.375 ** 2 + 0.625 ** 2, 1.0, 0.375 ** 2 + 0.625 ** 2])
+    assert path.mode_prob.flatten().tolist() == pytest.approx([0.6, 0.625, 0.4 / 0.4 * 0.6, 1.0, 0.6, 0.625])
+    assert path.token_prob[:, 1].tolist() == pytest.approx([0.625, 1.0, 0.375])
+    # the first slot's 0.2-wide interval of token 0 after token 0 is gone: u 0.1 falls in token 1's
+    assert teacher_path(TableTeacher(), torch.tensor([[0, 0]]), torch.tensor([[0.1]], dtype=torch.float64), 1.0,
+                        "vocab", min_p=0.5).tokens.tolist() == [[1]]
+
+
 def test_cached_teacher_path_equals_the_full_forward_chain():
     teacher = make_model("ar", seed=8, std=0.5)
     contexts = torch.randint(0, 99, (5, 6), generator=torch.Generator().manual_seed(0))
@@ -239,7 +252,7 @@ def test_report_has_the_new_keys(tmp_path):
     assert r == json.loads((tmp_path / "report.json").read_text())
     assert r["decode"] == {"tau": 1.0, "frequency_penalty": {"k1": 0.5, "k2": 0.3}, "prompt_len": 4,
                            "sample_len": 36, "seed": 0, "cdf_order": {"k1": "vocab", "k2": "vocab"},
-                           "ignore_eos": True, "teacher_sampling": "multinomial"}
+                           "teacher_min_p": 0.0, "ignore_eos": True, "teacher_sampling": "multinomial"}
     assert list(r["samples"]) == ["teacher", "data", "k1", "k1@p0", "k2", "k2@p0"]
     for name, s in r["samples"].items():
         assert s["tokens"] == 3 * 36 and 0 < s["entropy_per_sample"] <= s["entropy"], name
@@ -256,6 +269,30 @@ def test_report_has_the_new_keys(tmp_path):
     for text in ("## Warnings", "mode baseline", "vs chained k/2 student", "| k2 | block |",
                  "entropy per sample", "| k2@p0 | 0.00 |", "| data | - |"):
         assert text in md, text
+
+
+def test_report_of_min_p_students_measures_the_truncated_teacher(tmp_path):
+    cfg = _tiny_run(tmp_path)
+    cfg.eval.frontier_taus, cfg.eval.speed_batches = [], []
+    exact = evaluate_run(cfg, tmp_path)
+    for k in ("k1", "k2"):
+        path = tmp_path / k / "export" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "teacher_min_p": 0.2}))
+    r = evaluate_run(cfg, tmp_path)
+    assert r["decode"]["teacher_min_p"] == 0.2 and r["lossless"]["teacher_min_p"] == 0.2
+    assert list(r["samples"])[:3] == ["teacher", "teacher@exact", "data"]
+    assert r["samples"]["teacher@exact"]["nll"] == exact["samples"]["teacher"]["nll"]  # the same samples
+    # the truncated teacher's samples are likelier under the teacher, its distributions sharper
+    assert r["samples"]["teacher"]["nll"] < exact["samples"]["teacher"]["nll"]
+    for k in ("k1", "k2"):
+        assert r["stages"][k]["mode_baseline"]["slot"][0] > exact["stages"][k]["mode_baseline"]["slot"][0]
+        assert r["stages"][k]["chance_level_per_slot"][0] > exact["stages"][k]["chance_level_per_slot"][0]
+    assert r["lossless"]["exact"]  # lossless reproduces the truncated teacher's sample
+    assert "min-p 0.2 truncated" in (tmp_path / "report.md").read_text()
+    path = tmp_path / "k1" / "export" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "teacher_min_p": 0.0}))
+    with pytest.raises(DecodeError, match="different teacher truncations"):
+        evaluate_run(cfg, tmp_path)
 
 
 def test_agreement_only_report(tmp_path):

@@ -70,4 +70,4 @@ def test_export_fields(tmp_path):
     noise = {"features": "rising", "max_freq": 64.0}
     assert Stage(cfg, 2).export_fields(noise, [7]) == {
         "kind": "pflm", "max_k": 2, "noise": noise, "masked_token_ids": [7], "tau_range": (0.5, cfg.distill.tau_max),
-        "cdf_order": "sorted"}
+        "cdf_order": "sorted", "teacher_min_p": 0.0}
