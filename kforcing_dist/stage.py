@@ -236,10 +236,10 @@ class Stage:
 
     def export_fields(self, noise: dict | None = None, masked_token_ids=()) -> dict:
         """What the stage's decoder folder records besides the weights (``export_decoder``'s
-        keywords): "ar" for the teacher; a stage's max_k, noise convention, masked tokens, the
+        keywords): "ar" and its masked tokens for the teacher; a stage's max_k, noise convention, masked tokens, the
         tau range it trained on, its CDF order and the teacher truncation it distilled."""
         if self.is_teacher:
-            return {"kind": "ar"}
+            return {"kind": "ar", "masked_token_ids": list(masked_token_ids)}
         d = self.cfg.distill
         return {"kind": "pflm", "max_k": self.k, "noise": noise, "masked_token_ids": masked_token_ids,
                 "tau_range": (d.tau_min, d.tau_max), "cdf_order": d.cdf_order,

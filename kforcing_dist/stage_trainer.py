@@ -11,6 +11,7 @@ above ``training/``, ``distill/`` and ``convert/``, beside ``stage.py``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -48,13 +49,33 @@ class StageTrainer:
     export: Callable[[TrainResult], None]  # writes the stage's decoder folder from the trained engine
 
 
-def teacher_model(stage: Stage, cfg: Config, groups, layout: Layout, padded: int, tokenizer):
+def teacher_masked_token_ids(cfg: Config) -> list[int]:
+    """Tokens the teacher never emits: those of the newest complete checkpoint (a resume keeps its
+    own), else those of the ``train.init_from`` folder (e.g. an imported released model's mask
+    token, which must stay masked in the fine-tuned teacher and its export), else none."""
+    from .decode.errors import DecodeError
+    from .decode.format import read_decoder_config
+    from .training.checkpoint import CheckpointError, latest_complete
+
+    newest = latest_complete(Path(cfg.output_dir) / "checkpoints")
+    if newest is not None:
+        return list(json.loads((newest / "metadata.json").read_text()).get("masked_token_ids", []))
+    if not cfg.train.init_from:
+        return []
+    try:
+        return list(read_decoder_config(Path(cfg.train.init_from))["masked_token_ids"])
+    except DecodeError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+
+
+def teacher_model(stage: Stage, cfg: Config, groups, layout: Layout, padded: int, tokenizer,
+                  masked_token_ids=()):
     """The AR teacher's model at the layout: seeded, or initialised from ``train.init_from`` when
     the run has no complete checkpoint yet (a resume keeps its own weights)."""
     from .training.checkpoint import list_complete
 
     torch.manual_seed(cfg.train.seed)
-    model = stage.build_model(cfg.model, padded, groups, layout.pp)
+    model = stage.build_model(cfg.model, padded, groups, layout.pp, masked_token_ids=masked_token_ids)
     if cfg.train.init_from and not list_complete(Path(cfg.output_dir) / "checkpoints"):
         from .convert.init import init_from_decoder
 
@@ -110,9 +131,12 @@ def build_stage_trainer(stage: Stage, cfg: Config, original_yaml: str, groups, l
     metadata = {"tokenizer_fingerprint": tokenizer.fingerprint, "padded_vocab_size": padded}
     source: dict = {}
     if stage.is_teacher:
-        model = teacher_model(stage, cfg, groups, layout, padded, tokenizer)
+        masked = teacher_masked_token_ids(cfg)
+        model = teacher_model(stage, cfg, groups, layout, padded, tokenizer, masked)
         sampler, valid = samplers(cfg, shards, layout, groups)
-        task, fields, export_dir = LMTask(groups.tp_group), stage.export_fields(), Path(cfg.output_dir) / "export"
+        metadata["masked_token_ids"] = masked
+        task, export_dir = LMTask(groups.tp_group), Path(cfg.output_dir) / "export"
+        fields = stage.export_fields(masked_token_ids=masked)
     else:
         if inputs is None:
             raise ValueError("a distillation stage's trainer needs its resolved Stage.inputs()")

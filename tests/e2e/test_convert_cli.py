@@ -45,10 +45,15 @@ def test_reshard_tp2_pp2_to_tp1_resumes_and_keeps_logits(smoke_shards, tmp_path)
     a, b = (load_decoder(tmp_path / n).logits(ids)[..., :512] for n in ("a", "b"))
     assert (a - b).abs().max().item() < 1e-5
 
-    # a new run started from converted weights (train.init_from) begins where those weights were
+    # a new run started from converted weights (train.init_from) begins where those weights were;
+    # a token the folder masks (a released model's mask token; here unk, which byte fallback never
+    # emits) stays masked in the new teacher
+    conf = json.loads((tmp_path / "a" / "config.json").read_text())
+    (tmp_path / "a" / "config.json").write_text(json.dumps({**conf, "masked_token_ids": [0]}))
     proc = run_cli("train-teacher", "-o", tmp_path / "init", *common, "--set", "train.max_steps=1",
                    "--set", f"train.init_from={tmp_path / 'a'}")
     assert "teacher initialised from" in proc.stderr
+    assert json.loads((tmp_path / "init" / "export" / "config.json").read_text())["masked_token_ids"] == [0]
     first = {r["step"]: r for r in read_log(tmp_path / "init", "train")}[1]
 
     proc = run_cli("train-teacher", "-o", tp1, *common)

@@ -108,3 +108,22 @@ def test_stage_inputs_name_the_targets_and_the_starting_weights(released, tmp_pa
         Stage(_cfg(tmp_path, *base[1:]), 8).inputs()
     with pytest.raises(ConfigError, match="stage k1 starts from the AR teacher"):
         Stage(_cfg(tmp_path, *base), 1).inputs()
+
+
+def test_a_teacher_fine_tuned_from_a_released_model_keeps_its_mask_token(released, tmp_path):
+    """train.init_from of an imported released AR model: its masked token stays masked in the teacher
+    (and so in the teacher's export); a resume reads the run's own checkpoint instead."""
+    from kforcing_dist.stage_trainer import teacher_masked_token_ids
+    from kforcing_dist.training.checkpoint import MARKER
+
+    assert teacher_masked_token_ids(_cfg(tmp_path)) == []
+    cfg = _cfg(tmp_path, f"train.init_from={released['ar']}")
+    assert teacher_masked_token_ids(cfg) == [60]  # the released model's mask token
+    step = tmp_path / "run" / "checkpoints" / "step-00000002"
+    step.mkdir(parents=True)
+    (step / "metadata.json").write_text('{"masked_token_ids": [7]}')
+    assert teacher_masked_token_ids(cfg) == [60]  # not complete yet: still the folder's
+    (step / MARKER).write_text("")
+    assert teacher_masked_token_ids(cfg) == [7]
+    with pytest.raises(CheckpointError, match="train.init_from: decoder folder .* does not exist"):
+        teacher_masked_token_ids(_cfg(tmp_path / "other", f"train.init_from={tmp_path / 'missing'}"))

@@ -66,7 +66,8 @@ def test_frozen_models_of_a_stage(tmp_path, overrides, k, ar, prev):
 
 def test_export_fields(tmp_path):
     cfg = _cfg(tmp_path, "distill.tau_min=0.5", "distill.cdf_order=sorted")
-    assert Stage(cfg, TEACHER).export_fields() == {"kind": "ar"}
+    assert Stage(cfg, TEACHER).export_fields() == {"kind": "ar", "masked_token_ids": []}
+    assert Stage(cfg, TEACHER).export_fields(masked_token_ids=[5]) == {"kind": "ar", "masked_token_ids": [5]}
     noise = {"features": "rising", "max_freq": 64.0}
     assert Stage(cfg, 2).export_fields(noise, [7]) == {
         "kind": "pflm", "max_k": 2, "noise": noise, "masked_token_ids": [7], "tau_range": (0.5, cfg.distill.tau_max),
