@@ -11,7 +11,6 @@ above ``training/``, ``distill/`` and ``convert/``, beside ``stage.py``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -50,16 +49,20 @@ class StageTrainer:
 
 
 def teacher_masked_token_ids(cfg: Config) -> list[int]:
-    """Tokens the teacher never emits: those of the newest complete checkpoint (a resume keeps its
-    own), else those of the ``train.init_from`` folder (e.g. an imported released model's mask
-    token, which must stay masked in the fine-tuned teacher and its export), else none."""
+    """Tokens the teacher never emits: those of the newest complete checkpoint whose metadata.json
+    reads (a resume keeps its own; a damaged one is left for the checkpointer to name, or to skip
+    with checkpoint.resume_fallback), else those of the ``train.init_from`` folder (e.g. an
+    imported released model's mask token, which must stay masked in the fine-tuned teacher and its
+    export), else none."""
     from .decode.errors import DecodeError
     from .decode.format import read_decoder_config
-    from .training.checkpoint import CheckpointError, latest_complete
+    from .training.checkpoint import CheckpointError, DamagedFile, list_complete, read_json
 
-    newest = latest_complete(Path(cfg.output_dir) / "checkpoints")
-    if newest is not None:
-        return list(json.loads((newest / "metadata.json").read_text()).get("masked_token_ids", []))
+    for _, folder in reversed(list_complete(Path(cfg.output_dir) / "checkpoints")):
+        try:
+            return list(read_json(folder / "metadata.json").get("masked_token_ids", []))
+        except DamagedFile:
+            continue
     if not cfg.train.init_from:
         return []
     try:

@@ -125,5 +125,11 @@ def test_a_teacher_fine_tuned_from_a_released_model_keeps_its_mask_token(release
     assert teacher_masked_token_ids(cfg) == [60]  # not complete yet: still the folder's
     (step / MARKER).write_text("")
     assert teacher_masked_token_ids(cfg) == [7]
+    # a damaged newest checkpoint is the checkpointer's to report (or skip): the previous one's ids
+    newer = step.parent / "step-00000004"
+    newer.mkdir()
+    (newer / "metadata.json").write_text('{"masked_token_ids": [7')
+    (newer / MARKER).write_text("")
+    assert teacher_masked_token_ids(cfg) == [7]
     with pytest.raises(CheckpointError, match="train.init_from: decoder folder .* does not exist"):
         teacher_masked_token_ids(_cfg(tmp_path / "other", f"train.init_from={tmp_path / 'missing'}"))
