@@ -55,12 +55,8 @@ def probabilities(logits: torch.Tensor, tau, min_p: float = 0.0) -> torch.Tensor
     tau = torch.as_tensor(tau, dtype=torch.float64, device=logits.device)
     if tau.ndim:
         tau = tau.unsqueeze(-1)
-    scaled = logits.to(torch.float64) / tau
-    if min_p:
-        check_min_p(min_p)
-        scaled = scaled.masked_fill(below_min_p(scaled, scaled.max(-1, keepdim=True).values, min_p),
-                                    float("-inf"))
-    return torch.softmax(scaled, dim=-1)
+    # tempered first (tau may be per row), then truncated at temperature 1: the same cut
+    return torch.softmax(truncate_min_p(logits.to(torch.float64) / tau, 1.0, min_p), dim=-1)
 
 
 def _ordered(probs: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor | None]:
