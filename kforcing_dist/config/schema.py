@@ -190,6 +190,11 @@ class DistillConfig:
         0.0, "When > 0, the slot budget is this many noise slots per context token (round(this x N), in place "
              "of distill.max_window_slots), so one value keeps the targets per context token at every context "
              "length; W = min(N, budget // k). Opt-in: more slots per step cost longer sequences.")
+    noise_draws_per_start: int = doc_field(
+        1, "Windows per drawn window start, each with its own noise u: the stage trains on R x W windows of k "
+           "slots (W from the slot budget above) over one context pass and one target distribution per start. "
+           "Above 1 a step supervises R times the slots for a longer sequence (N + R W k positions), which "
+           "is how stage k1 can pass one target per context token.")
     noise_inversion_weight: float = doc_field(
         0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
              "the data token); 0 turns it off.")
@@ -236,6 +241,11 @@ class DistillConfig:
         if not slots:
             return 0
         return max(1, min(context_len if available is None else available, slots // k))
+
+    def slot_windows(self, k: int, context_len: int) -> int:
+        """Windows a stage-``k`` sequence of ``context_len`` tokens carries: the distinct starts of
+        :meth:`windows_per_sequence` (0 = every start) times ``noise_draws_per_start``."""
+        return (self.windows_per_sequence(k, context_len) or context_len) * self.noise_draws_per_start
 
 
 @dataclass

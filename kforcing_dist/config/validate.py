@@ -199,6 +199,9 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
             or d.noise_encoder_lr_scale <= 0:
         out.append("distill.max_window_slots, distill.window_slots_per_token and distill.noise_inversion_weight "
                    "must be >= 0, distill.noise_encoder_lr_scale > 0")
+    if d.noise_draws_per_start < 1:
+        out.append(f"distill.noise_draws_per_start={d.noise_draws_per_start} must be >= 1 (1: one window per "
+                   f"drawn start)")
     if d.noise_features == "rising" and d.noise_max_freq < 1:
         out.append(f"distill.noise_max_freq={d.noise_max_freq} must be >= 1 (the lowest frequency of rising "
                    f"noise features)")

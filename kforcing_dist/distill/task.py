@@ -55,8 +55,13 @@ class DistillTask:
         return starts.to(batch.device), tau.to(batch.device)
 
     def _draw_slots(self, batch: torch.Tensor, gen: torch.Generator):
-        """(window starts, noise u [b, W, k], tau) of one micro-batch, in this fixed RNG order."""
+        """(window starts, noise u [b, W, k], tau) of one micro-batch, in this fixed RNG order.
+        With ``noise_draws_per_start`` R > 1 every drawn start appears R times in a row, each copy a
+        window with its own u: more targets per context pass (the targets at one start share the
+        teacher's distribution, but not the noise)."""
         starts, tau = self._draw(batch, gen, batch.shape[1])
+        if self.dcfg.noise_draws_per_start > 1:
+            starts = starts.repeat_interleave(self.dcfg.noise_draws_per_start, dim=1)
         u = torch.rand((*starts.shape, self.k), generator=gen, dtype=torch.float64).to(batch.device)
         return starts, u, tau
 

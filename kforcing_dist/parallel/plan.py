@@ -368,7 +368,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
     b = layout.micro_batch_size
     N = scfg.train.seq_len
     if k:
-        W = scfg.distill.windows_per_sequence(k, N) or N
+        W = scfg.distill.slot_windows(k, N)
         S = W * k
     else:
         W, S = 0, N  # the teacher's loss covers every position

@@ -221,6 +221,13 @@ def test_teacher_min_p_range_and_noise_inversion_refusal():
     assert any("a data token in the cut tail" in p for p in validate(cfg, world_size=1))
 
 
+def test_noise_draws_per_start_must_be_positive():
+    cfg, _ = load_config(None, ["distill.noise_draws_per_start=2"])
+    check(cfg, world_size=1)
+    cfg, _ = load_config(None, ["distill.noise_draws_per_start=0"])
+    assert any("distill.noise_draws_per_start=0 must be >= 1" in p for p in validate(cfg, world_size=1))
+
+
 @pytest.mark.parametrize("name", ["norm", "activation", "position", "attention_backend"])
 def test_model_validators_read_their_choices_from_the_schema(name, monkeypatch):
     # Narrow one field's choices in the schema to its first value: every model-config validator

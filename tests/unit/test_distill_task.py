@@ -106,3 +106,39 @@ def test_window_slots_per_token_scales_the_slot_budget_with_the_context(groups, 
     x = batch()
     starts, u, _ = task._draw_slots(x, task._generator(0, 0))
     assert starts.shape == (x.shape[0], rel.windows_per_sequence(1, x.shape[1])) and u.shape[2] == 1
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_noise_draws_per_start_gives_each_start_several_independent_windows(groups, models, k):
+    """distill.noise_draws_per_start = R: every drawn start appears R times in a row, each copy a
+    window with its own u, and each window trains exactly as it would alone (windows sharing a
+    start do not see each other; its target is G at that start under its own u)."""
+    from kforcing_dist.distill.losses import slot_metrics
+    from kforcing_dist.distill.targets import self_forcing_targets, stage1_targets
+
+    teacher, k1, k2 = models
+    student = k1 if k == 1 else k2
+    dcfg = DistillConfig(max_window_slots=3 * k, noise_draws_per_start=2)
+    assert dcfg.slot_windows(k, 12) == 6 and DistillConfig(noise_draws_per_start=3).slot_windows(k, 12) == 36
+    task = DistillTask(k, dcfg, groups, **({"ar_teacher": teacher} if k == 1 else {"prev_student": k1}))
+    x = batch()
+    starts, u, tau = task._draw_slots(x, task._generator(1, 0))
+    assert starts.shape == (2, 6) and u.shape == (2, 6, k)
+    assert torch.equal(starts[:, 0::2], starts[:, 1::2]) and (starts[:, 2::2] > starts[:, 0:-2:2]).all()
+    assert not torch.equal(u[:, 0::2], u[:, 1::2])  # the copies draw their own noise
+
+    def targets_of(s, uu):
+        if k == 1:
+            return stage1_targets(teacher, x, s, uu, tau, "vocab", groups)
+        return self_forcing_targets(k1, x, s, uu, tau, groups)
+
+    targets = targets_of(starts, u)
+    with torch.no_grad():
+        logits = student(x, starts, u, tau)
+        for w in range(6):  # each window alone: the same targets and the same student logits
+            one = starts[:, w:w + 1], u[:, w:w + 1]
+            assert torch.equal(targets[:, w:w + 1], targets_of(*one))
+            torch.testing.assert_close(logits[:, w:w + 1], student(x, *one, tau), rtol=1e-5, atol=1e-5)
+        want, _ = slot_metrics(logits, targets, groups)
+    loss, _ = task.train_loss(student, x, step=1, micro=0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)

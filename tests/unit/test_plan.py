@@ -138,6 +138,15 @@ def test_teacher_chain_stage_holds_the_ar_teacher_and_its_kept_inputs():
     assert extra == layers * kept
 
 
+def test_noise_draws_per_start_lengthens_the_planned_sequence():
+    cfg, _ = load_config(str(LLAMA_1B), [])
+    one = make_plan(cfg, 1, 8, "k2")
+    cfg, _ = load_config(str(LLAMA_1B), ["distill.noise_draws_per_start=3"])
+    three = make_plan(cfg, 1, 8, "k2")
+    assert three.windows == 3 * one.windows and three.packed_len == three.context_len + 3 * one.windows * 2
+    assert three.stages[0].memory["activations"] > one.stages[0].memory["activations"]
+
+
 def test_cli_text_json_and_exit_codes(capsys):
     assert main(["plan", "-c", str(LLAMA_7B), "--nodes", "2", "--gpus-per-node", "8", "--stage", "k4"]) == 0
     text = capsys.readouterr().out
