@@ -77,11 +77,12 @@ def _check_u(u: torch.Tensor, batch: int, windows: int, name: str = "u") -> None
 @torch.no_grad()
 def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_starts: torch.Tensor,
                    u: torch.Tensor, tau, order: str, tp_group, min_p: float = 0.0) -> torch.Tensor:
-    """Stage-1 targets from the AR teacher: LongTensor [b, W, 1].
+    """Stage-1 targets from the AR teacher: LongTensor [b, W, R].
 
-    input_ids [b, N]; window_starts [b, W] in [0, N-1]; u [b, W, 1]; tau number or [b].
-    target(t, 1) = G(teacher logits at position t, u) with temperature tau inside G, of the
-    teacher's min-p truncated distribution when ``min_p`` > 0.
+    input_ids [b, N]; window_starts [b, W] in [0, N-1]; u [b, W, R]: R >= 1 independent draws at
+    each start (R one-slot windows sharing it; the teacher's distribution there is computed once);
+    tau number or [b]. target(t, r) = G(teacher logits at position t, u_r) with temperature tau
+    inside G, of the teacher's min-p truncated distribution when ``min_p`` > 0.
     """
     check_order(order)
     if input_ids.dim() != 2:
@@ -101,7 +102,7 @@ def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor
                                tau, order: str, tp_group, vocab_size: int,
                                min_p: float = 0.0) -> torch.Tensor:
     """:func:`stage1_targets` from the teacher's vocab-parallel logits [b, N, V/tp] over the
-    context, computed elsewhere (on the last pipeline stage). LongTensor [b, W, 1]."""
+    context, computed elsewhere (on the last pipeline stage). LongTensor [b, W, R]."""
     check_order(order)
     if logits.dim() != 3:
         raise ValueError(f"teacher logits must have shape [b, N, V/tp], got {tuple(logits.shape)}")
@@ -109,14 +110,12 @@ def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor
     check_window_starts(window_starts, b, N)
     W = window_starts.shape[1]
     _check_u(u, b, W)
-    if u.shape[2] != 1:
-        raise ValueError(f"stage 1 has one slot per window: u must be [b, W, 1], got {tuple(u.shape)}")
     tau = per_sequence_tau(tau, b, logits.device)
     idx = window_starts.to(logits.device).long()[:, :, None].expand(b, W, logits.shape[-1])
     at_starts = logits.gather(1, idx)                                    # [b, W, V/tp]
-    return vp_inverse_cdf_sample(at_starts, u[..., 0], tau[:, None], order,
+    return vp_inverse_cdf_sample(at_starts, u, tau[:, None], order,
                                  dist.get_rank(resolve_tp_group(tp_group)) * logits.shape[-1], vocab_size,
-                                 tp_group, min_p=min_p).unsqueeze(-1)
+                                 tp_group, min_p=min_p)
 
 
 @torch.no_grad()

@@ -76,12 +76,20 @@ class DistillTask:
 
         tp = self.groups.tp_group
         if self.k == 1:
-            return stage1_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp,
-                                  self.dcfg.teacher_min_p)
+            distinct, draws = self._distinct_starts(starts, u)
+            return stage1_targets(self.ar_teacher, context, distinct, draws, tau, self.dcfg.cdf_order, tp,
+                                  self.dcfg.teacher_min_p).reshape(u.shape)
         if self.chain:
             return teacher_chain_targets(self.ar_teacher, context, starts, u, tau, self.dcfg.cdf_order, tp,
                                          self.dcfg.teacher_min_p)
         return self_forcing_targets(self.prev_student, context, starts, u, tau, tp)
+
+    def _distinct_starts(self, starts: torch.Tensor, u: torch.Tensor):
+        """Stage 1's (distinct starts [b, W], their draws [b, W, R]) from the drawn windows, whose
+        R copies of each start sit in a row (:meth:`_draw_slots`): G then builds the teacher's
+        CDF once per start."""
+        r = self.dcfg.noise_draws_per_start
+        return starts[:, ::r], u.reshape(u.shape[0], -1, r)
 
     def _loss(self, engine, batch: torch.Tensor, gen: torch.Generator):
         from .losses import slot_metrics
@@ -144,8 +152,9 @@ class DistillTask:
         logits = self.ar_teacher([batch for batch, _, _, _ in draws])
         if logits is None:
             return None
-        return [stage1_targets_from_logits(out, starts, u, tau, self.dcfg.cdf_order, self.groups.tp_group,
-                                           self.ar_teacher.vocab_size, self.dcfg.teacher_min_p)
+        return [stage1_targets_from_logits(out, *self._distinct_starts(starts, u), tau, self.dcfg.cdf_order,
+                                           self.groups.tp_group, self.ar_teacher.vocab_size,
+                                           self.dcfg.teacher_min_p).reshape(u.shape)
                 for out, (_, starts, u, tau) in zip(logits, draws)]
 
     def pipe_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

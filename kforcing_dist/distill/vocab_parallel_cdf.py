@@ -93,17 +93,20 @@ def vp_inverse_cdf_sample(logits_local: torch.Tensor, u: torch.Tensor, tau, orde
                           chunk_rows: int = DEFAULT_CHUNK_ROWS, min_p: float = 0.0) -> torch.Tensor:
     """G(x, u) on vocab-parallel logits [..., V/tp] -> token ids [...] (int64, the same on every rank).
 
-    u [...] in [0, 1); tau a number or broadcastable to u; ``vocab_start`` is this rank's first
-    id; ids >= ``vocab_size`` are padding; ``min_p`` > 0 truncates the distribution first.
+    u [...] in [0, 1), or [..., R]: R draws per row, one CDF for all of them (-> ids [..., R]);
+    tau a number or broadcastable to the rows; ``vocab_start`` is this rank's first id; ids >=
+    ``vocab_size`` are padding; ``min_p`` > 0 truncates the distribution first.
     """
     check_order(order)
     check_min_p(min_p)
     group = resolve_tp_group(tp_group)
     if dist.get_world_size(group) == 1:
         return inverse_cdf_sample(logits_local[..., :vocab_size], u, tau, order, min_p)
+    draws = u.dim() == logits_local.dim()
+    rows_shape = u.shape[:-1] if draws else u.shape
     if order == "sorted":
-        rows_u = u.reshape(-1)
-        rows_tau = _flat_tau(tau, u.shape, u.device)
+        rows_u = u.reshape(rows_shape.numel(), -1)
+        rows_tau = _flat_tau(tau, rows_shape, u.device)
         out = torch.empty(rows_u.shape, dtype=torch.long, device=logits_local.device)
         for rows, full in _gathered_rows(logits_local, group, chunk_rows):
             out[rows] = inverse_cdf_sample(full[..., :vocab_size], rows_u[rows], rows_tau[rows], order,
@@ -111,7 +114,7 @@ def vp_inverse_cdf_sample(logits_local: torch.Tensor, u: torch.Tensor, tau, orde
         return out.view(u.shape)
     probs = _local_probabilities(logits_local, tau, vocab_start, vocab_size, group, min_p)
     cdf, _ = _global_cdf(probs, group)
-    uu = u.to(torch.float64).unsqueeze(-1)
+    uu = u.to(torch.float64) if draws else u.to(torch.float64).unsqueeze(-1)
     local_v = cdf.shape[-1]
     # first index whose cumulative probability exceeds u (as inverse_cdf_sample), if it is here
     idx = torch.searchsorted(cdf.contiguous(), uu.contiguous(), right=True)
@@ -128,7 +131,8 @@ def vp_inverse_cdf_sample(logits_local: torch.Tensor, u: torch.Tensor, tau, orde
                             torch.full_like(idx, -1))
     dist.all_reduce(token, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(last_here, op=dist.ReduceOp.MAX, group=group)
-    return torch.minimum(token, last_here).squeeze(-1)
+    token = torch.minimum(token, last_here)
+    return token if draws else token.squeeze(-1)
 
 
 def vp_invert_noise_exact(logits_local: torch.Tensor, tokens: torch.Tensor, r: torch.Tensor, tau,

@@ -70,12 +70,16 @@ def _ordered(probs: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tenso
 
 def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: str = "vocab",
                        min_p: float = 0.0) -> torch.Tensor:
-    """G(x, u): logits [..., V], u [...] in [0, 1) -> token ids [...] (int64)."""
+    """G(x, u): logits [..., V], u [...] in [0, 1) -> token ids [...] (int64).
+
+    u may also be [..., R], R draws per row of logits: the distribution and its CDF are then
+    built once per row and serve all R (-> token ids [..., R])."""
     check_order(order)
     probs = probabilities(logits, tau, min_p)
     ordered, perm = _ordered(probs, order)
     cdf = ordered.cumsum(-1)
-    u = u.to(torch.float64).unsqueeze(-1)
+    draws = u.dim() == logits.dim()
+    u = u.to(torch.float64) if draws else u.to(torch.float64).unsqueeze(-1)
     # first index whose cumulative probability exceeds u, so u in [low, high) maps to the token
     # and zero-probability tokens (flat CDF steps) are never chosen; the clamp guards u close
     # to 1 against round-off in the last cumsum entry
@@ -84,7 +88,7 @@ def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: st
     last_nonzero = (ordered > 0).to(torch.int64).cumsum(-1).argmax(-1, keepdim=True)
     idx = torch.minimum(idx, last_nonzero)
     tokens = idx if perm is None else perm.gather(-1, idx)
-    return tokens.squeeze(-1)
+    return tokens if draws else tokens.squeeze(-1)
 
 
 def _cdf_positions(logits: torch.Tensor, tokens: torch.Tensor, tau, order: str, min_p: float):

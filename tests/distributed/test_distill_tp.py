@@ -156,6 +156,8 @@ def _tp_worker(rank, world):
                 r["teacher"] = gather_full_vocab(teacher(ctx), group)
             for order in ("vocab", "sorted"):
                 r[f"stage1_{order}"] = stage1_targets(teacher, ctx, ws, u[..., :1], tau, order, group)
+                # 4 draws per start (distill.noise_draws_per_start): one CDF per start serves all
+                r[f"stage1_draws_{order}"] = stage1_targets(teacher, ctx, ws, u, tau, order, group)
                 r[f"inv_{order}"] = noise_inversion_batch(
                     teacher, ids, ws, 2, tau, order, torch.Generator().manual_seed(5), group)
                 r[f"chain_{order}"] = teacher_chain_targets(teacher, ctx, ws, u, tau, order, group)
@@ -177,6 +179,12 @@ def _tp_worker(rank, world):
         res["padded_masked"] = bool(torch.all(tp["logits"][..., VOCAB:] < -1e3))
         for order in ("vocab", "sorted"):
             res[f"stage1_{order}_equal"] = torch.equal(tp[f"stage1_{order}"], ref[f"stage1_{order}"])
+            res[f"stage1_draws_{order}_equal"] = torch.equal(tp[f"stage1_draws_{order}"], ref[f"stage1_draws_{order}"])
+            # each draw is the one-draw target of its own u
+            res[f"stage1_draws_{order}_each"] = all(torch.equal(
+                ref[f"stage1_draws_{order}"][..., j:j + 1],
+                stage1_targets(models["ref"][0], ctx, ws, u[..., j:j + 1], tau, order, models["ref"][2]))
+                for j in range(u.shape[-1]))
             res[f"inv_{order}_targets_equal"] = torch.equal(tp[f"inv_{order}"][1], ref[f"inv_{order}"][1])
             res[f"inv_{order}_u_err"] = (tp[f"inv_{order}"][0] - ref[f"inv_{order}"][0]).abs().max().item()
             res[f"chain_{order}_equal"] = torch.equal(tp[f"chain_{order}"], ref[f"chain_{order}"])
@@ -247,6 +255,8 @@ def test_targets_match_tp1(results, case):
         r = res[case]
         for order in ("vocab", "sorted"):
             assert r[f"stage1_{order}_equal"], f"rank {rank}: stage-1 targets ({order}) differ"
+            assert r[f"stage1_draws_{order}_equal"] and r[f"stage1_draws_{order}_each"], \
+                f"rank {rank}: stage-1 targets of several draws per start ({order}) differ"
             assert r[f"inv_{order}_targets_equal"]
             assert r[f"inv_{order}_u_err"] < 1e-6, f"rank {rank}: inverted noise ({order})"
             assert r[f"chain_{order}_equal"], f"rank {rank}: teacher-chain targets ({order}) differ"
