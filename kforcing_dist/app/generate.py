@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..decode import Decoder, DecodeError, TauRangeWarning, tau_range_message
-from ..decode.penalty import penalty_for_mode
+from ..decode.generate import decode_kwargs
 from .paths import check_output_file, open_output_file
 from .runtime import setup_logging
 
@@ -42,8 +42,8 @@ def run_generate(cfg: Config, args) -> int:
         raise DecodeError(f"--mode {mode} needs {name[mode]} decoder folder, but {args.model} holds "
                           f"{name[decoder.kind]} model; use --mode {decoder.kind} (or auto)")
     k = args.k if args.k is not None else (min(dec.k, decoder.model.max_k) if mode == "pflm" else 1)
-    setting = dec.frequency_penalty if args.frequency_penalty is None else args.frequency_penalty
-    penalty = penalty_for_mode(setting, mode, k)
+    kwargs = decode_kwargs(dec, mode, k=k, frequency_penalty=args.frequency_penalty)
+    k, penalty = kwargs["k"], kwargs["frequency_penalty"]
     prompts = read_prompts(args.prompts)
     untested = tau_range_message(decoder.model, dec.tau) if mode == "pflm" else None
     if untested:  # once, as one line (the library's warning would add its source line)
@@ -54,9 +54,7 @@ def run_generate(cfg: Config, args) -> int:
             warnings.simplefilter("ignore", TauRangeWarning)  # printed above
             for start in range(0, len(prompts), dec.batch_size):
                 batch = prompts[start:start + dec.batch_size]
-                res = decoder.generate_text(batch, mode=mode, k=k, max_new_tokens=dec.max_new_tokens, tau=dec.tau,
-                                            frequency_penalty=penalty, seed=dec.seed + start,
-                                            **({"min_p": dec.min_p} if mode == "ar" else {}))
+                res = decoder.generate_text(batch, **{**kwargs, "seed": kwargs["seed"] + start})
                 for prompt, text, toks, fin in zip(batch, res.texts, res.tokens, res.finished):
                     out.write(json.dumps({"prompt": prompt, "completion": text, "tokens": toks, "finished": fin,
                                           "mode": mode, "k": k, "frequency_penalty": penalty}) + "\n")

@@ -523,13 +523,16 @@ class Decoder:
         return generate_text(self.model, self.tokenizer, texts, **kwargs)
 
 
-def decode_kwargs(decode_cfg, mode: str) -> dict:
+def decode_kwargs(decode_cfg, mode: str, k: Optional[int] = None, frequency_penalty=None) -> dict:
     """generate() keyword arguments from a DecodeConfig (k only applies to mode 'pflm', min_p to
     mode 'ar'; the frequency penalty resolved for that mode and k:
-    :func:`.penalty.penalty_for_mode`)."""
-    k = decode_cfg.k if mode == "pflm" else 1
+    :func:`.penalty.penalty_for_mode`). ``k`` and ``frequency_penalty`` (a number or a {k: value}
+    map), when given, replace the config's, as command-line flags do."""
+    if k is None:  # an explicit k stays, so generate() refuses k > 1 with mode 'ar'
+        k = decode_cfg.k if mode == "pflm" else 1
+    setting = decode_cfg.frequency_penalty if frequency_penalty is None else frequency_penalty
     extra = {"min_p": decode_cfg.min_p} if mode == "ar" else {}
     return {"mode": mode, "k": k, "tau": decode_cfg.tau, **extra,
             "max_new_tokens": decode_cfg.max_new_tokens,
-            "frequency_penalty": penalty_for_mode(decode_cfg.frequency_penalty, mode, k),
+            "frequency_penalty": penalty_for_mode(setting, mode, k),
             "seed": decode_cfg.seed}

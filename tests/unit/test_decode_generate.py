@@ -302,6 +302,11 @@ def test_decode_kwargs_from_config():
         cfg = DecodeConfig(k=2, frequency_penalty=setting)
         assert decode_kwargs(cfg, "pflm")["frequency_penalty"] == pflm
         assert decode_kwargs(cfg, "ar")["frequency_penalty"] == ar
+    # flags replace the config: k (the penalty then resolved for it) and the penalty setting
+    cfg = DecodeConfig(k=2, frequency_penalty=None)
+    assert decode_kwargs(cfg, "pflm", k=4)["frequency_penalty"] == 0.5 and decode_kwargs(cfg, "pflm", k=4)["k"] == 4
+    assert decode_kwargs(cfg, "pflm", frequency_penalty={2: 0.1})["frequency_penalty"] == 0.1
+    assert decode_kwargs(cfg, "ar", frequency_penalty=0.7)["frequency_penalty"] == 0.7
 
 
 def test_speed_run_reports_median_and_leaves_eos_alone():
