@@ -20,6 +20,7 @@ longest sequence's end, with a per-sequence boolean mask (True = may attend).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -156,6 +157,22 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
 
+_GELU_TANH_SCALE = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation, 0.5 x (1 + tanh(a)) = x sigmoid(2a), a = sqrt(2/pi) (x +
+    0.044715 x^3). On a CPU in float32/64 the sigmoid form, in place on one temporary: this
+    build's vectorised tanh is about 3x slower than its sigmoid, which made the activation ~8% of
+    a batch-8 PFLM step (64 rows). Equal to F.gelu(approximate="tanh") up to float rounding
+    (<= 5e-7 on float32 activations); elsewhere (GPU kernels, bf16) F.gelu itself."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.requires_grad:
+        return F.gelu(x, approximate="tanh")
+    t = x * x
+    t.mul_(x).mul_(0.044715).add_(x).mul_(_GELU_TANH_SCALE).sigmoid_()
+    return t.mul_(x)
+
+
 class MLP(nn.Module):
     def __init__(self, m: Mapping[str, Any], dtype: torch.dtype):
         super().__init__()
@@ -172,7 +189,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(gelu_tanh(self.fc1(x)))
 
 
 class Block(nn.Module):

@@ -228,3 +228,15 @@ def test_fast_cpu_step_keeps_head_and_down_projection_weights_input_major_with_s
     model.forward_step(model.allocate_cache(1, 8), torch.tensor([[1, 2]]))
     assert model.lm_head.weight.stride(0) == 1 and model.layers[0].mlp.fc2.weight.stride(0) == 1
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_cpu_gelu_tanh_equals_torch_gelu_tanh():
+    from kforcing_dist.decode.model import gelu_tanh
+
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([-1e4, -60.0, 0.0, 60.0, 1e4])])
+    want = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(gelu_tanh(x), want, rtol=1e-6, atol=5e-7)
+    x64 = x.double()
+    torch.testing.assert_close(gelu_tanh(x64), F.gelu(x64, approximate="tanh"), rtol=1e-12, atol=1e-13)
+    assert torch.equal(gelu_tanh(x.bfloat16()), F.gelu(x.bfloat16(), approximate="tanh"))  # F.gelu itself
+    assert x.equal(torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([-1e4, -60.0, 0.0, 60.0, 1e4])]))
