@@ -28,7 +28,9 @@ OVERRIDES = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", 
              f"train.seq_len={SEQ}", f"train.global_batch_size={GLOBAL_BATCH}", "train.max_steps=10",
              "train.warmup_steps=2", "train.lr=1e-2", "train.grad_clip=0.05", "train.weight_decay=0.1",
              "parallel.zero_stage=1"]
-DISTILL = ["distill.max_window_slots=8", "distill.tau_min=0.7", "distill.tau_max=1.3", "distill.seed=5"]
+# two draws per start: the pipeline builds stage-1 targets from distinct starts too (task._distinct_starts)
+DISTILL = ["distill.max_window_slots=8", "distill.noise_draws_per_start=2", "distill.tau_min=0.7",
+           "distill.tau_max=1.3", "distill.seed=5"]
 # fp32: parallel layouts sum in another order; ~1e-4 is the fp32 noise (engines-on-cpu.md)
 PARAM_TOL = 1e-4
 
