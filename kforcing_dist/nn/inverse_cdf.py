@@ -55,8 +55,14 @@ def probabilities(logits: torch.Tensor, tau, min_p: float = 0.0) -> torch.Tensor
     tau = torch.as_tensor(tau, dtype=torch.float64, device=logits.device)
     if tau.ndim:
         tau = tau.unsqueeze(-1)
-    # tempered first (tau may be per row), then truncated at temperature 1: the same cut
-    return torch.softmax(truncate_min_p(logits.to(torch.float64) / tau, 1.0, min_p), dim=-1)
+    # tempered first (tau may be per row), then truncated at temperature 1: the same cut; the
+    # division runs in place on the float64 copy (one V-wide float64 buffer fewer per row)
+    scaled = logits.to(torch.float64)
+    if scaled is logits or torch.broadcast_shapes(tau.shape, scaled.shape) != scaled.shape:
+        scaled = scaled / tau  # the caller's own tensor, or a tau that widens the result
+    else:
+        scaled.div_(tau)
+    return torch.softmax(truncate_min_p(scaled, 1.0, min_p), dim=-1)
 
 
 def _ordered(probs: torch.Tensor, order: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,9 +90,13 @@ def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: st
     # and zero-probability tokens (flat CDF steps) are never chosen; the clamp guards u close
     # to 1 against round-off in the last cumsum entry
     idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp_(max=cdf.shape[-1] - 1)
-    # never return a zero-probability token (e.g. a padded entry) because of round-off at the top
-    last_nonzero = (ordered > 0).to(torch.int64).cumsum(-1).argmax(-1, keepdim=True)
-    idx = torch.minimum(idx, last_nonzero)
+    # never return a zero-probability token (e.g. a padded entry) because of round-off at the top:
+    # only the clamp above can land on one (any other idx is the first entry whose cdf exceeds u,
+    # so its probability is > 0), and there the answer is the last nonzero entry. That V-wide
+    # scan runs only when some row needs it.
+    if bool((ordered.gather(-1, idx) <= 0).any()):
+        last_nonzero = (ordered > 0).to(torch.int64).cumsum(-1).argmax(-1, keepdim=True)
+        idx = torch.minimum(idx, last_nonzero)
     tokens = idx if perm is None else perm.gather(-1, idx)
     return tokens if draws else tokens.squeeze(-1)
 

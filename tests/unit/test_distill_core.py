@@ -131,6 +131,34 @@ def test_cdf_interval_contains_u(order):
     assert torch.all(low <= u) and torch.all(u < high)
 
 
+@pytest.mark.parametrize("order", ["vocab", "sorted"])
+def test_u_at_the_top_never_returns_a_zero_probability_token(order):
+    """u at or past the float64 cumsum's last value (round-off: it can end below 1) must give the
+    last token of nonzero probability, not a cut, masked or padded one; R draws per row (u one
+    dim longer) give each draw's token."""
+    from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample, probabilities
+
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(6, 12, generator=gen)
+    logits[:, 9:] = float("-inf")           # padded tail: probability 0
+    logits[1, 3] = float("-inf")            # a masked token inside
+    top = probabilities(logits, 1.0).cumsum(-1)[:, -1]
+    for u in (top, torch.ones(6, dtype=torch.float64), torch.nextafter(top, torch.ones(()).double())):
+        got = inverse_cdf_sample(logits, u, 1.0, order)
+        if order == "vocab":
+            assert got.tolist() == [8] * 6
+        assert torch.all(torch.isfinite(logits.gather(-1, got[:, None])))
+    as_given = logits.double()
+    probabilities(as_given, torch.full((6,), 0.5))  # tempers a copy, never the caller's float64 logits
+    assert torch.equal(as_given, logits.double())
+    u = torch.rand(6, 5, generator=gen, dtype=torch.float64)
+    u[:, -1] = 1.0
+    many = inverse_cdf_sample(logits, u, 0.7, order, min_p=0.05)
+    assert many.shape == (6, 5)
+    for j in range(5):
+        assert torch.equal(many[:, j], inverse_cdf_sample(logits, u[:, j], 0.7, order, min_p=0.05))
+
+
 def test_sorted_order_small_u_gives_argmax():
     from kforcing_dist.nn.inverse_cdf import inverse_cdf_sample
 
