@@ -194,7 +194,8 @@ class DistillConfig:
         1, "Windows per drawn window start, each with its own noise u: the stage trains on R x W windows of k "
            "slots (W from the slot budget above) over one context pass and one target distribution per start. "
            "Above 1 a step supervises R times the slots for a longer sequence (N + R W k positions), which "
-           "is how stage k1 can pass one target per context token.")
+           "is how stage k1 can pass one target per context token. Opt-in: more targets per second, but on "
+           "the demo no better students at equal wall time (docs/recipe.md).")
     noise_inversion_weight: float = doc_field(
         0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
              "the data token); 0 turns it off.")
