@@ -92,9 +92,10 @@ def inverse_cdf_sample(logits: torch.Tensor, u: torch.Tensor, tau=1.0, order: st
     idx = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True).clamp_(max=cdf.shape[-1] - 1)
     # never return a zero-probability token (e.g. a padded entry) because of round-off at the top:
     # only the clamp above can land on one (any other idx is the first entry whose cdf exceeds u,
-    # so its probability is > 0), and there the answer is the last nonzero entry. That V-wide
-    # scan runs only when some row needs it.
-    if bool((ordered.gather(-1, idx) <= 0).any()):
+    # so its probability is > 0), and there the answer is the last nonzero entry. On a CPU that
+    # V-wide scan runs only when some row needs it; elsewhere always, since asking would cost a
+    # host sync inside decoding loops (AR inverse-CDF sampling, lossless verification).
+    if ordered.device.type != "cpu" or bool((ordered.gather(-1, idx) <= 0).any()):
         last_nonzero = (ordered > 0).to(torch.int64).cumsum(-1).argmax(-1, keepdim=True)
         idx = torch.minimum(idx, last_nonzero)
     tokens = idx if perm is None else perm.gather(-1, idx)
