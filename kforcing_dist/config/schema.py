@@ -196,6 +196,11 @@ class DistillConfig:
            "Above 1 a step supervises R times the slots for a longer sequence (N + R W k positions), which "
            "is how stage k1 can pass one target per context token. Opt-in: more targets per second, but on "
            "the demo no better students at equal wall time (docs/recipe.md).")
+    context_gradients: bool = doc_field(
+        True, "Backpropagate the slots' loss through the context's hidden states. false: the context runs "
+              "without autograd and only the window rows (and the key/value projections of the context rows) "
+              "carry gradients: the same forward for a cheaper backward, but fewer gradient paths. Needs "
+              "parallel.pp: 1.")
     noise_inversion_weight: float = doc_field(
         0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
              "the data token); 0 turns it off.")

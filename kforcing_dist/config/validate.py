@@ -216,6 +216,9 @@ def _distill_problems(cfg: Config, check_files: bool) -> list[str]:
     if d.partition_frozen and cfg.parallel.pp > 1:
         out.append("distill.partition_frozen (ZeRO-3 frozen models) needs parallel.pp = 1: with a pipeline "
                    "the frozen models are already split by stage; set distill.partition_frozen=false")
+    if not d.context_gradients and cfg.parallel.pp > 1:
+        out.append("distill.context_gradients=false needs parallel.pp = 1 (a pipeline stage runs the context and "
+                   "window rows as one sequence); set distill.context_gradients=true")
     if d.higher_stage_targets not in HIGHER_STAGE_TARGETS:
         out.append(f"distill.higher_stage_targets={d.higher_stage_targets!r}: use one of "
                    f"{', '.join(HIGHER_STAGE_TARGETS)}")

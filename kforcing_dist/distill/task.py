@@ -98,7 +98,7 @@ class DistillTask:
         k, d = self.k, self.dcfg
         starts, u, tau = self._draw_slots(batch, gen)
         targets = self._targets(batch, starts, u, tau)
-        loss, metrics = slot_metrics(engine(batch, starts, u, tau), targets, self.groups.tp_group)
+        loss, metrics = slot_metrics(engine(batch, starts, u, tau, context_gradients=d.context_gradients), targets, self.groups.tp_group)
         out = self._flatten(metrics, "")
         if d.noise_inversion_weight > 0:
             # real continuation x_{t+1..t+k} must exist: the last k tokens serve only as targets
@@ -106,7 +106,8 @@ class DistillTask:
             inv_starts, inv_tau = self._draw(batch, gen, context_len, max_start=context_len - 1)
             inv_u, inv_targets = noise_inversion_batch(self.ar_teacher, batch, inv_starts, k, inv_tau,
                                                        d.cdf_order, gen, self.groups.tp_group)
-            inv_logits = engine(batch[:, :context_len], inv_starts, inv_u, inv_tau)
+            inv_logits = engine(batch[:, :context_len], inv_starts, inv_u, inv_tau,
+                                context_gradients=d.context_gradients)
             inv_loss, inv_metrics = slot_metrics(inv_logits, inv_targets, self.groups.tp_group)
             out.update(self._flatten(inv_metrics, "inv_"))
             out["distill_loss"] = float(loss.detach())

@@ -79,18 +79,19 @@ class PFLM(TransformerLM):
                                           features=noise_features)
 
     def forward(self, input_ids: torch.Tensor, window_starts: Optional[torch.Tensor] = None,
-                u: Optional[torch.Tensor] = None, tau=1.0, window_tokens: Optional[torch.Tensor] = None):
+                u: Optional[torch.Tensor] = None, tau=1.0, window_tokens: Optional[torch.Tensor] = None,
+                context_gradients: bool = True):
         """With ``window_starts``: :meth:`forward_windows` (how a training engine calls the student);
         without: the plain causal LM forward of the backbone."""
         if window_starts is None:
             return super().forward(input_ids)
-        return self.forward_windows(input_ids, window_starts, u, tau, window_tokens)
+        return self.forward_windows(input_ids, window_starts, u, tau, window_tokens, context_gradients)
 
     # ---------------------------------------------------------------- windows
 
     def forward_windows(self, input_ids: torch.Tensor, window_starts: torch.Tensor,
-                        u: torch.Tensor, tau, window_tokens: Optional[torch.Tensor] = None
-                        ) -> torch.Tensor:
+                        u: torch.Tensor, tau, window_tokens: Optional[torch.Tensor] = None,
+                        context_gradients: bool = True) -> torch.Tensor:
         """Logits of every noise slot of every window, in one pass.
 
         input_ids [b, N] context; window_starts [b, W] in [0, N-1]; u [b, W, m_noise] in [0, 1)
@@ -98,7 +99,19 @@ class PFLM(TransformerLM):
         window_tokens [b, W, m_real] real tokens placed first in each window (positions
         t+1..t+m_real), then the noise slots at t+m_real+1..t+m_real+m_noise.
         Returns vocab-parallel float32 logits [b, W, m_noise, V_padded/tp].
+
+        ``context_gradients`` False (``distill.context_gradients``): the same logits, but the
+        context's hidden states carry no gradient: the context runs once without autograd
+        (:meth:`context_pass`) and only the window items run with it, their keys and values over
+        the context projected from those detached hidden states (so the key/value projections
+        still learn from the context rows). The backward then covers the window rows instead of
+        the context and window rows: a cheaper step that drops the gradient paths from the slots'
+        loss through the context's residual stream.
         """
+        if not context_gradients and torch.is_grad_enabled():
+            with torch.no_grad():
+                context = self.context_pass(input_ids)
+            return self.window_item_logits(context, input_ids, window_starts, u, tau, window_tokens)
         hidden, position_ids, mask, shape = self.window_inputs(input_ids, window_starts, u, tau,
                                                                window_tokens)
         # context rows see only the context: they take the causal fast path

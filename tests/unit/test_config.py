@@ -228,6 +228,13 @@ def test_noise_draws_per_start_must_be_positive():
     assert any("distill.noise_draws_per_start=0 must be >= 1" in p for p in validate(cfg, world_size=1))
 
 
+def test_training_without_context_gradients_needs_no_pipeline():
+    cfg, _ = load_config(None, ["distill.context_gradients=false"])
+    check(cfg, world_size=1)
+    cfg, _ = load_config(None, ["distill.context_gradients=false", "parallel.pp=2"])
+    assert any("distill.context_gradients=false needs parallel.pp = 1" in p for p in validate(cfg, world_size=2))
+
+
 @pytest.mark.parametrize("name", ["norm", "activation", "position", "attention_backend"])
 def test_model_validators_read_their_choices_from_the_schema(name, monkeypatch):
     # Narrow one field's choices in the schema to its first value: every model-config validator

@@ -646,3 +646,49 @@ def test_staircase_causal_prefix_attention_equals_the_dense_masked_path(groups, 
         assert split_g.keys() == dense_g.keys() and len(dense_g) > 4
         for name in dense_g:
             torch.testing.assert_close(split_g[name], dense_g[name], rtol=0, atol=1e-10, msg=name)
+
+
+def _detached_context_reference(student, ids, ws, u, tau, real):
+    """forward_windows' dense masked pass with the context rows' hidden states detached at every
+    layer's input: what ``context_gradients=False`` must compute, written independently of
+    ``context_pass``/``window_item_logits``."""
+    hidden, pos, mask, shape = student.window_inputs(ids, ws, u, tau, real)
+    N = shape[0]
+    rotary = student.rotary_tables(pos)
+    for layer in student.layers:
+        hidden = torch.cat([hidden[:, :N].detach(), hidden[:, N:]], dim=1)
+        hidden = layer(hidden, rotary, mask)
+    return student.window_logits(student.final_norm(hidden), shape)
+
+
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+def test_training_without_context_gradients_equals_a_detached_context(groups, cfg_name):
+    """``context_gradients=False`` gives the full pass's logits and the gradients of a pass whose
+    context hidden states are detached at every layer (float64, random layouts with windows up to
+    the sequence end, with and without real tokens); the last layer, final norm and noise encoder
+    get the full pass's gradients, earlier layers do not."""
+    student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double().train()
+    gen = torch.Generator().manual_seed(9)
+    for trial in range(3):
+        ids, ws, u, real, W, m_noise = _random_layout(gen, trial, 60, end_row=trial % 2, real_every=2)
+        tau = torch.tensor([0.8, 1.1])
+        weight = torch.randn((2, W, m_noise, PADDED), generator=gen, dtype=torch.float64)
+        grads = {}
+        for name, run in (("fast", lambda: student(ids, ws, u, tau, real, context_gradients=False)),
+                          ("reference", lambda: _detached_context_reference(student, ids, ws, u, tau, real)),
+                          ("full", lambda: student(ids, ws, u, tau, real))):
+            student.zero_grad(set_to_none=True)
+            out = run()
+            (out.masked_fill(out < -1e4, 0) * weight).sum().backward()
+            # no gradient at all (a weight only the detached context uses) counts as zeros
+            grads[name] = (out.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                          for n, p in student.named_parameters()})
+        (fast, fast_g), (ref, ref_g), (full, full_g) = grads["fast"], grads["reference"], grads["full"]
+        # logits leave the head in float32: its rounding (~1e-7 relative) sets the tolerances
+        torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+        for name in ref_g:
+            torch.testing.assert_close(fast_g[name], ref_g[name], rtol=1e-7, atol=1e-8, msg=name)
+        last = f"layers.{len(student.layers) - 1}."
+        differs = [n for n in ref_g if not torch.allclose(ref_g[n], full_g[n], rtol=1e-5, atol=1e-6)]
+        assert differs and not [n for n in differs if n.startswith((last, "noise_encoder.", "final_norm."))]
