@@ -61,7 +61,9 @@ ASSUMPTIONS = (
     "[students: the boolean mask, once]; within 5% of the bytes autograd saves on CPU (a test checks); "
     "the last stage adds the head on the S slots (the teacher: S = N) b*S*(e*H + (e+16)*V/t) "
     "[model-dtype logits, fp32 copies for the padding mask and the cross-entropy]; stage 0 adds the noise encoder "
-    "b*S*(16*H [fp64 features] + 12*e*H). 1F1B keeps min(pp - stage, grad_accum) micro-batches in flight.",
+    "b*S*(16*H [fp64 features] + 12*e*H). 1F1B keeps min(pp - stage, grad_accum) micro-batches in flight. "
+    "With distill.context_gradients=false the context rows keep only their key/value inputs, so the "
+    "figure is an upper bound.",
     "Teacher pass (forward-only, transient, counted on top): stage k1 fp32 logits b*N*V/t*4 plus the "
     "gathered full-vocabulary rows at the W window starts in fp32 and the float64 CDF (b*W*V*20); stage 2k "
     "the second self-forcing pass (L2 = N + 2*W*k) one block's working set, its mask and b*W*k*V/t*4 logits; "
