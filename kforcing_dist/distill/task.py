@@ -98,7 +98,8 @@ class DistillTask:
         k, d = self.k, self.dcfg
         starts, u, tau = self._draw_slots(batch, gen)
         targets = self._targets(batch, starts, u, tau)
-        loss, metrics = slot_metrics(engine(batch, starts, u, tau, context_gradients=d.context_gradients), targets, self.groups.tp_group)
+        logits = engine(batch, starts, u, tau, context_gradients=d.context_gradients)
+        loss, metrics = slot_metrics(logits, targets, self.groups.tp_group)
         out = self._flatten(metrics, "")
         if d.noise_inversion_weight > 0:
             # real continuation x_{t+1..t+k} must exist: the last k tokens serve only as targets
