@@ -199,8 +199,8 @@ class DistillConfig:
     context_gradients: bool = doc_field(
         True, "Backpropagate the slots' loss through the context's hidden states. false: the context runs "
               "without autograd and only the window rows (and the key/value projections of the context rows) "
-              "carry gradients: the same forward for a cheaper backward (a step ~0.77x), but on the demo much "
-              "worse students even at equal wall time (docs/recipe.md). Needs parallel.pp: 1.")
+              "carry gradients: the same forward for a cheaper backward (a demo step 0.84-0.91x at N = 256), but much "
+              "worse students on the demo even at equal wall time (docs/recipe.md). Needs parallel.pp: 1.")
     noise_inversion_weight: float = doc_field(
         0.0, "Weight of the noise-inversion loss on real data (u drawn inside the teacher's CDF interval of "
              "the data token); 0 turns it off.")
