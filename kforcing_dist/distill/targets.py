@@ -139,8 +139,8 @@ def self_forcing_targets(prev: PFLM, input_ids: torch.Tensor, window_starts: tor
     if k > prev.max_k:
         raise ValueError(f"the previous stage has max_k={prev.max_k}, cannot make targets "
                          f"for k={two_k} (needs {k} slots per pass)")
-    # both passes see the same context: run it once, then only each pass's window items
-    context = prev.context_pass(input_ids)
+    # both passes see the same context: its keys and values once, then only each pass's items
+    context = prev.context_keys_values(input_ids)
     first = vocab_parallel_argmax(prev.window_item_logits(context, input_ids, window_starts, u[..., :k], tau),
                                   tp_group)
     second = vocab_parallel_argmax(

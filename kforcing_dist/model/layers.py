@@ -147,18 +147,35 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, n, self.head_dim).transpose(1, 2)
 
+    def keys_values(self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [b, kv_heads/tp, s, d] of normalised hidden states x [b, s, H], rotary
+        applied, before any GQA expansion: what :meth:`forward` attends over."""
+        k = self._heads(self.k_proj(x)[0], self.local_kv_heads)
+        v = self._heads(self.v_proj(x)[0], self.local_kv_heads)
+        if rotary is not None:
+            k = apply_rotary(k, *rotary)
+        return k, v
+
     def forward(self, x: torch.Tensor, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 attention_mask: Optional[torch.Tensor] = None, kv_x: Optional[torch.Tensor] = None,
                 kv_rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                causal_prefix: int = 0) -> torch.Tensor:
+                causal_prefix: int = 0, context_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                return_kv: bool = False):
         """x [b, s_q, H] -> [b, s_q, H]. ``causal_prefix``: see :func:`attention_core`.
 
         ``kv_x`` [b, s_k, H] (s_k >= s_q, already normalised) gives keys/values computed from other
         hidden states, e.g. extra context followed by ``x``; with it, ``kv_rotary`` must hold its
-        rotary tables. Without a mask the queries are the last s_q positions of the keys.
+        rotary tables. ``context_kv``: keys and values of positions in front of ``x``, as
+        :meth:`keys_values` gives them (e.g. a context computed once for several passes); the
+        keys are then those followed by x's own. Without a mask the queries are the last s_q
+        positions of the keys. ``return_kv``: return (output, (keys, values)), the keys and values
+        attended over (context_kv's included), before any GQA expansion.
         """
         b, s_q, _ = x.shape
         kv_in = x if kv_x is None else kv_x
+        if context_kv is not None and kv_x is not None:
+            raise ValueError("give kv_x or context_kv, not both")
         if kv_x is not None:
             if kv_x.dim() != 3 or kv_x.shape[0] != b or kv_x.shape[2] != x.shape[2]:
                 raise ValueError(f"kv_x must be [b, s_k, H] = [{b}, s_k, {x.shape[2]}], "
@@ -168,13 +185,14 @@ class Attention(nn.Module):
                                  f"{s_q} queries")
             if rotary is not None and kv_rotary is None:
                 raise ValueError("kv_x with rotary positions needs kv_rotary (its cos/sin tables)")
-        s_k = kv_in.shape[1]
         q = self._heads(self.q_proj(x)[0], self.local_heads)
-        k = self._heads(self.k_proj(kv_in)[0], self.local_kv_heads)
-        v = self._heads(self.v_proj(kv_in)[0], self.local_kv_heads)
+        k, v = self.keys_values(kv_in, None if rotary is None else rotary if kv_x is None else kv_rotary)
         if rotary is not None:
             q = apply_rotary(q, *rotary)
-            k = apply_rotary(k, *(rotary if kv_x is None else kv_rotary))
+        if context_kv is not None:
+            k, v = torch.cat([context_kv[0], k], dim=2), torch.cat([context_kv[1], v], dim=2)
+        keys_values = (k, v)
+        s_k = k.shape[2]
         if self.local_kv_heads != self.local_heads:
             # Expanding k/v keeps every SDPA kernel eligible (enable_gqa is not supported by the
             # mem-efficient kernel that masked attention uses on GPU).
@@ -186,9 +204,10 @@ class Attention(nn.Module):
             mask = prepare_attention_mask(
                 attention_mask, batch=b, num_heads=self.num_heads, local_heads=self.local_heads,
                 head_offset=self.head_offset, s_q=s_q, s_k=s_k)
-        out = attention_core(q, k, v, mask, self.backend, causal_prefix if kv_x is None else 0)
-        out = out.transpose(1, 2).reshape(b, s_q, self.local_heads * self.head_dim)
-        return self.out_proj(out)[0]
+        own_keys = kv_x is None and context_kv is None  # the causal prefix is of x's own keys
+        out = attention_core(q, k, v, mask, self.backend, causal_prefix if own_keys else 0)
+        out = self.out_proj(out.transpose(1, 2).reshape(b, s_q, self.local_heads * self.head_dim))[0]
+        return (out, keys_values) if return_kv else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,10 +269,22 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(cfg, mp_config, tp_group, out_std)
 
     def forward(self, x: torch.Tensor, rotary=None, attention_mask: Optional[torch.Tensor] = None,
-                kv_x: Optional[torch.Tensor] = None, kv_rotary=None, causal_prefix: int = 0) -> torch.Tensor:
+                kv_x: Optional[torch.Tensor] = None, kv_rotary=None, causal_prefix: int = 0,
+                context_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None, return_kv: bool = False):
         """x [b, s_q, H]. ``kv_x`` [b, s_k, H] are *un-normalised* hidden states (same layer
         input as x, e.g. context followed by x) that keys/values are computed from;
-        ``causal_prefix``: see :func:`attention_core`."""
+        ``causal_prefix``: see :func:`attention_core`; ``context_kv``/``return_kv``: see
+        :meth:`Attention.forward` (with ``return_kv``: (output, (keys, values)))."""
         kv = self.input_norm(kv_x) if kv_x is not None else None
-        x = x + self.attention(self.input_norm(x), rotary, attention_mask, kv, kv_rotary, causal_prefix)
-        return x + self.mlp(self.mlp_norm(x))
+        attended = self.attention(self.input_norm(x), rotary, attention_mask, kv, kv_rotary, causal_prefix,
+                                  context_kv, return_kv)
+        if return_kv:
+            attended, keys_values = attended
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return (x, keys_values) if return_kv else x
+
+    def keys_values(self, x: torch.Tensor, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's attention keys and values of its input x [b, s, H] (un-normalised), as
+        :meth:`Attention.keys_values` gives them: all a later pass needs of x here."""
+        return self.attention.keys_values(self.input_norm(x), rotary)

@@ -186,37 +186,70 @@ class PFLM(TransformerLM):
         """Every layer's input over the context [b, N, H], from one causal pass.
 
         In the staircase layout a context row never sees a window item, so the context rows of
-        :meth:`forward_windows` are this causal pass whatever the windows; frozen models that
-        run several window passes over one context (self-forcing's two) take the context's keys
-        and values from here (:meth:`window_item_logits`) instead of recomputing them.
+        :meth:`forward_windows` are this causal pass whatever the windows; the window items
+        then run alone (:meth:`window_item_logits`), projecting their keys and values over the
+        context from these inputs (``distill.context_gradients: false``). Frozen passes take
+        :meth:`context_keys_values` instead.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
-        hidden = self.embed(input_ids)
-        b, N = input_ids.shape
-        rotary = self.rotary_tables(self.default_position_ids(b, N, input_ids.device))
-        inputs = []
-        for layer in self.layers:
-            inputs.append(hidden)
+        hidden, rotary = self._context_start(input_ids)
+        inputs = [hidden]
+        for layer in self.layers[:-1]:  # the last layer's output over the context is never read
             hidden = layer(hidden, rotary)
+            inputs.append(hidden)
         return inputs
 
-    def window_item_logits(self, context_inputs: list[torch.Tensor], input_ids: torch.Tensor,
+    def context_keys_values(self, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's attention keys and values over the context ([b, kv_heads/tp, N, d] each),
+        from one causal pass: for passes without autograd (a frozen model's), whose window items
+        then reuse them in every pass (:meth:`window_item_logits`) instead of projecting the
+        context's layer inputs again. The last layer computes its keys and values only."""
+        hidden, rotary = self._context_start(input_ids)
+        keys_values = []
+        for layer in self.layers[:-1]:
+            hidden, kv = layer(hidden, rotary, return_kv=True)
+            keys_values.append(kv)
+        keys_values.append(self.layers[-1].keys_values(hidden, rotary))
+        return keys_values
+
+    def _context_start(self, input_ids: torch.Tensor):
+        """(embedded context [b, N, H], its rotary tables) for the context passes above."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [b, N], got {tuple(input_ids.shape)}")
+        b, N = input_ids.shape
+        return self.embed(input_ids), self.rotary_tables(self.default_position_ids(b, N, input_ids.device))
+
+    def window_item_logits(self, context: list, input_ids: torch.Tensor,
                            window_starts: torch.Tensor, u: torch.Tensor, tau,
                            window_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:meth:`forward_windows` with the context's layer inputs given (``context_pass(input_ids)``):
-        only the window items run, their keys and values over the context taken from
-        ``context_inputs``. Same arguments and result as :meth:`forward_windows`; the same maths
-        (equal up to float rounding)."""
+        """:meth:`forward_windows` with the context computed already: only the window items run.
+        Same arguments and result as :meth:`forward_windows`; the same maths (equal up to float
+        rounding).
+
+        ``context``: ``context_pass(input_ids)`` (each layer's input over the context: the items'
+        keys and values over the context are projected from it here, so under autograd the
+        key/value projections learn from the context rows) or ``context_keys_values(input_ids)``
+        (each layer's keys and values: nothing over the context is recomputed, for frozen passes).
+        """
         N, m_real, m_noise = self._check_windows(input_ids, window_starts, u, window_tokens)
-        if len(context_inputs) != len(self.layers) or context_inputs[0].shape[:2] != input_ids.shape:
-            raise ValueError("context_inputs must be context_pass(input_ids) of this model")
+        b = input_ids.shape[0]
+        given_kv = bool(context) and isinstance(context[0], tuple)
+        if len(context) != len(self.layers) or (
+                context[0][0].shape[0] != b or context[0][0].shape[2] != N if given_kv
+                else context[0].shape[:2] != input_ids.shape):
+            raise ValueError("context must be context_pass(input_ids) or context_keys_values(input_ids) "
+                             "of this model")
         position_ids, mask = window_layout(N, window_starts.to(input_ids.device), m_real + m_noise)
-        x = self._window_items(position_ids[:, N:], u, tau, window_tokens, context_inputs[0].dtype)
-        rotary, key_rotary = self.rotary_tables(position_ids[:, N:]), self.rotary_tables(position_ids)
+        dtype = context[0][0].dtype if given_kv else context[0].dtype
+        x = self._window_items(position_ids[:, N:], u, tau, window_tokens, dtype)
+        rotary = self.rotary_tables(position_ids[:, N:])
         item_rows = mask[:, :, N:]  # the items' rows: context <= t and their own window
-        for layer, context in zip(self.layers, context_inputs):
-            x = layer(x, rotary, item_rows, kv_x=torch.cat([context, x], dim=1), kv_rotary=key_rotary)
+        if given_kv:
+            for layer, kv in zip(self.layers, context):
+                x = layer(x, rotary, item_rows, context_kv=kv)
+        else:
+            key_rotary = self.rotary_tables(position_ids)
+            for layer, inputs in zip(self.layers, context):
+                x = layer(x, rotary, item_rows, kv_x=torch.cat([inputs, x], dim=1), kv_rotary=key_rotary)
         return self.window_logits(self.final_norm(x), (0, m_real, m_noise))
 
     def window_logits(self, hidden: torch.Tensor, shape) -> torch.Tensor:

@@ -604,7 +604,9 @@ def _random_layout(gen, trial: int, seed: int, end_row: int, real_every: int):
 def test_window_items_on_a_shared_context_pass_equal_forward_windows(groups, cfg_name):
     """One context pass serving several window passes (self-forcing's) computes what the full
     staircase pass does (float64), for random layouts with windows up to the sequence end, with
-    and without real tokens in front of the noise slots."""
+    and without real tokens in front of the noise slots; whether the context is given as each
+    layer's input (``context_pass``) or as each layer's keys and values (``context_keys_values``,
+    the frozen models' form)."""
     student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double()
     gen = torch.Generator().manual_seed(5)
     for trial in range(3):
@@ -612,12 +614,14 @@ def test_window_items_on_a_shared_context_pass_equal_forward_windows(groups, cfg
         tau = torch.tensor([0.6, 1.3])
         with torch.no_grad():
             want = student.forward_windows(ids, ws, u, tau, window_tokens=real)
-            context = student.context_pass(ids)
-            got = student.window_item_logits(context, ids, ws, u, tau, window_tokens=real)
-        assert got.shape == want.shape == (2, W, m_noise, PADDED)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="context_pass"):
-        student.window_item_logits(context[:1], ids, ws, u, tau)
+            for context in (student.context_pass(ids), student.context_keys_values(ids)):
+                got = student.window_item_logits(context, ids, ws, u, tau, window_tokens=real)
+                assert got.shape == want.shape == (2, W, m_noise, PADDED)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    for wrong in (student.context_pass(ids)[:1], student.context_keys_values(ids[:1]),
+                  student.context_keys_values(ids[:, :-1])):
+        with pytest.raises(ValueError, match="context_pass"):
+            student.window_item_logits(wrong, ids, ws, u, tau)
 
 
 @pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
