@@ -114,8 +114,11 @@ class PFLM(TransformerLM):
             return self.window_item_logits(context, input_ids, window_starts, u, tau, window_tokens)
         hidden, position_ids, mask, shape = self.window_inputs(input_ids, window_starts, u, tau,
                                                                window_tokens)
-        # context rows see only the context: they take the causal fast path
-        return self.window_logits(self.backbone(hidden, position_ids, mask, causal_prefix=shape[0]), shape)
+        # context rows see only the context: they take the causal fast path; only the window
+        # rows are read, so the last layer runs its queries and MLP on those alone
+        N, m_real, m_noise = shape
+        return self.window_logits(self.backbone(hidden, position_ids, mask, causal_prefix=N, read_from=N),
+                                  (0, m_real, m_noise))
 
     def window_inputs(self, input_ids: torch.Tensor, window_starts: torch.Tensor, u: torch.Tensor,
                       tau, window_tokens: Optional[torch.Tensor] = None):

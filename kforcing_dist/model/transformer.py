@@ -173,22 +173,36 @@ class TransformerLM(nn.Module):
         return hidden
 
     def backbone(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None, causal_prefix: int = 0) -> torch.Tensor:
+                 attention_mask: Optional[torch.Tensor] = None, causal_prefix: int = 0,
+                 read_from: int = 0) -> torch.Tensor:
         """All blocks and the final norm. hidden [b, s, H]; position_ids [b, s] drive rotary
         positions (learned positions are added in ``embed``); attention_mask: boolean,
         broadcastable to [b, heads, s, s], True = may attend, None = causal. An explicit mask
         replaces the causal one, so it must contain the causality itself. ``causal_prefix`` P: the
         mask's first P rows are plain causal over the first P positions (a staircase's context),
-        which lets attention skip the rest of those rows (``layers.attention_core``)."""
+        which lets attention skip the rest of those rows (``layers.attention_core``).
+        ``read_from`` R > 0 (with a mask): only rows R.. are read afterwards, so the last layer
+        runs its queries, attention output and MLP on those rows alone (every row still gives it
+        keys and values) and the result is [b, s - R, H]: the same values as the full result's
+        rows R.. (a staircase's context rows need no last-layer output)."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"hidden must have shape [b, s, {self.cfg.hidden_size}], "
                              f"got {tuple(hidden.shape)}")
+        b, s, _ = hidden.shape
+        if read_from and (attention_mask is None or not 0 < read_from < s):
+            raise ValueError(f"read_from must lie in [1, {s - 1}] and needs an attention_mask, "
+                             f"got {read_from}")
         rotary = None
         if self.rotary is not None:
-            b, s, _ = hidden.shape
             rotary = self.rotary(self._check_position_ids(position_ids, b, s, hidden.device))
-        for layer in self.layers:
-            hidden = layer(hidden, rotary, attention_mask, causal_prefix=causal_prefix)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if i == last and read_from:
+                mask = attention_mask[(None,) * (4 - attention_mask.dim())][..., read_from:, :]
+                read_rotary = None if rotary is None else tuple(t[..., read_from:, :] for t in rotary)
+                hidden = layer(hidden[:, read_from:], read_rotary, mask, kv_x=hidden, kv_rotary=rotary)
+            else:
+                hidden = layer(hidden, rotary, attention_mask, causal_prefix=causal_prefix)
         return self.final_norm(hidden)
 
     def rotary_tables(self, position_ids: torch.Tensor):

@@ -58,7 +58,9 @@ ASSUMPTIONS = (
     "block b*L*(2e*H [q/k/v input] + 2e*H [MLP input] + 16*H [two norms computed in fp32] + 5e*H/t "
     "[q, GQA-expanded k and v, attention output and its reshaped copy] + c*e*F/t [c = 4 swiglu, 2 gelu] "
     "+ e*L [students: the staircase mask as the additive bias the masked SDPA kernels keep]) + b*L*L "
-    "[students: the boolean mask, once]; within 5% of the bytes autograd saves on CPU (a test checks); "
+    "[students: the boolean mask, once], except that a one-stage student's last block runs on its S "
+    "window rows only: b*S*(the per-block figure) + b*L*(8*H + e*H + 2e*H/t) [every row's normed input "
+    "and keys/values]; within 5% of the bytes autograd saves on CPU (a test checks); "
     "the last stage adds the head on the S slots (the teacher: S = N) b*S*(e*H + (e+16)*V/t) "
     "[model-dtype logits, fp32 copies for the padding mask and the cross-entropy]; stage 0 adds the noise encoder "
     "b*S*(16*H [fp64 features] + 12*e*H). 1F1B keeps min(pp - stage, grad_accum) micro-batches in flight. "
@@ -283,17 +285,25 @@ def resolve_vocab_size(cfg: Config) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, tp: int, e: int, b: int, L: int, S: int, V_local: int,
-                     blocks: int, first: bool, last: bool, noise: bool) -> int:
+                     blocks: int, first: bool, last: bool, noise: bool, read_rows: int = 0) -> int:
     """Bytes autograd keeps for one micro-batch on one stage (the formula in ASSUMPTIONS).
 
     ``noise``: a student (staircase mask, noise encoder on stage 0); the teacher is plain causal
-    and needs no mask tensor.
+    and needs no mask tensor. ``read_rows`` R > 0: the stage's last block runs on R rows only
+    (the single-stage student's window rows), every row giving it just keys and values.
     """
     H, F = cfg.hidden_size, _ffn_hidden_size(cfg)
     c = 4 if cfg.activation == "swiglu" else 2
     mask_bias = e * L if noise else 0
     per_token = 2 * e * H + 2 * e * H + 16 * H + 5 * e * H // tp + c * e * F // tp + mask_bias
-    total = blocks * b * L * per_token + (b * L * L if noise else 0)
+    if read_rows:
+        # the last block: all of it on the read rows, plus every row's normed input (fp32 norm
+        # and its output) and keys and values
+        total = (blocks - 1) * b * L * per_token + b * read_rows * per_token \
+            + b * L * (8 * H + e * H + 2 * e * H // tp)
+    else:
+        total = blocks * b * L * per_token
+    total += b * L * L if noise else 0
     if last:
         total += b * S * (e * H + (e + 16) * V_local)
     if first and noise:
@@ -420,7 +430,8 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, stage: str = "k1",
         mem["frozen_fp32_head"] = sum(p.numel for p in fp32_head) * 4
         in_flight = min(pp - s, accum)
         mem["activations"] = in_flight * activation_bytes(
-            scfg.model, tp, e, b, L, S, V_pad // tp, blocks, first, last, noise=k > 0)
+            scfg.model, tp, e, b, L, S, V_pad // tp, blocks, first, last, noise=k > 0,
+            read_rows=S if k and pp == 1 else 0)
         teacher_pass = 0
         if k == 1:
             teacher_pass = _block_working_bytes(scfg.model, tp, ef, b, N)

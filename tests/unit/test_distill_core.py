@@ -652,6 +652,46 @@ def test_staircase_causal_prefix_attention_equals_the_dense_masked_path(groups, 
             torch.testing.assert_close(split_g[name], dense_g[name], rtol=0, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+def test_last_layer_on_the_read_rows_only_equals_the_full_pass(groups, cfg_name):
+    """``backbone(..., read_from=N)`` (the last layer runs its queries and MLP on the window rows
+    only) gives the full dense pass's window rows, and the same gradients for a loss on those rows
+    (float64, random staircase layouts with windows up to the sequence end, with and without real
+    tokens); the student's forward takes that path. Without a mask it refuses."""
+    student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double().train()
+    gen = torch.Generator().manual_seed(12)
+    for trial in range(3):
+        ids, ws, u, real, W, m_noise = _random_layout(gen, trial, 50, end_row=trial % 2, real_every=2)
+        tau = torch.tensor([1.0, 0.7])
+        hidden, pos, mask, shape = student.window_inputs(ids, ws, u, tau, real)
+        weight = torch.randn((2, hidden.shape[1] - N, hidden.shape[2]), generator=gen, dtype=torch.float64)
+        results = []
+        for prefix, read_from in ((N, N), (0, 0)):  # (0, 0): every row, dense masked attention
+            student.zero_grad()
+            x = hidden.detach().requires_grad_(True)
+            out = student.backbone(x, pos, mask, causal_prefix=prefix, read_from=read_from)
+            out = out if read_from else out[:, N:]
+            (out * weight).sum().backward()
+            results.append((out.detach(), x.grad, {n: p.grad.clone() for n, p in student.named_parameters()
+                                                  if p.grad is not None}))
+        (read, read_dx, read_g), (full, full_dx, full_g) = results
+        assert read.shape == full.shape
+        torch.testing.assert_close(read, full, rtol=0, atol=1e-10)
+        # The last layer's norm now runs twice (its read rows, every row's keys/values), so the
+        # gradients add up in another order, and rotary positions rotate (and pass gradients) in
+        # float32 even in a float64 model: float32-level differences (~1e-6 here). A real
+        # mismatch is of the order of the values.
+        torch.testing.assert_close(read_dx, full_dx, rtol=1e-5, atol=1e-5)
+        assert read_g.keys() == full_g.keys() and len(full_g) > 4
+        for name in full_g:
+            torch.testing.assert_close(read_g[name], full_g[name], rtol=1e-5, atol=1e-5, msg=name)
+        with torch.no_grad():
+            want = student.window_logits(full, (0, shape[1], shape[2]))
+            torch.testing.assert_close(student(ids, ws, u, tau, real), want, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="read_from"):
+        student.backbone(hidden, pos, None, read_from=N)
+
+
 def _detached_context_reference(student, ids, ws, u, tau, real):
     """forward_windows' dense masked pass with the context rows' hidden states detached at every
     layer's input: what ``context_gradients=False`` must compute, written independently of

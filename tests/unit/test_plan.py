@@ -198,7 +198,7 @@ def test_activation_estimate_matches_saved_tensors(groups, one_thread, activatio
     targets = torch.randint(0, 1000, (b, W, k))
 
     student = _saved_bytes(lambda: slot_metrics(model(ids[:, :N], starts, u, 1.0), targets, groups.tp_group))
-    planned = activation_bytes(cfg, 1, 2, b, N + W * k, W * k, 1024, 2, True, True, noise=True)
+    planned = activation_bytes(cfg, 1, 2, b, N + W * k, W * k, 1024, 2, True, True, noise=True, read_rows=W * k)
     assert planned == pytest.approx(student, rel=0.05)
 
     teacher = _saved_bytes(lambda: lm_loss(model(ids[:, :N]), ids[:, 1:], groups.tp_group))
