@@ -111,8 +111,11 @@ def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor
     W = window_starts.shape[1]
     _check_u(u, b, W)
     tau = per_sequence_tau(tau, b, logits.device)
-    idx = window_starts.to(logits.device).long()[:, :, None].expand(b, W, logits.shape[-1])
-    at_starts = logits.gather(1, idx)                                    # [b, W, V/tp]
+    starts = window_starts.to(logits.device).long()
+    if W == N and bool((starts == torch.arange(N, device=starts.device)).all()):
+        at_starts = logits  # a window at every position (stage1_targets' head rows): no copy
+    else:
+        at_starts = logits.gather(1, starts[:, :, None].expand(b, W, logits.shape[-1]))  # [b, W, V/tp]
     return vp_inverse_cdf_sample(at_starts, u, tau[:, None], order,
                                  dist.get_rank(resolve_tp_group(tp_group)) * logits.shape[-1], vocab_size,
                                  tp_group, min_p=min_p)
