@@ -174,7 +174,7 @@ class TransformerLM(nn.Module):
 
     def backbone(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, causal_prefix: int = 0,
-                 read_from: int = 0) -> torch.Tensor:
+                 read_from: int = 0, read_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """All blocks and the final norm. hidden [b, s, H]; position_ids [b, s] drive rotary
         positions (learned positions are added in ``embed``); attention_mask: boolean,
         broadcastable to [b, heads, s, s], True = may attend, None = causal. An explicit mask
@@ -184,7 +184,9 @@ class TransformerLM(nn.Module):
         ``read_from`` R > 0 (with a mask): only rows R.. are read afterwards, so the last layer
         runs its queries, attention output and MLP on those rows alone (every row still gives it
         keys and values) and the result is [b, s - R, H]: the same values as the full result's
-        rows R.. (a staircase's context rows need no last-layer output)."""
+        rows R.. (a staircase's context rows need no last-layer output). ``read_rows`` [b, r] (row
+        indices): the same for those rows of each sequence (the teacher's head rows); the result
+        is [b, r, H]."""
         if hidden.dim() != 3 or hidden.shape[-1] != self.cfg.hidden_size:
             raise ValueError(f"hidden must have shape [b, s, {self.cfg.hidden_size}], "
                              f"got {tuple(hidden.shape)}")
@@ -195,15 +197,42 @@ class TransformerLM(nn.Module):
         rotary = None
         if self.rotary is not None:
             rotary = self.rotary(self._check_position_ids(position_ids, b, s, hidden.device))
+        if read_rows is not None:
+            if read_from or read_rows.dim() != 2 or read_rows.shape[0] != b:
+                raise ValueError(f"read_rows must be row indices [b, r] = [{b}, r] (and no read_from), "
+                                 f"got shape {tuple(read_rows.shape)}")
+            read_rows = read_rows.to(hidden.device).long()
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             if i == last and read_from:
                 mask = attention_mask[(None,) * (4 - attention_mask.dim())][..., read_from:, :]
                 read_rotary = None if rotary is None else tuple(t[..., read_from:, :] for t in rotary)
                 hidden = layer(hidden[:, read_from:], read_rotary, mask, kv_x=hidden, kv_rotary=rotary)
+            elif i == last and read_rows is not None:
+                hidden = self._last_layer_on_rows(layer, hidden, rotary, attention_mask, read_rows)
             else:
                 hidden = layer(hidden, rotary, attention_mask, causal_prefix=causal_prefix)
         return self.final_norm(hidden)
+
+    @staticmethod
+    def _last_layer_on_rows(layer, hidden: torch.Tensor, rotary, attention_mask: Optional[torch.Tensor],
+                            rows: torch.Tensor) -> torch.Tensor:
+        """``layer`` on hidden's rows [b, r] only (queries, attention output, MLP), every row giving
+        keys and values: the mask rows of those positions (causal when ``attention_mask`` is None)."""
+        b, s, H = hidden.shape
+        r = rows.shape[1]
+        if attention_mask is None:
+            mask = (torch.arange(s, device=hidden.device) <= rows[:, :, None])[:, None]  # [b, 1, r, s]
+        else:
+            m = attention_mask[(None,) * (4 - attention_mask.dim())]
+            m = m.expand(b, m.shape[1], s, s)
+            mask = m.gather(2, rows[:, None, :, None].expand(b, m.shape[1], r, s))
+        read_rotary = None
+        if rotary is not None:  # cos/sin [b or 1, 1, s, d]: the rows' entries
+            read_rotary = tuple(t.expand(b, *t.shape[1:]).gather(2, rows[:, None, :, None].expand(b, 1, r, t.shape[3]))
+                                for t in rotary)
+        x = hidden.gather(1, rows[:, :, None].expand(b, r, H))
+        return layer(x, read_rotary, mask, kv_x=hidden, kv_rotary=rotary)
 
     def rotary_tables(self, position_ids: torch.Tensor):
         """(cos, sin) for ``TransformerBlock``'s ``rotary``/``kv_rotary``; None with learned positions."""
@@ -228,11 +257,16 @@ class TransformerLM(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None,
                 head_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids [b, s] -> vocab-parallel float32 logits [b, s, V_padded/tp]; with ``head_rows``
-        [b, r] (row indices) only those rows' logits [b, r, V_padded/tp], the head run on them
-        alone (rowwise maths: the full pass's logits there). Inside this call, so that a ZeRO-3
-        partitioned model gathers the head's (or tied embedding's) weight as in any forward."""
-        hidden = self.backbone(self.embed(input_ids, position_ids), position_ids, attention_mask)
-        if head_rows is not None:
-            rows = head_rows.to(hidden.device).long()
+        [b, r] (row indices) only those rows' logits [b, r, V_padded/tp]: the full pass's logits
+        there (up to float rounding when r < s, as the last layer then attends from those rows
+        alone). Inside this call, so that a ZeRO-3 partitioned model gathers the head's (or tied
+        embedding's) weight as in any forward."""
+        rows = None if head_rows is None else head_rows.to(input_ids.device).long()
+        # fewer head rows than positions: the last layer, too, runs its queries and MLP on those
+        # rows alone (with every row of the sequence, it keeps the causal fast path)
+        fewer = rows is not None and rows.shape[-1] < input_ids.shape[-1]
+        hidden = self.backbone(self.embed(input_ids, position_ids), position_ids, attention_mask,
+                               read_rows=rows if fewer else None)
+        if rows is not None and not fewer:
             hidden = hidden.gather(1, rows[:, :, None].expand(*rows.shape, hidden.shape[-1]))
         return self.head(hidden)

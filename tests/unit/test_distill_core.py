@@ -692,6 +692,29 @@ def test_last_layer_on_the_read_rows_only_equals_the_full_pass(groups, cfg_name)
         student.backbone(hidden, pos, None, read_from=N)
 
 
+@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+def test_teacher_head_rows_equal_the_full_pass_rows(groups, cfg_name):
+    """``teacher(ids, head_rows=rows)`` with fewer rows than positions (the last layer then runs on
+    those rows alone) gives the full pass's logits at those rows (float64), rows up to the last
+    position, with the causal mask and with an explicit one; every row keeps the plain path."""
+    teacher = build_teacher(groups, small_cfg(**CONFIGS[cfg_name])).double()
+    gen = torch.Generator().manual_seed(13)
+    ids = ids_of(seed=13)
+    b, s = ids.shape
+    pad = torch.ones(b, 1, s, s, dtype=torch.bool).tril()
+    pad[1, :, :, 0] = False  # sequence 1 never attends to its first token (row 0 keeps itself)
+    pad[1, :, 0, 0] = True
+    with torch.no_grad():
+        for mask in (None, pad):
+            full = teacher(ids, attention_mask=mask)
+            for r in (1, 3, s - 1, s):
+                rows = torch.stack([torch.randperm(s, generator=gen)[:r].sort().values for _ in range(b)])
+                rows[0, -1] = s - 1
+                want = full.gather(1, rows[:, :, None].expand(b, r, full.shape[-1]))
+                got = teacher(ids, attention_mask=mask, head_rows=rows)
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def _detached_context_reference(student, ids, ws, u, tau, real):
     """forward_windows' dense masked pass with the context rows' hidden states detached at every
     layer's input: what ``context_gradients=False`` must compute, written independently of
