@@ -600,14 +600,14 @@ def _random_layout(gen, trial: int, seed: int, end_row: int, real_every: int):
     return ids, ws, u, real, W, m_noise
 
 
-@pytest.mark.parametrize("cfg_name", sorted(CONFIGS))
+@pytest.mark.parametrize("cfg_name", [*sorted(CONFIGS), "gqa"])
 def test_window_items_on_a_shared_context_pass_equal_forward_windows(groups, cfg_name):
     """One context pass serving several window passes (self-forcing's) computes what the full
     staircase pass does (float64), for random layouts with windows up to the sequence end, with
     and without real tokens in front of the noise slots; whether the context is given as each
     layer's input (``context_pass``) or as each layer's keys and values (``context_keys_values``,
-    the frozen models' form)."""
-    student = build_student(groups, small_cfg(**CONFIGS[cfg_name]), max_k=4).double()
+    the frozen models' form); also with grouped-query attention (keys and values kept per KV head)."""
+    student = build_student(groups, small_cfg(**{**CONFIGS, "gqa": dict(num_kv_heads=2)}[cfg_name]), max_k=4).double()
     gen = torch.Generator().manual_seed(5)
     for trial in range(3):
         ids, ws, u, real, W, m_noise = _random_layout(gen, trial, 10, end_row=0, real_every=3)
