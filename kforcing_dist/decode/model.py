@@ -30,6 +30,7 @@ from torch import nn
 from ..nn.noise import NoiseEncoder
 from ..nn.norm import Norm
 from ..nn.rotary import apply_rotary, rotary_tables
+from ..nn.rows import take_rows
 from ..nn.sizes import MASKED_LOGIT_VALUE, PADDED_LOGIT_VALUE
 from .errors import DecodeError
 from .format import DTYPES, expected_weight_shapes, resolve_ffn_hidden_size, validate_decoder_config
@@ -72,16 +73,6 @@ class _StepPlan:
     # sequence's last real token). The other rows only need their keys/values there.
     out_rows: Union[None, slice, torch.Tensor] = None
     out_mask: Optional[torch.Tensor] = None  # ``mask``'s rows of out_rows (same row order)
-
-
-def take_rows(x: torch.Tensor, rows: Union[slice, torch.Tensor], dim: int) -> torch.Tensor:
-    """The chunk rows ``rows`` (a slice, or a [b, r] index per sequence) of ``x`` along ``dim``
-    (x is [b, ...] with the chunk's positions on ``dim``)."""
-    if isinstance(rows, slice):
-        return x[(slice(None),) * dim + (rows,)]
-    shape = [1] * x.dim()
-    shape[0], shape[dim] = rows.shape
-    return x.gather(dim, rows.view(shape).expand(*x.shape[:dim], rows.shape[1], *x.shape[dim + 1:]))
 
 
 class Attention(nn.Module):

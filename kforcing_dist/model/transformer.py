@@ -21,6 +21,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmb
 from ..config.schema import MODEL_CHOICE_FIELDS, ModelConfig, field_choices
 from ..nn.norm import Norm
 from ..nn.rotary import RotaryEmbedding
+from ..nn.rows import take_rows
 from ..nn.sizes import MASKED_LOGIT_VALUE, PADDED_LOGIT_VALUE
 from .layers import TransformerBlock, normal_init, resolve_ffn_hidden_size
 from .loss import lm_loss, resolve_tp_group, vocab_parallel_cross_entropy  # noqa: F401 (re-export)
@@ -202,37 +203,31 @@ class TransformerLM(nn.Module):
                 raise ValueError(f"read_rows must be row indices [b, r] = [{b}, r] (and no read_from), "
                                  f"got shape {tuple(read_rows.shape)}")
             read_rows = read_rows.to(hidden.device).long()
+        rows = slice(read_from, None) if read_from else read_rows
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            if i == last and read_from:
-                mask = attention_mask[(None,) * (4 - attention_mask.dim())][..., read_from:, :]
-                read_rotary = None if rotary is None else tuple(t[..., read_from:, :] for t in rotary)
-                hidden = layer(hidden[:, read_from:], read_rotary, mask, kv_x=hidden, kv_rotary=rotary)
-            elif i == last and read_rows is not None:
-                hidden = self._last_layer_on_rows(layer, hidden, rotary, attention_mask, read_rows)
+            if i == last and rows is not None:
+                hidden = self._last_layer_on_rows(layer, hidden, rotary, attention_mask, rows)
             else:
                 hidden = layer(hidden, rotary, attention_mask, causal_prefix=causal_prefix)
         return self.final_norm(hidden)
 
     @staticmethod
     def _last_layer_on_rows(layer, hidden: torch.Tensor, rotary, attention_mask: Optional[torch.Tensor],
-                            rows: torch.Tensor) -> torch.Tensor:
-        """``layer`` on hidden's rows [b, r] only (queries, attention output, MLP), every row giving
-        keys and values: the mask rows of those positions (causal when ``attention_mask`` is None)."""
-        b, s, H = hidden.shape
-        r = rows.shape[1]
+                            rows) -> torch.Tensor:
+        """``layer`` on hidden's rows only (queries, attention output, MLP; ``rows`` a slice or a
+        [b, r] index, see :func:`~kforcing_dist.nn.rows.take_rows`), every row giving keys and
+        values: the mask rows of those positions (causal when ``attention_mask`` is None)."""
+        b, s, _ = hidden.shape
         if attention_mask is None:
-            mask = (torch.arange(s, device=hidden.device) <= rows[:, :, None])[:, None]  # [b, 1, r, s]
+            positions = take_rows(torch.arange(s, device=hidden.device).expand(b, s), rows, 1)
+            mask = (torch.arange(s, device=hidden.device) <= positions[:, :, None])[:, None]  # [b, 1, r, s]
         else:
             m = attention_mask[(None,) * (4 - attention_mask.dim())]
-            m = m.expand(b, m.shape[1], s, s)
-            mask = m.gather(2, rows[:, None, :, None].expand(b, m.shape[1], r, s))
-        read_rotary = None
-        if rotary is not None:  # cos/sin [b or 1, 1, s, d]: the rows' entries
-            read_rotary = tuple(t.expand(b, *t.shape[1:]).gather(2, rows[:, None, :, None].expand(b, 1, r, t.shape[3]))
-                                for t in rotary)
-        x = hidden.gather(1, rows[:, :, None].expand(b, r, H))
-        return layer(x, read_rotary, mask, kv_x=hidden, kv_rotary=rotary)
+            mask = take_rows(m.expand(b, *m.shape[1:]), rows, 2)
+        # cos/sin [b or 1, 1, s, d]: the rows' entries
+        read_rotary = None if rotary is None else tuple(take_rows(t.expand(b, *t.shape[1:]), rows, 2) for t in rotary)
+        return layer(take_rows(hidden, rows, 1), read_rotary, mask, kv_x=hidden, kv_rotary=rotary)
 
     def rotary_tables(self, position_ids: torch.Tensor):
         """(cos, sin) for ``TransformerBlock``'s ``rotary``/``kv_rotary``; None with learned positions."""
