@@ -25,7 +25,7 @@ from ..model.loss import resolve_tp_group
 from ..model.student import PFLM, per_sequence_tau
 from ..model.transformer import TransformerLM
 from ..nn.inverse_cdf import check_order
-from ..nn.window import all_window_starts, check_window_starts
+from ..nn.window import check_window_starts
 from .vocab_parallel_cdf import vp_inverse_cdf_sample, vp_invert_noise_exact
 
 
@@ -93,8 +93,8 @@ def stage1_targets(teacher: TransformerLM, input_ids: torch.Tensor, window_start
     _check_u(u, b, W)
     # the head only where a window starts (rowwise maths: the logits of the full pass there)
     logits = teacher(input_ids, head_rows=window_starts)
-    return stage1_targets_from_logits(logits, all_window_starts(b, W, logits.device), u, tau,
-                                      order, tp_group, teacher.vocab_size, min_p)
+    return _sample_at_starts(logits, u, per_sequence_tau(tau, b, logits.device), order, tp_group,
+                             teacher.vocab_size, min_p)
 
 
 @torch.no_grad()
@@ -110,14 +110,16 @@ def stage1_targets_from_logits(logits: torch.Tensor, window_starts: torch.Tensor
     check_window_starts(window_starts, b, N)
     W = window_starts.shape[1]
     _check_u(u, b, W)
-    tau = per_sequence_tau(tau, b, logits.device)
-    starts = window_starts.to(logits.device).long()
-    if W == N and bool((starts == torch.arange(N, device=starts.device)).all()):
-        at_starts = logits  # a window at every position (stage1_targets' head rows): no copy
-    else:
-        at_starts = logits.gather(1, starts[:, :, None].expand(b, W, logits.shape[-1]))  # [b, W, V/tp]
+    idx = window_starts.to(logits.device).long()[:, :, None].expand(b, W, logits.shape[-1])
+    return _sample_at_starts(logits.gather(1, idx), u, per_sequence_tau(tau, b, logits.device), order,
+                             tp_group, vocab_size, min_p)
+
+
+def _sample_at_starts(at_starts: torch.Tensor, u: torch.Tensor, tau: torch.Tensor, order: str, tp_group,
+                      vocab_size: int, min_p: float) -> torch.Tensor:
+    """G over the teacher's vocab-parallel logits [b, W, V/tp] at the window starts; tau [b]."""
     return vp_inverse_cdf_sample(at_starts, u, tau[:, None], order,
-                                 dist.get_rank(resolve_tp_group(tp_group)) * logits.shape[-1], vocab_size,
+                                 dist.get_rank(resolve_tp_group(tp_group)) * at_starts.shape[-1], vocab_size,
                                  tp_group, min_p=min_p)
 
 
